@@ -1,0 +1,92 @@
+"""Soup units: which coefficient a canonical tensor answers to.
+
+A soup unit is (layer, mapping): the unit of the SoupLM paper's per-mapping soup. Its key is a short
+string, the common currency of coefficient tables, recipes and learned soups:
+
+    layers.7.q        layers.7.gate       layers.7.input_norm     embed
+    layers.7.k        layers.7.up         layers.7.post_attn_norm final_norm
+    layers.7.v        layers.7.down       layers.7.other          lm_head
+    layers.7.o                                                    other
+
+The table below is data: one regex per mapping kind. A tensor no rule names lands in the unit
+`other` (of its layer when it has one), so nothing is ever dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# (mapping kind, regex on the canonical name after `model.layers.N.`)
+LAYER_MAPPINGS: tuple[tuple[str, str], ...] = (
+    ("q", r"self_attn\.q_proj\."),
+    ("k", r"self_attn\.k_proj\."),
+    ("v", r"self_attn\.v_proj\."),
+    ("o", r"self_attn\.o_proj\."),
+    ("gate", r"mlp\.gate_proj\."),
+    ("up", r"mlp\.up_proj\."),
+    ("down", r"mlp\.down_proj\."),
+    ("input_norm", r"input_layernorm\."),
+    ("post_attn_norm", r"post_attention_layernorm\."),
+    # Gemma 3 has two more norms around the MLP and q/k norms inside attention.
+    ("pre_ffn_norm", r"pre_feedforward_layernorm\."),
+    ("post_ffn_norm", r"post_feedforward_layernorm\."),
+    ("q_norm", r"self_attn\.q_norm\."),
+    ("k_norm", r"self_attn\.k_norm\."),
+)
+
+GLOBAL_MAPPINGS: tuple[tuple[str, str], ...] = (
+    ("embed", r"model\.embed_tokens\."),
+    ("final_norm", r"model\.norm\."),
+    ("lm_head", r"lm_head\."),
+)
+
+MAPPING_KINDS: tuple[str, ...] = tuple(k for k, _ in LAYER_MAPPINGS) + ("other",)
+GLOBAL_UNITS: tuple[str, ...] = tuple(k for k, _ in GLOBAL_MAPPINGS) + ("other",)
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+_LAYER_RULES = [(kind, re.compile(pat)) for kind, pat in LAYER_MAPPINGS]
+_GLOBAL_RULES = [(kind, re.compile(pat)) for kind, pat in GLOBAL_MAPPINGS]
+
+
+@dataclass(frozen=True)
+class Unit:
+    layer: int | None  # None for embed / final_norm / lm_head / global other
+    mapping: str
+
+    @property
+    def key(self) -> str:
+        return self.mapping if self.layer is None else f"layers.{self.layer}.{self.mapping}"
+
+
+def unit_of(canonical: str) -> Unit:
+    """The soup unit of a canonical tensor name."""
+    m = _LAYER_RE.match(canonical)
+    if m:
+        layer, rest = int(m.group(1)), m.group(2)
+        for kind, rule in _LAYER_RULES:
+            if rule.match(rest):
+                return Unit(layer, kind)
+        return Unit(layer, "other")
+    for kind, rule in _GLOBAL_RULES:
+        if rule.match(canonical):
+            return Unit(None, kind)
+    return Unit(None, "other")
+
+
+def parse_unit_key(key: str) -> Unit:
+    """Inverse of `Unit.key`; raises ValueError on a malformed key."""
+    m = re.fullmatch(r"layers\.(\d+)\.(\w+)", key)
+    if m:
+        if m.group(2) not in MAPPING_KINDS:
+            raise ValueError(f"unknown mapping {m.group(2)!r} in unit {key!r}")
+        return Unit(int(m.group(1)), m.group(2))
+    if key in GLOBAL_UNITS:
+        return Unit(None, key)
+    raise ValueError(f"unknown unit {key!r}")
+
+
+def layer_count(canonical_names) -> int:
+    """Number of decoder layers, from the highest `model.layers.N` index."""
+    idx = [int(m.group(1)) for n in canonical_names if (m := _LAYER_RE.match(n))]
+    return max(idx) + 1 if idx else 0
