@@ -1,0 +1,54 @@
+"""The `souplm` command: a thin layer over the library.
+
+Each subcommand lives in `souplm/commands/<name>.py` with two functions, `register(subparsers)` and
+`run(args) -> int`. Command modules import only argparse-level things at module level; heavy
+imports (torch, transformers) happen inside `run`, so `souplm --help` and `souplm merge` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from . import __version__
+from .errors import SoupError
+
+# Add a new subcommand by adding its module here.
+COMMAND_MODULES: tuple[str, ...] = (
+    "souplm.commands.merge",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="souplm", description="Model soups for language and multimodal models."
+    )
+    parser.add_argument("--version", action="version", version=f"souplm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except SoupError as e:
+        print(f"souplm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("souplm: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `souplm ... | head`
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""`souplm merge`: run a recipe (souplm's or mergekit's YAML), or a quick vanilla soup from flags."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="merge models by a recipe or a quick vanilla soup",
+        description="Merge models. Either a recipe file (souplm or mergekit YAML) or --model A --model B "
+        "--alpha 0.3 (0.3*A + 0.7*B).",
+    )
+    p.add_argument("recipe", nargs="?", help="recipe YAML (souplm or mergekit format)")
+    p.add_argument("-o", "--out", required=True, help="output model directory")
+    p.add_argument("--model", action="append", default=[], help="a model directory (repeat); quick form")
+    p.add_argument("--alpha", type=float, help="quick form with two models: share of the first model")
+    p.add_argument("--method", help="quick form: merge method (default linear; uniform for N>2 without --alpha)")
+    p.add_argument("--base-model", help="quick form: base model for task_arithmetic, ties, dare_*, wise_ft")
+    p.add_argument("--coefficients", help="coefficient table JSON (per-unit weights), e.g. from souplm learn")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output precision")
+    p.add_argument("--vocab-policy", choices=["error", "extend", "truncate"], help="when embedding rows differ")
+    p.add_argument("--output-model", help="the model whose config, tokenizer and layout the output takes")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin inputs (loaded weights_only)")
+    p.add_argument("--seed", type=int, help="seed for DARE's random drops")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit; writes nothing")
+    p.add_argument("--no-hash", action="store_true", help="skip hashing inputs for the model card")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+
+
+def _recipe(args: argparse.Namespace):
+    from ..errors import SoupError
+    from ..recipe import Recipe
+
+    overrides = {k: v for k, v in {
+        "dtype": args.dtype, "vocab_policy": args.vocab_policy, "output_model": args.output_model,
+        "seed": args.seed, "allow_pickle": args.allow_pickle or None,
+    }.items() if v is not None}
+    if args.recipe:
+        if args.model or args.alpha is not None or args.method:
+            raise SoupError("give either a recipe file or --model/--alpha/--method, not both")
+        recipe = Recipe.load(args.recipe)
+        return recipe.model_copy(update=overrides) if overrides else recipe
+    if len(args.model) < 1:
+        raise SoupError("nothing to merge: give a recipe file or --model (twice or more)")
+    if args.alpha is not None:
+        if len(args.model) != 2:
+            raise SoupError(f"--alpha needs exactly two --model, got {len(args.model)}")
+        if not 0.0 <= args.alpha <= 1.0 and args.method is None:
+            raise SoupError(f"--alpha {args.alpha} is outside [0, 1]; a vanilla soup interpolates")
+        return Recipe.vanilla(args.model[0], args.model[1], args.alpha, **overrides)
+    method = args.method or "uniform"
+    return Recipe.from_models(args.model, method, base_model=args.base_model, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..engine import merge
+
+    recipe = _recipe(args)
+    report = merge(recipe, args.out, coefficients=args.coefficients, force=args.force, dry_run=args.dry_run,
+                   progress=not args.quiet, hash_inputs=not args.no_hash)
+    if args.dry_run:
+        print(report.plan.summary())
+    else:
+        for note in report.plan.notes:
+            print(f"note: {note}")
+        print(report)
+    return 0

@@ -1,0 +1,351 @@
+"""The merge engine: recipe -> plan -> stream tensors -> write.
+
+Every soup in souplm ends here: hand-written recipes, learned coefficient tables and searched alphas
+all become a `Recipe` (+ optional `CoefficientTable`) and run through `merged_tensors`. Two sinks:
+
+- `merge(...)` streams into sharded safetensors in a temporary directory beside the target and
+  renames it into place at the end (nothing half-written survives an error or Ctrl-C);
+- `soup_into(model, ...)` writes into an existing torch model's parameters, for in-memory sweeps.
+
+Memory is bounded by the largest tensor times the number of inputs (plus one prefetched tensor),
+independent of model size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .arch.layouts import detect_layout
+from .coefficients import CoefficientTable
+from .errors import SoupError
+from .io.checkpoint import Checkpoint, content_hash, open_checkpoint
+from .io.safetensors_file import SafetensorsWriter
+from .plan import Item, Plan, build_plan
+from .recipe import Recipe
+
+# Files copied from the output model besides the weights (those present).
+SIDE_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+    "chat_template.json", "preprocessor_config.json", "processor_config.json",
+)
+
+
+@dataclass
+class MergeReport:
+    out_dir: Path | None
+    plan: Plan
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+
+    def __str__(self) -> str:
+        where = self.out_dir if self.out_dir else "(dry run: nothing written)"
+        return (f"merged {len(self.plan.items)} tensors in {self.seconds:.1f}s "
+                f"({self.bytes_read / 1e9:.2f} GB read, {self.bytes_written / 1e9:.2f} GB written) -> {where}")
+
+
+class Sources:
+    """The recipe's input checkpoints (models in order, then the base); optionally held in memory."""
+
+    def __init__(self, recipe: Recipe, in_memory: bool = False):
+        self.paths = recipe.all_paths()
+        self.checkpoints: list[Checkpoint] = [open_checkpoint(p, allow_pickle=recipe.allow_pickle) for p in self.paths]
+        self._memory: dict[tuple[int, str], torch.Tensor] | None = None
+        if in_memory:
+            self._memory = {(k, n): c.get(n) for k, c in enumerate(self.checkpoints) for n in c.names}
+
+    def get(self, k: int, name: str) -> torch.Tensor:
+        """A fresh fp32 copy (methods may work in place on it)."""
+        if self._memory is not None:
+            return self._memory[(k, name)].clone()
+        return self.checkpoints[k].get(name)
+
+    def index_for(self, recipe: Recipe) -> list[Checkpoint]:
+        paths = recipe.all_paths()
+        if paths != self.paths:
+            raise SoupError("the sources were opened for other models than this recipe's")
+        return self.checkpoints
+
+
+def open_sources(recipe: Recipe, in_memory: bool = False) -> Sources:
+    return Sources(recipe, in_memory=in_memory)
+
+
+def _load_coefficients(recipe: Recipe, coefficients) -> CoefficientTable | None:
+    if coefficients is None and recipe.coefficients:
+        coefficients = recipe.coefficients
+    if coefficients is None or isinstance(coefficients, CoefficientTable):
+        return coefficients
+    return CoefficientTable.load(coefficients)
+
+
+def prepare(recipe: Recipe | str | os.PathLike | dict, coefficients=None, sources: Sources | None = None) -> tuple[Plan, Sources]:
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.load(recipe)
+    table = _load_coefficients(recipe, coefficients)
+    sources = sources or open_sources(recipe)
+    return build_plan(recipe, sources.index_for(recipe), table), sources
+
+
+# -- computing one output tensor ------------------------------------------------------------------
+def _finite(t: torch.Tensor, name: str, where: Path) -> torch.Tensor:
+    # A finite sum proves every entry finite; only a non-finite sum pays for the exact check.
+    if t.is_floating_point() and not torch.isfinite(t.sum()) and not bool(torch.isfinite(t).all()):
+        raise SoupError(f"tensor {name} of model {where} contains NaN or Inf")
+    return t
+
+
+def _generators(plan: Plan, item: Item) -> list[torch.Generator]:
+    """One generator per model, seeded by (seed, tensor, model index): order-independent and reproducible."""
+    gens = []
+    for i in range(len(item.inputs)):
+        h = hashlib.sha256(f"{plan.recipe.seed}|{item.canonical}|{i}".encode()).digest()
+        gens.append(torch.Generator().manual_seed(int.from_bytes(h[:8], "little")))
+    return gens
+
+
+def _load_inputs(plan: Plan, sources: Sources, item: Item):
+    if item.copy_from is not None:
+        return None
+    ck = plan.checkpoints
+    tensors = [_finite(sources.get(k, n), n, ck[k].path) for k, n in enumerate(item.inputs)]
+    base = None
+    if item.base is not None:
+        base = _finite(sources.get(plan.base_index, item.base), item.base, ck[plan.base_index].path)
+    if item.common_rows is not None:
+        tensors = [t[: item.common_rows] for t in tensors]
+        base = base[: item.common_rows] if base is not None else None
+    return tensors, base
+
+
+def _compute(plan: Plan, sources: Sources, item: Item, loaded) -> torch.Tensor:
+    if item.copy_from is not None:
+        k, name = item.copy_from
+        return plan.checkpoints[k].get(name, dtype=None)
+    tensors, base = loaded
+    kwargs = dict(item.model_params)
+    kwargs.update({k: v for k, v in item.global_params.items() if v is not None})
+    if plan.method.random:
+        kwargs["generators"] = _generators(plan, item)
+    out = plan.method.fn(tensors, base, **kwargs)
+    if item.extra_from is not None:
+        k, name = item.extra_from
+        extra = sources.get(k, name)[item.common_rows :]
+        out = torch.cat([out, extra.to(out.dtype)])
+    return out.to(item.dtype)
+
+
+def merged_tensors(
+    recipe: Recipe | str | os.PathLike | dict,
+    *,
+    coefficients=None,
+    sources: Sources | None = None,
+    plan: Plan | None = None,
+    progress=None,
+) -> Iterator[tuple[Item, torch.Tensor]]:
+    """Yield (plan item, merged tensor) in plan order; the next item's inputs load in a thread meanwhile."""
+    if plan is None:
+        plan, sources = prepare(recipe, coefficients, sources)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="souplm-read") as pool:
+        pending: Future | None = None
+        items = plan.items
+        for idx, item in enumerate(items):
+            loaded = pending.result() if pending is not None else _load_inputs(plan, sources, item)
+            pending = pool.submit(_load_inputs, plan, sources, items[idx + 1]) if idx + 1 < len(items) else None
+            out = _compute(plan, sources, item, loaded)
+            if progress is not None:
+                progress.update(item.read_bytes)
+            yield item, out
+
+
+# -- sink 1: a checkpoint directory ---------------------------------------------------------------
+def merge(
+    recipe: Recipe | str | os.PathLike | dict,
+    out_dir: str | os.PathLike,
+    *,
+    coefficients: CoefficientTable | str | os.PathLike | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+    hash_inputs: bool = True,
+) -> MergeReport:
+    """Merge per `recipe` into `out_dir` (a model directory transformers loads)."""
+    t0 = time.perf_counter()
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.load(recipe)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force and not dry_run:
+        raise SoupError(f"output directory {out_dir} exists and is not empty (use --force to replace it)")
+    plan, sources = prepare(recipe, coefficients)
+    if dry_run:
+        return MergeReport(None, plan, time.perf_counter() - t0, 0, 0)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    hasher = ThreadPoolExecutor(max_workers=1) if hash_inputs else None
+    hashes = {p: hasher.submit(content_hash, p) for p in dict.fromkeys(plan.recipe.all_paths())} if hasher else {}
+    previous = _sigterm_as_interrupt()
+    try:
+        written = _write_shards(plan, sources, tmp, progress)
+        _write_side_files(plan, tmp, {p: f.result() for p, f in hashes.items()})
+        _swap_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if hasher:
+            hasher.shutdown(cancel_futures=True)
+        for c in sources.checkpoints:
+            c.close()
+    return MergeReport(out_dir, plan, time.perf_counter() - t0, plan.read_bytes, written)
+
+
+def _sigterm_as_interrupt():
+    """Treat SIGTERM like Ctrl-C so the temp directory is cleaned up (main thread only)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
+def _shard_name(i: int, n: int) -> str:
+    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _write_shards(plan: Plan, sources: Sources, tmp: Path, progress: bool) -> int:
+    from tqdm.auto import tqdm
+
+    by_shard: dict[int, list[Item]] = {}
+    for it in plan.items:
+        by_shard.setdefault(it.shard, []).append(it)
+    writers = {
+        s: SafetensorsWriter(tmp / _shard_name(s, plan.n_shards), [(i.out_name, i.dtype, i.shape) for i in items],
+                             metadata={"format": "pt", "souplm": __version__})
+        for s, items in by_shard.items()
+    }
+    bar = tqdm(total=plan.read_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress, leave=False)
+    try:
+        for item, tensor in merged_tensors(plan.recipe, plan=plan, sources=sources, progress=bar):
+            writers[item.shard].write(item.out_name, tensor)
+    finally:
+        bar.close()
+        for w in writers.values():
+            w.close()
+    if plan.n_shards > 1:
+        index = {
+            "metadata": {"total_size": plan.write_bytes},
+            "weight_map": {i.out_name: _shard_name(i.shard, plan.n_shards) for i in plan.items},
+        }
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return sum(w.total_bytes for w in writers.values())
+
+
+def _write_side_files(plan: Plan, tmp: Path, hashes: dict[str, str]) -> None:
+    src_dir = plan.output.path if plan.output.path.is_dir() else plan.output.path.parent
+    for name in SIDE_FILES:
+        if (src_dir / name).is_file():
+            shutil.copy2(src_dir / name, tmp / name)
+    config = dict(plan.output.config)
+    if config:
+        _patch_config(config, plan)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    (tmp / "souplm_recipe.yaml").write_text(plan.recipe.to_yaml())
+    if plan.coefficients is not None:
+        plan.coefficients.save(tmp / "souplm_coefficients.json")
+    (tmp / "README.md").write_text(_model_card(plan, hashes))
+
+
+def _patch_config(config: dict, plan: Plan) -> None:
+    """Keep config.json true to the written weights: dtype and (after extend/truncate) vocab size."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    for it in plan.items:
+        if it.canonical == "model.embed_tokens.weight" and text.get("vocab_size") not in (None, it.shape[0]):
+            text["vocab_size"] = it.shape[0]
+    if plan.recipe.dtype:
+        for key in ("torch_dtype", "dtype"):
+            if key in config or key == "dtype":
+                config[key] = plan.recipe.dtype
+
+
+def _model_card(plan: Plan, hashes: dict[str, str]) -> str:
+    r = plan.recipe
+    lines = [
+        "---", "tags: [souplm, merge]", "---", "",
+        f"# Merged with souplm {__version__}", "",
+        f"Method: `{r.merge_method}` ({plan.method.reference or 'souplm'}).", "",
+        "| role | model | sha256 of weights |", "|---|---|---|",
+    ]
+    for i, s in enumerate(r.models):
+        lines.append(f"| model {i} ({_params_text(s.parameters)}) | `{s.model}` | `{hashes.get(s.model, 'not computed')}` |")
+    if r.base_model:
+        lines.append(f"| base | `{r.base_model}` | `{hashes.get(r.base_model, 'not computed')}` |")
+    lines += ["", f"Output layout, config and tokenizer from `{plan.output.path}`.", ""]
+    if plan.coefficients is not None:
+        lines.append(f"Per-unit coefficients: {len(plan.coefficients.coefficients)} entries, in `souplm_coefficients.json`.\n")
+    lines += [f"- {n}" for n in plan.notes]
+    lines += ["", "Recipe (`souplm_recipe.yaml`), to reproduce: `souplm merge souplm_recipe.yaml -o OUT`", "",
+              "```yaml", r.to_yaml().rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _params_text(params: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items()) or "defaults"
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, trash / "old")
+        os.replace(tmp, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+# -- sink 2: an in-memory model ---------------------------------------------------------------------
+def soup_into(model: torch.nn.Module, recipe, *, coefficients=None, sources: Sources | None = None) -> Plan:
+    """Write the merged weights into `model`'s parameters in place (no checkpoint, no reallocation).
+
+    Names are matched through layouts, so the LM of a transformers-5 LLaVA in memory
+    (`model.language_model.*`) receives the tensors the plan names in the checkpoint's own layout.
+    """
+    state = model.state_dict(keep_vars=True)
+    layout = detect_layout(state, where=type(model).__name__)
+    plan, sources = prepare(recipe, coefficients, sources)
+    with torch.no_grad():
+        for item, tensor in merged_tensors(recipe, plan=plan, sources=sources):
+            key = layout.from_canonical(item.canonical) if item.canonical else _extra_key(item.out_name, state)
+            if key not in state:
+                raise SoupError(f"model {type(model).__name__} has no parameter for {item.out_name} (looked for {key})")
+            target = state[key]
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise SoupError(f"{key}: model has shape {list(target.shape)}, merge gives {list(tensor.shape)}")
+            target.data.copy_(tensor)
+    return plan
+
+
+def _extra_key(name: str, state: dict) -> str:
+    """Non-LM tensors: checkpoints may use the older LLaVA names (`vision_tower.*`), models the newer."""
+    for cand in (name, f"model.{name}", name.removeprefix("model.")):
+        if cand in state:
+            return cand
+    return name

@@ -1,0 +1,220 @@
+"""Opening model checkpoints: a directory of safetensors shards (or pickled .bin, on request).
+
+A `Checkpoint` is lazy: opening one reads headers only. Tensors come out one at a time, so the
+engine's memory is bounded by the largest tensor, not by the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from ..arch.layouts import Layout, detect_layout
+from ..errors import SoupError
+from .safetensors_file import SafetensorsFile
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+
+
+class Checkpoint:
+    def __init__(self, path: str | os.PathLike, allow_pickle: bool = False):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise SoupError(f"model not found: {self.path}")
+        self.allow_pickle = allow_pickle
+        self._files: dict[Path, SafetensorsFile | dict[str, torch.Tensor]] = {}
+        self._where: dict[str, Path] = {}  # tensor name -> file
+        self._index()
+        self.layout: Layout = detect_layout(self._where, where=str(self.path))
+        self._canonical = {}
+        for name in self._where:
+            c = self.layout.to_canonical(name)
+            if c is not None:
+                self._canonical[c] = name
+
+    # -- discovery ---------------------------------------------------------------------------
+    def _index(self) -> None:
+        p = self.path
+        if p.is_file():
+            files = [p]
+        else:
+            idx = p / "model.safetensors.index.json"
+            bin_idx = p / "pytorch_model.bin.index.json"
+            if idx.is_file():
+                files = self._files_from_index(idx)
+            elif list(p.glob("*.safetensors")):
+                files = sorted(p.glob("*.safetensors"))
+            elif bin_idx.is_file() or list(p.glob("*.bin")):
+                files = self._files_from_index(bin_idx) if bin_idx.is_file() else sorted(p.glob("*.bin"))
+            else:
+                raise SoupError(f"{p}: no .safetensors or .bin weight files found")
+        for f in files:
+            if f.suffix == ".safetensors":
+                st = SafetensorsFile(f)
+                self._files[f] = st
+                names = st.tensors
+            else:
+                sd = self._load_pickle(f)
+                self._files[f] = sd
+                names = sd
+            for name in names:
+                if name in self._where:
+                    raise SoupError(f"{self.path}: tensor {name} is stored twice ({self._where[name].name}, {f.name})")
+                self._where[name] = f
+        if not self._where:
+            raise SoupError(f"{self.path}: the checkpoint holds no tensors")
+
+    def _files_from_index(self, index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise SoupError(f"{index} is not a valid shard index (no weight_map)") from None
+        files = sorted({self.path / f for f in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise SoupError(f"{index} names shard {f.name}, which is missing")
+        return files
+
+    def _load_pickle(self, f: Path) -> dict[str, torch.Tensor]:
+        if not self.allow_pickle:
+            raise SoupError(
+                f"{f} is a pickled checkpoint; pickles can run code when loaded. "
+                "Pass --allow-pickle (allow_pickle: true) to load it with weights_only=True"
+            )
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for bad pickles
+            raise SoupError(f"{f} could not be loaded as a weights-only checkpoint: {type(e).__name__}") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise SoupError(f"{f} is not a state dict of tensors")
+        return sd
+
+    # -- metadata ----------------------------------------------------------------------------
+    @cached_property
+    def config(self) -> dict:
+        cfg = (self.path if self.path.is_dir() else self.path.parent) / "config.json"
+        if not cfg.is_file():
+            return {}
+        try:
+            return json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise SoupError(f"{cfg} is not valid JSON: {e}") from None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    @property
+    def tied(self) -> bool:
+        """True when lm_head is not stored and the embedding serves as output projection."""
+        return LM_HEAD not in self._canonical and EMBED in self._canonical
+
+    def canonical_names(self) -> list[str]:
+        names = list(self._canonical)
+        if self.tied:
+            names.append(LM_HEAD)
+        return names
+
+    def extra_names(self) -> list[str]:
+        """Stored tensors outside the language model (vision tower, projector, ...)."""
+        lm = set(self._canonical.values())
+        return [n for n in self._where if n not in lm]
+
+    def stored_name(self, canonical: str) -> str:
+        if canonical == LM_HEAD and self.tied:
+            canonical = EMBED
+        try:
+            return self._canonical[canonical]
+        except KeyError:
+            raise SoupError(f"{self.path}: has no tensor {canonical}") from None
+
+    # -- tensors -----------------------------------------------------------------------------
+    def _raw(self, name: str) -> torch.Tensor:
+        try:
+            f = self._where[name]
+        except KeyError:
+            raise SoupError(f"{self.path}: has no tensor {name}") from None
+        src = self._files[f]
+        return src.get(name) if isinstance(src, SafetensorsFile) else src[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        src = self._files[self._where[name]]
+        return tuple(src.tensors[name].shape) if isinstance(src, SafetensorsFile) else tuple(src[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        src = self._files[self._where[name]]
+        return src.tensors[name].dtype if isinstance(src, SafetensorsFile) else src[name].dtype
+
+    def nbytes(self, name: str) -> int:
+        n = 1
+        for d in self.shape(name):
+            n *= d
+        return n * self.dtype(name).itemsize
+
+    def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """A tensor by stored name, converted to `dtype` (a fresh copy), or the raw view if None."""
+        t = self._raw(name)
+        return t if dtype is None else t.to(dtype, copy=True)
+
+    def get_canonical(self, canonical: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        return self.get(self.stored_name(canonical), dtype)
+
+    def weight_files(self) -> list[Path]:
+        return sorted(self._files)
+
+    def close(self) -> None:
+        for src in self._files.values():
+            if isinstance(src, SafetensorsFile):
+                src.close()
+
+
+def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Checkpoint:
+    return Checkpoint(path, allow_pickle=allow_pickle)
+
+
+def _hash_cache_path() -> Path:
+    root = Path(os.environ.get("SOUPLM_CACHE", Path.home() / ".cache" / "souplm"))
+    return root / "content_hashes.json"
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """sha256 over a model's weight files (names and bytes), memoised on (path, size, mtime).
+
+    This is the identity the evaluation cache and the model card use: two directories with the same
+    weights hash the same, and a rewritten file is re-hashed.
+    """
+    p = Path(path).resolve()
+    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        raise SoupError(f"{p}: no weight files to hash")
+    stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    cache_file = _hash_cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    key = f"{p}|{stamp}"
+    if key in cache:
+        return cache[key]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    digest = h.hexdigest()
+    cache[key] = digest
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # the cache is an optimisation; a read-only home must not break merging
+    return digest

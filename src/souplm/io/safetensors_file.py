@@ -1,0 +1,157 @@
+"""Minimal safetensors reader and streaming writer.
+
+We parse the format ourselves (8-byte little-endian header length, JSON header, raw data) because
+the engine needs two things the stock library does not give: a validation of every offset against
+the file size up front (a truncated shard is named before any work starts), and a writer that emits
+the header first and then streams tensor bytes one tensor at a time, so a merge never holds a shard
+in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import SoupError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute file offset of the first byte
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+class SafetensorsFile:
+    """One .safetensors file, memory-mapped; tensors are zero-copy views until converted."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._fh = open(self.path, "rb")
+        except OSError as e:
+            raise SoupError(f"cannot open {self.path}: {e.strerror}") from None
+        size = os.fstat(self._fh.fileno()).st_size
+        self.tensors, self.metadata = _parse_header(self._fh, size, self.path)
+        self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+    def get(self, name: str) -> torch.Tensor:
+        """A read-only view of the stored tensor (no copy; convert before writing to it)."""
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        buf = memoryview(self._map)[info.start : info.end]
+        # The mapping is read-only; torch warns about non-writable buffers, which we never write.
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(buf, dtype=info.dtype)
+        return flat.view(info.shape)
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _parse_header(fh, size: int, path: Path) -> tuple[dict[str, TensorInfo], dict]:
+    if size < 8:
+        raise SoupError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+    (n,) = struct.unpack("<Q", fh.read(8))
+    if n > _MAX_HEADER or 8 + n > size:
+        raise SoupError(f"{path} is corrupted or truncated: header length {n} exceeds file size {size}")
+    try:
+        header = json.loads(fh.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SoupError(f"{path} is corrupted: its safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise SoupError(f"{path} is corrupted: its safetensors header is not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            lo, hi = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise SoupError(f"{path}: tensor {name} has a malformed or unsupported header entry") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        if hi - lo != numel * dtype.itemsize or lo < 0:
+            raise SoupError(f"{path}: tensor {name} has data offsets that do not match its shape {shape}")
+        if base + hi > size:
+            raise SoupError(
+                f"{path} is truncated: tensor {name} ends at byte {base + hi} but the file has {size}"
+            )
+        tensors[name] = TensorInfo(dtype, shape, base + lo, base + hi)
+    return tensors, metadata
+
+
+class SafetensorsWriter:
+    """Writes one shard: the header (all names, dtypes and shapes known up front), then each
+    tensor's bytes in header order, one at a time."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata=None):
+        self.path = path
+        header: dict = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        self._order: list[tuple[str, int]] = []
+        for name, dtype, shape in entries:
+            numel = 1
+            for d in shape:
+                numel *= d
+            nbytes = numel * dtype.itemsize
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._order.append((name, nbytes))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
+        self._fh = open(path, "wb")
+        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+        self.total_bytes = offset
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expect, nbytes = self._order[self._next]
+        if name != expect:  # the planner fixes the order; a mismatch is a bug, not bad input
+            raise RuntimeError(f"writer expected tensor {expect}, got {name}")
+        t = tensor.contiguous()
+        data = t.view(torch.uint8).reshape(-1).numpy() if t.numel() else b""
+        if len(data) != nbytes:
+            raise RuntimeError(f"tensor {name}: {len(data)} bytes, header says {nbytes}")
+        self._fh.write(data)
+        self._next += 1
+
+    @property
+    def done(self) -> bool:
+        return self._next == len(self._order)
+
+    def close(self) -> None:
+        self._fh.close()

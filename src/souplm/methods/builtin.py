@@ -1,0 +1,3 @@
+"""Importing this module registers every built-in method (one file per method)."""
+
+from . import dare, linear, slerp, task_arithmetic, ties, uniform, wise_ft  # noqa: F401

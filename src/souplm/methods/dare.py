@@ -1,0 +1,61 @@
+"""DARE: drop each task-vector entry with probability p = 1 - density and rescale survivors by 1/(1-p).
+
+`dare_linear` then adds the weighted sum of the sparsified task vectors; `dare_ties` runs TIES sign
+election and disjoint mean on them instead (no magnitude trim). The random mask is drawn from a
+generator seeded by (seed, tensor name, model index), so a merge is reproducible and independent of
+the order in which tensors are processed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .linear import normalized, weighted_sum
+from .registry import register
+from .task_arithmetic import task_vectors
+from .ties import elect_and_merge
+
+
+def drop_and_rescale(delta: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
+    if density >= 1.0:
+        return delta
+    if density <= 0.0:
+        return torch.zeros_like(delta)
+    keep = torch.rand(delta.shape, generator=gen) < density
+    return delta * keep / density
+
+
+def _sparse_deltas(tensors, base, density, generators):
+    return [drop_and_rescale(d, float(p), g) for d, p, g in zip(task_vectors(tensors, base), density, generators)]
+
+
+@register(
+    "dare_linear",
+    needs_base=True,
+    min_models=1,
+    max_models=None,
+    model_params={"weight": 1.0, "density": 1.0},
+    global_params={"lambda": 1.0, "normalize": False},
+    random=True,
+    reference="https://arxiv.org/abs/2311.03099",
+)
+def dare_linear(tensors, base, weight, density, generators, normalize=False, **g):
+    """base + lambda * sum_i w_i * dare(theta_i - base)."""
+    w = normalized(weight) if normalize else weight
+    return base + g["lambda"] * weighted_sum(_sparse_deltas(tensors, base, density, generators), w)
+
+
+@register(
+    "dare_ties",
+    needs_base=True,
+    min_models=1,
+    max_models=None,
+    model_params={"weight": 1.0, "density": 1.0},
+    global_params={"lambda": 1.0, "normalize": True},
+    random=True,
+    reference="https://arxiv.org/abs/2311.03099",
+)
+def dare_ties(tensors, base, weight, density, generators, normalize=True, **g):
+    """base + lambda * disjoint_mean(elect_sign(dare(theta_i - base)))."""
+    deltas = torch.stack(_sparse_deltas(tensors, base, density, generators))
+    return base + g["lambda"] * elect_and_merge(deltas, weight, normalize)

@@ -1,0 +1,25 @@
+"""Task arithmetic: add weighted task vectors (theta_i - base) to the base."""
+
+from __future__ import annotations
+
+from .linear import normalized, weighted_sum
+from .registry import register
+
+
+def task_vectors(tensors, base):
+    return [t - base for t in tensors]
+
+
+@register(
+    "task_arithmetic",
+    needs_base=True,
+    min_models=1,
+    max_models=None,
+    model_params={"weight": 1.0},
+    global_params={"lambda": 1.0, "normalize": False},
+    reference="https://arxiv.org/abs/2212.04089",
+)
+def task_arithmetic(tensors, base, weight, normalize=False, **g):
+    """theta_base + lambda * sum_i w_i (theta_i - theta_base)."""
+    w = normalized(weight) if normalize else weight
+    return base + g["lambda"] * weighted_sum(task_vectors(tensors, base), w)

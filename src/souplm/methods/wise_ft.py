@@ -1,0 +1,19 @@
+"""WiSE-FT: interpolate from the base (zero-shot) model towards one fine-tuned model."""
+
+from __future__ import annotations
+
+from .registry import broadcast, register
+
+
+@register(
+    "wise_ft",
+    needs_base=True,
+    min_models=1,
+    max_models=1,
+    model_params={"weight": 0.5},
+    reference="https://arxiv.org/abs/2109.01903",
+)
+def wise_ft(tensors, base, weight):
+    """(1 - alpha) theta_base + alpha theta_ft, where alpha is the fine-tuned model's weight."""
+    alpha = broadcast(weight, tensors[0])[0]
+    return base + alpha * (tensors[0] - base)

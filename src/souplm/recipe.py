@@ -1,0 +1,217 @@
+"""Recipes: what to merge, how, and with which coefficients.
+
+souplm's recipe format is a superset of mergekit's YAML, so a mergekit user's recipe runs unchanged:
+
+    merge_method: ties            # or `method:`
+    base_model: path/to/base
+    models:
+      - model: path/to/A
+        parameters: {weight: 0.5, density: 0.5}
+      - model: path/to/B
+        parameters: {weight: 0.5, density: 0.5}
+    parameters: {normalize: true}  # global defaults; a model's own parameters override them
+    dtype: bfloat16
+
+souplm adds: `coefficients` (a coefficient table path), `vocab_policy` (error | extend | truncate),
+`output_model` (whose config, tokenizer and layout the output takes), `allow_pickle`, `seed`,
+`shard_size`. A parameter value may be a number, a list of numbers (interpolated across layers,
+as in mergekit), or a list of `{filter: substring, value: ...}` entries (the first whose filter
+occurs in the tensor name wins; an entry without `filter` is the fallback).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import SoupError
+from .methods import get_method
+
+# mergekit keys we read but that change nothing for souplm (documented, not silently ignored).
+MERGEKIT_NOOP_KEYS = {"int8_mask"}
+MERGEKIT_UNSUPPORTED = {
+    "tokenizer_source": "souplm copies the tokenizer of output_model",
+    "tokenizer": "souplm copies the tokenizer of output_model",
+    "chat_template": "souplm copies the chat template of output_model",
+    "out_dtype": "use dtype",
+    "modules": "modular recipes are not supported",
+}
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    merge_method: str = Field("linear", alias="method")
+    models: list[ModelSpec]
+    base_model: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    coefficients: str | None = None
+    vocab_policy: Literal["error", "extend", "truncate"] = "error"
+    output_model: str | None = None
+    allow_pickle: bool = False
+    seed: int = 0
+    shard_size: int = Field(2 * 1024**3, gt=0)
+
+    @field_validator("models")
+    @classmethod
+    def _some_models(cls, v):
+        if not v:
+            raise ValueError("a recipe needs at least one model")
+        return v
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def load(cls, source: str | os.PathLike | dict) -> Recipe:
+        if isinstance(source, dict):
+            data, where = dict(source), "recipe"
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise SoupError(f"recipe not found: {path}")
+            try:
+                data = yaml.safe_load(path.read_text())
+            except yaml.YAMLError as e:
+                raise SoupError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            where = str(path)
+            if not isinstance(data, dict):
+                raise SoupError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
+            data = _resolve_relative_paths(data, path.parent)
+        data = _from_mergekit(data, where)
+        try:
+            recipe = cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"]) or "recipe"
+            raise SoupError(f"{where}: {loc}: {err['msg']}") from None
+        recipe.check()
+        return recipe
+
+    @classmethod
+    def from_models(
+        cls,
+        paths: list[str | os.PathLike],
+        method: str = "linear",
+        weights: list[float] | None = None,
+        base_model: str | os.PathLike | None = None,
+        **fields: Any,
+    ) -> Recipe:
+        """Build a recipe in code; `fields` are global parameters or other recipe keys."""
+        recipe_keys = set(cls.model_fields) - {"models", "merge_method", "base_model", "parameters"}
+        top = {k: v for k, v in fields.items() if k in recipe_keys}
+        params = {k: v for k, v in fields.items() if k not in recipe_keys}
+        specs = [
+            {"model": str(p), "parameters": {} if weights is None else {"weight": float(w)}}
+            for p, w in zip(paths, weights or [None] * len(paths))
+        ]
+        recipe = cls.model_validate(
+            {"merge_method": method, "models": specs, "base_model": None if base_model is None else str(base_model),
+             "parameters": params, **top}
+        )
+        recipe.check()
+        return recipe
+
+    @classmethod
+    def vanilla(cls, model_a, model_b, alpha: float, **fields: Any) -> Recipe:
+        """The SoupLM paper's vanilla soup: alpha * A + (1 - alpha) * B."""
+        return cls.from_models([model_a, model_b], "linear", [alpha, 1.0 - alpha], **fields)
+
+    # -- validation --------------------------------------------------------------------------
+    @property
+    def method(self):
+        return get_method(self.merge_method)
+
+    def check(self) -> None:
+        """The method's contract and parameter names, before any tensor is touched."""
+        m = self.method
+        m.check(len(self.models), self.base_model is not None)
+        known = set(m.model_params) | set(m.global_params)
+        for key in self.parameters:
+            if key not in known and key not in MERGEKIT_NOOP_KEYS:
+                raise SoupError(f"parameters.{key}: unknown parameter for method {m.name} (known: {', '.join(sorted(known)) or 'none'})")
+        for i, spec in enumerate(self.models):
+            for key in spec.parameters:
+                if key not in m.model_params:
+                    raise SoupError(
+                        f"models[{i}].parameters.{key}: not a per-model parameter of {m.name} "
+                        f"(per-model: {', '.join(sorted(m.model_params)) or 'none'})"
+                    )
+        if self.output_model is not None and self.output_model not in self.all_paths():
+            raise SoupError(f"output_model {self.output_model} is not one of the recipe's models")
+
+    def all_paths(self) -> list[str]:
+        paths = [s.model for s in self.models]
+        return paths + ([self.base_model] if self.base_model and self.base_model not in paths else [])
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(by_alias=False, exclude_defaults=True)
+        data["merge_method"] = self.merge_method
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def _resolve_relative_paths(data: dict, root: Path) -> dict:
+    """Model paths in a recipe file are relative to the file, when such a path exists."""
+
+    def fix(p):
+        if isinstance(p, str) and not os.path.isabs(p) and (root / p).exists() and not Path(p).exists():
+            return str(root / p)
+        return p
+
+    data = dict(data)
+    for key in ("base_model", "coefficients", "output_model"):
+        if key in data:
+            data[key] = fix(data[key])
+    if isinstance(data.get("models"), list):
+        data["models"] = [dict(m, model=fix(m.get("model"))) if isinstance(m, dict) else m for m in data["models"]]
+    return data
+
+
+def _from_mergekit(data: dict, where: str) -> dict:
+    """Translate the mergekit-only shapes of a recipe; refuse, by name, what souplm cannot do."""
+    data = dict(data)
+    for key, why in MERGEKIT_UNSUPPORTED.items():
+        if key in data:
+            raise SoupError(f"{where}: mergekit key {key!r} is not supported by souplm ({why})")
+    if "slices" in data:
+        data["models"] = _models_from_slices(data.pop("slices"), where)
+    params = data.get("parameters") or {}
+    if isinstance(params, dict):
+        data["parameters"] = {k: v for k, v in params.items() if k not in MERGEKIT_NOOP_KEYS}
+    method = data.get("merge_method", data.get("method"))
+    models = data.get("models") or []
+    # mergekit lists the base among `models` for some methods; souplm keeps it as base only.
+    base = data.get("base_model")
+    if method == "slerp" and base:
+        # mergekit's slerp: t=0 is base_model, t=1 the other model
+        others = [m for m in models if _model_path(m) != base]
+        data["models"] = [{"model": base}] + others
+        data.pop("base_model")
+    elif base and method in {"task_arithmetic", "ties", "dare_linear", "dare_ties", "wise_ft"}:
+        data["models"] = [m for m in models if _model_path(m) != base]
+    data["models"] = [{"model": m} if isinstance(m, str) else m for m in data.get("models") or []]
+    return data
+
+
+def _model_path(m) -> str | None:
+    return m if isinstance(m, str) else (m.get("model") if isinstance(m, dict) else None)
+
+
+def _models_from_slices(slices, where: str) -> list[dict]:
+    """Accept the one slice shape that is a plain whole-model merge: every source spans the same layers."""
+    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
+        raise SoupError(f"{where}: 'slices' with several slices (layer stacking, passthrough) is not supported")
+    sources = slices[0].get("sources") or []
+    ranges = {tuple(s.get("layer_range", ())) for s in sources if isinstance(s, dict)}
+    if len(ranges) != 1 or len(sources) < 1:
+        raise SoupError(f"{where}: 'slices' whose sources span different layer ranges are not supported")
+    return [{"model": s["model"], "parameters": s.get("parameters", {})} for s in sources]
