@@ -1,0 +1,223 @@
+"""Run tasks on a model: `evaluate(model_or_dir, tasks, limit=..., batch_size=..., cache=...)`.
+
+The work is split into pure pieces so it can be spread over processes later (issue 7):
+`score_rows(lm, task, rows)` turns examples into per-example records, `aggregate(task, records)`
+turns records (from any number of shards, in any order) into metrics, and `evaluate` adds the cache
+around them. Rank k of K can score `rows[k::K]`, and rank 0 aggregates the gathered records.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import SoupError
+from . import metrics as M
+from .cache import ResultCache, as_cache, model_hash
+from .lm import HFModel, LanguageModel, load_model
+from .tasks import Task, gold_index, load_task
+
+N_SAMPLES = 3  # example outputs kept in a result, for a quick look at what the model said
+
+
+def score_rows(lm: LanguageModel, task: Task, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-example records for `rows` (batched inside the model's methods)."""
+    if task.kind == "perplexity":
+        texts = [str(r[task.opt("text_field")]) for r in rows]
+        out = lm.rolling_nll(texts, task.opt("context_length"))
+        return [
+            {"nll": nll, "tokens": n, "bytes": len(t.encode("utf-8"))}
+            for (nll, n), t in zip(out, texts, strict=True)
+        ]
+
+    if task.kind == "multiple_choice":
+        delim = task.opt("target_delimiter")
+        requests: list[tuple[str, str]] = []
+        spans: list[tuple[int, int]] = []
+        for r in rows:
+            ctx = task.prompt(r)
+            choices = [str(c) for c in r[task.opt("choices_field")]]
+            spans.append((len(requests), len(choices)))
+            requests += [(ctx, delim + c) for c in choices]
+        lls = lm.loglikelihood(requests)  # one flat list: the model batches across examples
+        records = []
+        for r, (start, n) in zip(rows, spans, strict=True):
+            choices = [str(c) for c in r[task.opt("choices_field")]]
+            ll = lls[start : start + n]
+            lengths = [len((delim + c).encode("utf-8")) for c in choices]
+            gold = gold_index(r[task.opt("gold_field")], choices)
+            records.append({
+                "logliks": ll, "gold": gold, "pred": M.argmax(ll),
+                "acc": M.choice_correct(ll, gold), "acc_norm": M.choice_correct_norm(ll, lengths, gold),
+            })
+        return records
+
+    stop = task.opt("stop")
+    if task.kind == "generation":
+        outs = lm.generate([task.prompt(r) for r in rows], task.opt("max_new_tokens"), stop,
+                           chat_template=bool(task.opt("chat_template")))
+        extract = task.opt("extract")
+        records = []
+        for r, out in zip(rows, outs, strict=True):
+            gold_raw = str(r[task.opt("answer_field")])
+            if extract == "number":
+                pred, gold = M.extract_number(out), M.extract_number(gold_raw)
+            elif extract == "first_line":
+                pred, gold = M.first_line(out), M.first_line(gold_raw)
+            else:
+                pred, gold = out, gold_raw
+            records.append({"output": out, "pred": pred, "gold": gold, "exact_match": M.exact_match(pred, gold)})
+        return records
+
+    if task.kind == "vqa":
+        from PIL import Image
+
+        images = []
+        for r in rows:
+            path = task.image_path(r)
+            try:
+                with Image.open(path) as im:
+                    images.append(im.convert("RGB"))
+            except OSError:
+                raise SoupError(f"task {task.name}: cannot read image {path}") from None
+        outs = lm.generate_vqa([task.prompt(r) for r in rows], images, task.opt("max_new_tokens"), stop,
+                               chat_template=bool(task.opt("chat_template")))
+        records = []
+        for r, out in zip(rows, outs, strict=True):
+            pred, gold = M.first_line(out), str(r[task.opt("answer_field")])
+            records.append({"output": out, "pred": pred, "gold": gold, "exact_match": M.exact_match(pred, gold)})
+        return records
+
+    raise SoupError(f"task {task.name}: unknown kind {task.kind}")
+
+
+def aggregate(task: Task, records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Metrics from per-example records. Order-free, so shards can be gathered in any order."""
+    if not records:
+        raise SoupError(f"task {task.name}: no examples to score")
+    if task.kind == "perplexity":
+        nll = sum(r["nll"] for r in records)
+        tokens = sum(r["tokens"] for r in records)
+        nbytes = sum(r["bytes"] for r in records)
+        return {
+            "bpb": M.bits_per_byte(nll, nbytes),
+            "ppl": M.perplexity(nll, tokens),
+            "nll_per_token": nll / tokens if tokens else float("nan"),
+        }
+    if task.kind == "multiple_choice":
+        return {"acc": M.mean([r["acc"] for r in records]), "acc_norm": M.mean([r["acc_norm"] for r in records])}
+    return {"exact_match": M.mean([r["exact_match"] for r in records])}
+
+
+def run_task(lm: LanguageModel, task: Task, limit: int | None = None) -> dict[str, Any]:
+    """Score one task on a loaded model; the result is what the cache stores."""
+    t0 = time.perf_counter()
+    rows = task.rows(limit)
+    records = score_rows(lm, task, rows)
+    result = task_result(task, aggregate(task, records), n=len(records), limit=limit)
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    samples = [
+        {k: v for k, v in r.items() if k in ("output", "pred", "gold")} for r in records[:N_SAMPLES]
+    ]
+    if samples and samples[0]:
+        result["samples"] = samples
+    return result
+
+
+def task_result(task: Task, metrics: dict[str, float], n: int, limit: int | None) -> dict[str, Any]:
+    return {
+        "task": task.name,
+        "kind": task.kind,
+        "version": task.cache_version,
+        "limit": limit,
+        "n": n,
+        "metrics": metrics,
+        "primary": task.primary,
+        "higher_is_better": task.higher_is_better,
+        "score": metrics[task.primary],
+    }
+
+
+class _LazyModel:
+    """Loads a model dir on first use, so a fully cached rerun never touches the weights."""
+
+    def __init__(self, model_dir: Path, batch_size: int, device: str | None, dtype: str, progress: bool):
+        self.args = (model_dir, batch_size, device, dtype, progress)
+        self.lm: HFModel | None = None
+
+    def get(self) -> HFModel:
+        if self.lm is None:
+            model_dir, batch_size, device, dtype, progress = self.args
+            model, tok, proc = load_model(model_dir, device=device, dtype=dtype)
+            self.lm = HFModel(model, tok, proc, batch_size=batch_size, progress=progress)
+        return self.lm
+
+
+def evaluate(
+    model_or_dir: str | Path | LanguageModel,
+    tasks: Sequence[str | Path | Task],
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    cache: ResultCache | str | Path | bool | None = None,
+    model_key: str | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    progress: bool = True,
+    task_cache_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate a model dir (or a loaded `LanguageModel`) on tasks; returns {"model", "results"}.
+
+    `tasks` are built-in names, task-file paths or `Task` objects. With a cache, results are keyed by
+    (model content hash, task, task version, limit); an in-memory model is cached only when the caller
+    names it with `model_key` (a sweep passes the soup's key).
+    """
+    if limit is not None and limit < 1:
+        raise SoupError(f"--limit must be at least 1, not {limit}")
+    task_objs = [load_task(t, cache_dir=task_cache_dir) for t in tasks]
+    names = [t.name for t in task_objs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise SoupError(f"task(s) given twice: {', '.join(dup)}")
+    store = as_cache(cache)
+
+    if isinstance(model_or_dir, (str, Path)):
+        model_dir = Path(model_or_dir)
+        if not (model_dir / "config.json").is_file():
+            raise SoupError(f"{model_dir}: not a model directory (no config.json)")
+        key = model_key or (model_hash(model_dir) if store else str(model_dir))
+        lazy = _LazyModel(model_dir, batch_size, device, dtype, progress)
+        get_lm = lazy.get
+        label = str(model_dir)
+    else:
+        key = model_key or ""
+        lm = model_or_dir
+        get_lm = lambda: lm
+        label = model_key or type(model_or_dir).__name__
+
+    results: dict[str, Any] = {}
+    for task in task_objs:
+        version = task.cache_version
+        hit = store.get(key, task.name, version, limit) if (store and key) else None
+        if hit is not None:
+            results[task.name] = {**hit, "cached": True}
+            continue
+        result = run_task(get_lm(), task, limit)
+        if store and key:
+            store.put(key, task.name, version, limit, result)
+        results[task.name] = {**result, "cached": False}
+    return {"model": label, "model_key": key, "results": results}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A plain-text table of one `evaluate` report: task, kind, n, every metric, cached."""
+    lines = [f"model: {report['model']}", f"{'task':<28} {'kind':<16} {'n':>6}  metrics"]
+    for name, r in report["results"].items():
+        ms = "  ".join(
+            f"{k}={v:.4f}" + ("*" if k == r["primary"] else "") for k, v in r["metrics"].items()
+        )
+        lines.append(f"{name:<28} {r['kind']:<16} {r['n']:>6}  {ms}" + ("  (cached)" if r.get("cached") else ""))
+    lines.append("* primary metric")
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""Tiny models and task files for the evaluation, sweep and greedy tests (built in a second)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "to be or not to be that is the question",
+    "question: what is 2 plus 3? answer: 5",
+    "all the world's a stage and all the men and women merely players",
+    "#### 42 numbers 0123456789 , . ! ? - + = \n",
+]
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer trained on a few lines: no hub needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<eos>", "<bos>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def make_model_dir(path: Path, seed: int = 0, tokenizer=None, noise: float = 0.0, base: Path | None = None) -> Path:
+    """Save a tiny random Llama (2 layers, hidden 32) with its tokenizer; `base` + noise makes a variant."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    tok = tokenizer or make_tokenizer()
+    torch.manual_seed(seed)
+    if base is not None:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(noise * torch.randn_like(p))
+    else:
+        cfg = LlamaConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=False,
+        )
+        model = LlamaForCausalLM(cfg)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_task(folder: Path, name: str, spec: dict, rows: list[dict]) -> Path:
+    """A task YAML (as JSON, which YAML reads) plus its jsonl data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {"name": name, "data": data.name, **spec}
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def text_task(folder: Path, name: str = "text-ppl") -> Path:
+    return write_task(folder, name, {"kind": "perplexity", "context_length": 16}, [{"text": t} for t in CORPUS])
+
+
+def mc_task(folder: Path, name: str = "mc") -> Path:
+    rows = [
+        {"query": "the quick brown fox", "choices": ["jumps", "sleeps", "stage"], "gold": 0},
+        {"query": "to be or not to", "choices": ["be", "fox", "dog"], "gold": "be"},
+        {"query": "all the world's a", "choices": ["dog", "stage"], "gold": "B"},
+        {"query": "what is 2 plus 3?", "choices": ["4", "5", "6"], "gold": 1},
+    ]
+    return write_task(folder, name, {"kind": "multiple_choice"}, rows)
