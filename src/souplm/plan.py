@@ -152,10 +152,11 @@ def build_plan(recipe: Recipe, checkpoints: list[Checkpoint], coefficients: Coef
                 raise SoupError(f"tensor {c} is missing from model {checkpoints[k].path}")
         stored = {k: checkpoints[k].stored_name(c) for k in feeding}
         shapes = {k: checkpoints[k].shape(stored[k]) for k in feeding}
+        ref = output_index if output_index in shapes else feeding[0]  # shape and dtype follow the output
         item = Item(
             out_name=out.layout.from_canonical(c),
-            shape=shapes[output_index] if output_index in shapes else shapes[feeding[0]],
-            dtype=dtype or checkpoints[output_index if output_index in shapes else feeding[0]].dtype(stored[feeding[0]]),
+            shape=shapes[ref],
+            dtype=dtype or checkpoints[ref].dtype(stored[ref]),
             canonical=c,
             inputs=[stored[k] for k in range(n)],
             base=stored[base_index] if base_index is not None else None,

@@ -42,7 +42,7 @@ def _sparse_deltas(tensors, base, density, generators):
 def dare_linear(tensors, base, weight, density, generators, normalize=False, **g):
     """base + lambda * sum_i w_i * dare(theta_i - base)."""
     w = normalized(weight) if normalize else weight
-    return base + g["lambda"] * weighted_sum(_sparse_deltas(tensors, base, density, generators), w)
+    return base + g.get("lambda", 1.0) * weighted_sum(_sparse_deltas(tensors, base, density, generators), w)
 
 
 @register(
@@ -58,4 +58,4 @@ def dare_linear(tensors, base, weight, density, generators, normalize=False, **g
 def dare_ties(tensors, base, weight, density, generators, normalize=True, **g):
     """base + lambda * disjoint_mean(elect_sign(dare(theta_i - base)))."""
     deltas = torch.stack(_sparse_deltas(tensors, base, density, generators))
-    return base + g["lambda"] * elect_and_merge(deltas, weight, normalize)
+    return base + g.get("lambda", 1.0) * elect_and_merge(deltas, weight, normalize)

@@ -22,4 +22,4 @@ def task_vectors(tensors, base):
 def task_arithmetic(tensors, base, weight, normalize=False, **g):
     """theta_base + lambda * sum_i w_i (theta_i - theta_base)."""
     w = normalized(weight) if normalize else weight
-    return base + g["lambda"] * weighted_sum(task_vectors(tensors, base), w)
+    return base + g.get("lambda", 1.0) * weighted_sum(task_vectors(tensors, base), w)

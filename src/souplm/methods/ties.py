@@ -51,4 +51,4 @@ def elect_and_merge(deltas: torch.Tensor, weight: torch.Tensor, normalize: bool)
 def ties(tensors, base, weight, density, normalize=True, **g):
     """base + lambda * disjoint_mean(elect_sign(trim(theta_i - base, density_i)))."""
     deltas = torch.stack([trim_to_density(d, float(p)) for d, p in zip(task_vectors(tensors, base), density)])
-    return base + g["lambda"] * elect_and_merge(deltas, weight, normalize)
+    return base + g.get("lambda", 1.0) * elect_and_merge(deltas, weight, normalize)

@@ -1,0 +1,164 @@
+"""Every merge method against an independent statement of its formula (NumPy, written from the papers)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from souplm.methods import get_method
+
+RNG = np.random.default_rng(0)
+
+
+def run(name, tensors, base=None, **params):
+    m = get_method(name)
+    n = len(tensors)
+    kwargs = {}
+    for key, default in m.model_params.items():
+        v = params.pop(key, default)
+        kwargs[key] = torch.tensor(v if isinstance(v, list) else [v] * n, dtype=torch.float32)
+    kwargs.update(params)
+    if m.random:
+        kwargs["generators"] = [torch.Generator().manual_seed(100 + i) for i in range(n)]
+    tt = [torch.tensor(t, dtype=torch.float32) for t in tensors]
+    b = None if base is None else torch.tensor(base, dtype=torch.float32)
+    return m.fn(tt, b, **kwargs).numpy()
+
+
+def rand(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+@settings(max_examples=30, deadline=None)
+@given(alpha=st.floats(0, 1), rows=st.integers(1, 6), cols=st.integers(1, 6))
+def test_linear_is_the_vanilla_soup(alpha, rows, cols):
+    a, b = rand(rows, cols), rand(rows, cols)
+    got = run("linear", [a, b], weight=[alpha, 1 - alpha])
+    np.testing.assert_allclose(got, alpha * a + (1 - alpha) * b, atol=1e-5)
+
+
+def test_linear_normalizes_weights_unless_told_not_to():
+    a, b, c = rand(4, 3), rand(4, 3), rand(4, 3)
+    got = run("linear", [a, b, c], weight=[1.0, 2.0, 1.0])
+    np.testing.assert_allclose(got, (a + 2 * b + c) / 4, atol=1e-6)
+    raw = run("linear", [a, b, c], weight=[1.0, 2.0, 1.0], normalize=False)
+    np.testing.assert_allclose(raw, a + 2 * b + c, atol=1e-6)
+
+
+def test_linear_per_row_weights():
+    a, b = rand(3, 5), rand(3, 5)
+    w = torch.tensor([[0.0, 0.5, 1.0], [1.0, 0.5, 0.0]])
+    got = get_method("linear").fn([torch.tensor(a), torch.tensor(b)], None, weight=w).numpy()
+    expect = np.stack([b[0], 0.5 * a[1] + 0.5 * b[1], a[2]])
+    np.testing.assert_allclose(got, expect, atol=1e-6)
+
+
+def test_uniform_is_the_mean():
+    ts = [rand(2, 7) for _ in range(5)]
+    np.testing.assert_allclose(run("uniform", ts), np.mean(ts, axis=0), atol=1e-6)
+
+
+def test_wise_ft_interpolates_base_to_finetuned():
+    base, ft = rand(6), rand(6)
+    np.testing.assert_allclose(run("wise_ft", [ft], base, weight=0.25), 0.75 * base + 0.25 * ft, atol=1e-6)
+
+
+def test_task_arithmetic():
+    base, a, b = rand(5, 4), rand(5, 4), rand(5, 4)
+    got = run("task_arithmetic", [a, b], base, weight=[0.7, 0.2], **{"lambda": 0.5})
+    np.testing.assert_allclose(got, base + 0.5 * (0.7 * (a - base) + 0.2 * (b - base)), atol=1e-5)
+
+
+def ties_reference(base, models, weights, densities, lam=1.0, normalize=True):
+    """TIES (Yadav et al. 2023), entry by entry: trim to top-k |delta|, elect sign of the weighted
+    sum, average (weighted) the entries that agree with it."""
+    deltas = []
+    for m, d in zip(models, densities):
+        delta = (m - base).ravel()
+        k = int(round(d * delta.size))
+        keep = np.zeros(delta.size, bool)
+        keep[np.argsort(-np.abs(delta), kind="stable")[:k]] = True
+        deltas.append(np.where(keep, delta, 0.0))
+    out = np.zeros(base.size)
+    for j in range(base.size):
+        vals = [w * dl[j] for w, dl in zip(weights, deltas)]
+        sign = np.sign(sum(vals))
+        num = den = 0.0
+        for w, dl, v in zip(weights, deltas, vals):
+            if dl[j] != 0 and np.sign(v) == sign:
+                num += v
+                den += w
+        out[j] = (num / den if den else 0.0) if normalize else num
+    return base + lam * out.reshape(base.shape)
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.2])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_matches_reference(density, normalize):
+    base = rand(8, 9)
+    models = [base + rand(8, 9) for _ in range(3)]
+    w = [1.0, 0.5, 2.0]
+    got = run("ties", models, base, weight=w, density=[density] * 3, normalize=normalize, **{"lambda": 0.8})
+    expect = ties_reference(base, models, w, [density] * 3, 0.8, normalize)
+    np.testing.assert_allclose(got, expect, atol=1e-5)
+
+
+def test_dare_linear_drops_and_rescales():
+    base = rand(200, 50)
+    ft = base + rand(200, 50)
+    density = 0.3
+    got = run("dare_linear", [ft], base, weight=[1.0], density=[density])
+    delta = ft - base
+    changed = ~np.isclose(got, base)
+    # every entry is either dropped (equals base) or its delta rescaled by 1/density
+    np.testing.assert_allclose(got[changed], (base + delta / density)[changed], rtol=1e-5, atol=1e-5)
+    assert abs(changed.mean() - density) < 0.02  # drop rate p = 1 - density
+    # reproducible: same generator seeds, same output
+    np.testing.assert_array_equal(got, run("dare_linear", [ft], base, weight=[1.0], density=[density]))
+
+
+def test_dare_is_unbiased_in_expectation():
+    base = np.zeros((400, 400), np.float32)
+    ft = np.ones((400, 400), np.float32)
+    got = run("dare_linear", [ft], base, weight=[1.0], density=[0.5])
+    assert abs(got.mean() - 1.0) < 0.02
+
+
+def test_dare_ties_elects_signs_on_sparsified_deltas():
+    base = rand(30, 30)
+    a, b = base + rand(30, 30), base + rand(30, 30)
+    got = run("dare_ties", [a, b], base, weight=[1.0, 1.0], density=[1.0, 1.0])  # no drop: plain TIES at d=1
+    np.testing.assert_allclose(got, ties_reference(base, [a, b], [1, 1], [1, 1]), atol=1e-5)
+
+
+def slerp_reference(a, b, t):
+    ua, ub = a.ravel() / np.linalg.norm(a), b.ravel() / np.linalg.norm(b)
+    omega = math.acos(np.clip(ua @ ub, -1, 1))
+    s = math.sin(omega)
+    return math.sin((1 - t) * omega) / s * a + math.sin(t * omega) / s * b
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])
+def test_slerp_matches_formula(t):
+    a, b = rand(10, 3), rand(10, 3)
+    got = run("slerp", [a, b], t=t)
+    np.testing.assert_allclose(got, slerp_reference(a, b, t), atol=1e-5)
+
+
+def test_slerp_parallel_vectors_fall_back_to_lerp():
+    a = rand(4, 4)
+    np.testing.assert_allclose(run("slerp", [a, 2 * a], t=0.5), 1.5 * a, atol=1e-5)
+
+
+def test_method_contracts_are_checked():
+    from souplm.errors import SoupError
+
+    with pytest.raises(SoupError, match="needs a base_model"):
+        get_method("ties").check(2, has_base=False)
+    with pytest.raises(SoupError, match="takes 2 models"):
+        get_method("slerp").check(3, has_base=False)
+    with pytest.raises(SoupError, match="unknown merge method"):
+        get_method("frankenmerge")
