@@ -9,7 +9,7 @@ around them. Rank k of K can score `rows[k::K]`, and rank 0 aggregates the gathe
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +156,7 @@ class _LazyModel:
 
 
 def evaluate(
-    model_or_dir: str | Path | LanguageModel,
+    model_or_dir: str | Path | LanguageModel | Callable[[], LanguageModel],
     tasks: Sequence[str | Path | Task],
     *,
     limit: int | None = None,
@@ -168,7 +168,9 @@ def evaluate(
     progress: bool = True,
     task_cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a model dir (or a loaded `LanguageModel`) on tasks; returns {"model", "results"}.
+    """Evaluate a model dir, a loaded `LanguageModel` or a factory of one on tasks.
+
+    Returns {"model", "model_key", "results": {task name: result}}.
 
     `tasks` are built-in names, task-file paths or `Task` objects. With a cache, results are keyed by
     (model content hash, task, task version, limit); an in-memory model is cached only when the caller
@@ -191,11 +193,25 @@ def evaluate(
         lazy = _LazyModel(model_dir, batch_size, device, dtype, progress)
         get_lm = lazy.get
         label = str(model_dir)
-    else:
+    elif isinstance(model_or_dir, LanguageModel):
         key = model_key or ""
         lm = model_or_dir
         get_lm = lambda: lm
         label = model_key or type(model_or_dir).__name__
+    elif callable(model_or_dir):
+        # A factory: called on the first cache miss only (a sweep soups into its model lazily).
+        key = model_key or ""
+        made: list[LanguageModel] = []
+        factory = model_or_dir
+
+        def get_lm() -> LanguageModel:
+            if not made:
+                made.append(factory())
+            return made[0]
+
+        label = model_key or "model"
+    else:
+        raise SoupError(f"cannot evaluate a {type(model_or_dir).__name__}: give a model dir or a LanguageModel")
 
     results: dict[str, Any] = {}
     for task in task_objs:

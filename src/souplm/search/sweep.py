@@ -1,0 +1,247 @@
+"""Vanilla soup sweep: score alpha * A + (1 - alpha) * B for every alpha, without writing checkpoints.
+
+One model is built once (from A's directory) and the two bases are read into memory once; for each
+alpha the engine writes the merged weights into that model's parameters in place (`soup_into`), and
+the tasks run on it. alpha = 1 is model A and alpha = 0 is model B, so the endpoints are the base
+models' own scores (the horizontal lines of the paper's Figure 1).
+
+Every (alpha, task) result goes through the on-disk cache under the soup's key (hash of the inputs'
+content hashes + method + alpha): an interrupted sweep resumes where it stopped, and several
+processes can split the alphas and gather through the cache (`candidates_for_rank`, issue 7).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import SoupError
+from ..evaluate.cache import ResultCache, as_cache, model_hash, soup_key
+from ..evaluate.tasks import Task, load_task
+
+METHOD = "linear"
+
+
+def parse_alphas(spec: str) -> list[float]:
+    """`start:stop:step` (stop included) or a comma list, e.g. `0:1:0.1` or `0,0.25,0.5`."""
+    text = str(spec).strip()
+    try:
+        if ":" in text:
+            parts = [float(p) for p in text.split(":")]
+            if len(parts) != 3:
+                raise ValueError
+            start, stop, step = parts
+            if step <= 0 or stop < start:
+                raise SoupError(f"--alphas {spec}: need start <= stop and a positive step")
+            n = math.floor((stop - start) / step + 1e-9)
+            # Round to the step's precision so 0.30000000000000004 prints and caches as 0.3.
+            digits = max(0, -math.floor(math.log10(step))) + 3
+            values = [round(start + i * step, digits) for i in range(n + 1)]
+        else:
+            values = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise SoupError(f"--alphas {spec!r}: expected start:stop:step (like 0:1:0.1) or a comma list") from None
+    if not values:
+        raise SoupError(f"--alphas {spec!r}: no values")
+    return sorted(set(values))
+
+
+def candidates_for_rank(alphas: Sequence[float], rank: int, world_size: int) -> list[float]:
+    """The alphas one of `world_size` processes evaluates (round robin keeps the load even)."""
+    return list(alphas)[rank::world_size]
+
+
+@dataclass
+class SweepResult:
+    """Scores of every alpha on every task, plus what is needed to print and plot them."""
+
+    models: list[str]
+    alphas: list[float]
+    tasks: list[dict[str, Any]]  # name, primary, higher_is_better
+    results: dict[float, dict[str, dict[str, Any]]]  # alpha -> task -> evaluate() task result
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def score(self, alpha: float, task: str) -> float:
+        return float(self.results[alpha][task]["score"])
+
+    def base_score(self, which: int, task: str) -> float:
+        """Score of model A (which=0, alpha=1) or model B (which=1, alpha=0)."""
+        return self.score(1.0 if which == 0 else 0.0, task)
+
+    def best_alpha(self, task: str) -> float:
+        info = next(t for t in self.tasks if t["name"] == task)
+        sign = 1.0 if info["higher_is_better"] else -1.0
+        # Ties go to the smallest alpha (max() keeps the first); NaN scores never win.
+        return max(self.alphas, key=lambda a: -math.inf if math.isnan(self.score(a, task)) else sign * self.score(a, task))
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Table rows: each alpha, then each base model."""
+        names = [t["name"] for t in self.tasks]
+        out = [{"row": "soup", "alpha": a, **{n: self.score(a, n) for n in names}} for a in self.alphas]
+        for which, label in ((0, "A"), (1, "B")):
+            out.append({"row": f"base {label}: {self.models[which]}", "alpha": 1.0 - which,
+                        **{n: self.base_score(which, n) for n in names}})
+        return out
+
+    def to_csv(self, path: str | Path) -> Path:
+        path = Path(path)
+        names = [t["name"] for t in self.tasks]
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["row", "alpha", *names])
+            w.writeheader()
+            for r in self.rows():
+                w.writerow(r)
+        return path
+
+    def to_markdown(self) -> str:
+        names = [t["name"] for t in self.tasks]
+        best = {n: self.best_alpha(n) for n in names}
+        head = [f"{t['name']} ({t['primary']} {'↑' if t['higher_is_better'] else '↓'})" for t in self.tasks]
+        lines = ["| alpha (weight of A) | " + " | ".join(head) + " |", "|---:|" + "---:|" * len(names)]
+        for a in self.alphas:
+            cells = [f"**{self.score(a, n):.4f}**" if a == best[n] else f"{self.score(a, n):.4f}" for n in names]
+            lines.append(f"| {a:g} | " + " | ".join(cells) + " |")
+        for which, label in ((0, "A"), (1, "B")):
+            cells = [f"{self.base_score(which, n):.4f}" for n in names]
+            lines.append(f"| base {label} (`{Path(self.models[which]).name}`) | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append(f"A = `{self.models[0]}`, B = `{self.models[1]}`; soup = alpha * A + (1 - alpha) * B. "
+                     "Bold: best alpha per task.")
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"models": self.models, "alphas": self.alphas, "tasks": self.tasks,
+                "results": {str(a): r for a, r in self.results.items()},
+                "best_alpha": {t["name"]: self.best_alpha(t["name"]) for t in self.tasks},
+                "timings": self.timings}
+
+
+class SoupModel:
+    """One in-memory model whose weights are rewritten per candidate, over bases held in memory.
+
+    Built lazily: a sweep whose results are all cached never loads a tensor.
+    """
+
+    def __init__(self, models: Sequence[str], *, batch_size: int, device: str | None, dtype: str, progress: bool):
+        self.models = [str(m) for m in models]
+        self.opts = {"batch_size": batch_size, "device": device, "dtype": dtype, "progress": progress}
+        self.lm: Any = None
+        self.sources: Any = None
+        self.soup_seconds = 0.0
+
+    def load(self, recipe: Any) -> Any:
+        from ..engine import open_sources
+        from ..evaluate.lm import HFModel, load_model
+
+        if self.lm is None:
+            model, tok, proc = load_model(self.models[0], device=self.opts["device"], dtype=self.opts["dtype"])
+            self.lm = HFModel(model, tok, proc, batch_size=self.opts["batch_size"], progress=self.opts["progress"])
+            self.sources = open_sources(recipe, in_memory=True)
+        return self.lm
+
+    def set(self, recipe: Any) -> Any:
+        """Write the recipe's soup into the model; returns the LanguageModel to evaluate."""
+        from ..engine import soup_into
+
+        lm = self.load(recipe)
+        t0 = time.perf_counter()
+        soup_into(lm.model, recipe, sources=self.sources)
+        self.soup_seconds += time.perf_counter() - t0
+        return lm
+
+
+def evaluate_candidate(
+    soup: SoupModel, recipe: Any, key: str, tasks: Sequence[Task], *, limit: int | None,
+    cache: ResultCache | None,
+) -> dict[str, dict[str, Any]]:
+    """Scores of one soup on every task: cache first, else soup into the model and run what is missing.
+
+    A pure function of (recipe, tasks, limit) up to caching, so candidates can run on any process.
+    """
+    from ..evaluate.runner import evaluate
+
+    # The factory runs only on a cache miss, so a fully cached candidate costs no merge at all.
+    report = evaluate(lambda: soup.set(recipe), list(tasks), limit=limit, cache=cache, model_key=key, progress=False)
+    return report["results"]
+
+
+def sweep(
+    models: Sequence[str | Path],
+    alphas: Sequence[float] | str,
+    tasks: Sequence[str | Path | Task],
+    *,
+    out_dir: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    cache: ResultCache | str | Path | bool | None = True,
+    device: str | None = None,
+    dtype: str = "float32",
+    progress: bool = True,
+    task_cache_dir: str | Path | None = None,
+) -> SweepResult:
+    """Evaluate the vanilla soup of two models at every alpha; write tables and the plot to `out_dir`."""
+    from tqdm.auto import tqdm
+
+    from ..recipe import Recipe
+
+    if len(models) != 2:
+        raise SoupError(f"a vanilla sweep takes exactly 2 models (--model A --model B), got {len(models)}")
+    for m in models:
+        if not (Path(m) / "config.json").is_file():
+            raise SoupError(f"{m}: not a model directory (no config.json)")
+    a_path, b_path = (str(Path(m)) for m in models)
+    grid = parse_alphas(alphas) if isinstance(alphas, str) else sorted({float(a) for a in alphas})
+    if any(not 0.0 <= a <= 1.0 for a in grid):
+        # Extrapolation (alpha outside [0, 1]) is legal for linear merges, but say it loudly.
+        print(f"souplm: note: alphas outside [0, 1] extrapolate beyond the base models: {grid}")
+    task_objs = [load_task(t, cache_dir=task_cache_dir) for t in tasks]
+    if not task_objs:
+        raise SoupError("give at least one --task")
+    store = as_cache(cache)
+    # The endpoints are always evaluated: they are the base models' lines in the table and plot.
+    todo = sorted(set(grid) | {0.0, 1.0})
+    hashes = [model_hash(a_path), model_hash(b_path)]
+    soup = SoupModel([a_path, b_path], batch_size=batch_size, device=device, dtype=dtype, progress=progress)
+
+    t0 = time.perf_counter()
+    results: dict[float, dict[str, dict[str, Any]]] = {}
+    bar = tqdm(todo, desc="sweep", disable=not progress, unit="alpha")
+    for alpha in bar:
+        bar.set_postfix(alpha=alpha)
+        recipe = Recipe.vanilla(a_path, b_path, alpha)
+        key = soup_key(hashes, METHOD, {"weights": [alpha, 1.0 - alpha]})
+        results[alpha] = evaluate_candidate(soup, recipe, key, task_objs, limit=limit, cache=store)
+    total = time.perf_counter() - t0
+
+    result = SweepResult(
+        models=[a_path, b_path],
+        alphas=todo,
+        tasks=[{"name": t.name, "primary": t.primary, "higher_is_better": t.higher_is_better} for t in task_objs],
+        results=results,
+        timings={"total_s": round(total, 3), "soup_s": round(soup.soup_seconds, 3),
+                 "eval_s": round(sum(r.get("seconds", 0.0) for rs in results.values() for r in rs.values()
+                                     if not r.get("cached")), 3)},
+    )
+    if out_dir is not None:
+        write_outputs(result, out_dir)
+    return result
+
+
+def write_outputs(result: SweepResult, out_dir: str | Path) -> list[Path]:
+    """sweep.csv, sweep.md, sweep.json and the Figure 1 plot (sweep.png, sweep.svg)."""
+    from ..plots.sweep import plot_sweep
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [result.to_csv(out / "sweep.csv")]
+    (out / "sweep.md").write_text(result.to_markdown())
+    (out / "sweep.json").write_text(json.dumps(result.to_json(), indent=1))
+    paths += [out / "sweep.md", out / "sweep.json"]
+    paths += plot_sweep(result, out / "sweep")
+    return paths
