@@ -18,6 +18,7 @@ from .errors import SoupError
 # Add a new subcommand by adding its module here.
 COMMAND_MODULES: tuple[str, ...] = (
     "souplm.commands.merge",
+    "souplm.commands.demo",
 )
 
 
