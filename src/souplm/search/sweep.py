@@ -128,8 +128,12 @@ class SoupModel:
     Built lazily: a sweep whose results are all cached never loads a tensor.
     """
 
-    def __init__(self, models: Sequence[str], *, batch_size: int, device: str | None, dtype: str, progress: bool):
+    def __init__(
+        self, models: Sequence[str], *, batch_size: int = 8, device: str | None = None, dtype: str = "float32",
+        progress: bool = True, in_memory: bool = True,
+    ):
         self.models = [str(m) for m in models]
+        self.in_memory = in_memory
         self.opts = {"batch_size": batch_size, "device": device, "dtype": dtype, "progress": progress}
         self.lm: Any = None
         self.sources: Any = None
@@ -142,7 +146,9 @@ class SoupModel:
         if self.lm is None:
             model, tok, proc = load_model(self.models[0], device=self.opts["device"], dtype=self.opts["dtype"])
             self.lm = HFModel(model, tok, proc, batch_size=self.opts["batch_size"], progress=self.opts["progress"])
-            self.sources = open_sources(recipe, in_memory=True)
+            # In memory: every base tensor is read once for the whole search (N models' worth of RAM);
+            # otherwise each candidate re-reads them from disk, in bounded memory.
+            self.sources = open_sources(recipe, in_memory=self.in_memory)
         return self.lm
 
     def set(self, recipe: Any) -> Any:
