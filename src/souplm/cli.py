@@ -19,6 +19,9 @@ from .errors import SoupError
 COMMAND_MODULES: tuple[str, ...] = (
     "souplm.commands.merge",
     "souplm.commands.demo",
+    "souplm.commands.eval",
+    "souplm.commands.sweep",
+    "souplm.commands.greedy",
 )
 
 

@@ -10,10 +10,11 @@ built-in task and a hand-written task file behave the same (and hash the same wa
 | shakespeare-ppl  | perplexity      | held-out Shakespeare plays, cut into ~1,500-character passages |
 | shakespeare-mc   | multiple_choice | held-out plays: 3 lines of context, which of 4 lines comes next |
 | math             | generation      | generated school-math problems, 3-shot, exact match          |
-| instruct-ppl     | perplexity      | held-out instruction/response texts                          |
+| instruct-ppl     | perplexity      | held-out chat answers given the question (chat template)      |
 
-Every built-in task reads the *test* split, so a greedy soup or a sweep that must choose on held-out
-data should use a task file on the validation split instead (see docs/EVALUATION.md).
+Each name reads the *test* split; `<name>-dev` is the same task on the dev split. Choose a soup
+(greedy soup's held-out task, a sweep's best alpha) on `-dev` and report the test name, so the
+reported score was not used to choose (see docs/EVALUATION.md, validation leakage).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from .tasks import Task, task_from_dict
 # Bump a task's version when its construction changes: the version is part of the cache key and of
 # the folder its data is materialised in.
 VERSIONS = {"easy-vqa": 1, "shakespeare-ppl": 1, "shakespeare-mc": 1, "math": 1, "instruct-ppl": 1}
-BUILTIN_TASKS = tuple(VERSIONS)
+# Each task on the test split under its own name, and on the dev split as `<name>-dev`: choose soups
+# (greedy, best alpha) on `-dev`, report on the test name.
+BUILTIN_TASKS = tuple(VERSIONS) + tuple(f"{n}-dev" for n in VERSIONS)
 
 PASSAGE_CHARS = 1500
 MC_EXAMPLES = 500
@@ -129,10 +132,10 @@ def _text_of(item: Any) -> str:
     raise SoupError(f"instruction_texts gave an item without text: {str(item)[:60]}")
 
 
-def _build_easy_vqa(folder: Path) -> dict[str, Any]:
+def _build_easy_vqa(folder: Path, split: str) -> dict[str, Any]:
     rows = []
     img_dir = folder / "images"
-    for k, r in enumerate(_sources().easy_vqa_rows("test")):
+    for k, r in enumerate(_sources().easy_vqa_rows(split)):
         image = r["image"]
         if hasattr(image, "save"):  # a PIL image: store it beside the jsonl
             img_dir.mkdir(parents=True, exist_ok=True)
@@ -145,24 +148,24 @@ def _build_easy_vqa(folder: Path) -> dict[str, Any]:
             "description": "easy-vqa test split: shape/colour questions, normalised exact match"}
 
 
-def _build_shakespeare_ppl(folder: Path) -> dict[str, Any]:
-    rows = [{"title": t["title"], "text": p} for t in _sources().shakespeare_texts("test") for p in passages(t["text"])]
+def _build_shakespeare_ppl(folder: Path, split: str) -> dict[str, Any]:
+    rows = [{"title": t["title"], "text": p} for t in _sources().shakespeare_texts(split) for p in passages(t["text"])]
     _write_jsonl(folder / "data.jsonl", rows)
     return {"kind": "perplexity", "context_length": 1024,
             "description": "held-out Shakespeare passages: token perplexity and bits per byte"}
 
 
-def _build_shakespeare_mc(folder: Path) -> dict[str, Any]:
-    texts = [t["text"] for t in _sources().shakespeare_texts("test")]
+def _build_shakespeare_mc(folder: Path, split: str) -> dict[str, Any]:
+    texts = [t["text"] for t in _sources().shakespeare_texts(split)]
     _write_jsonl(folder / "data.jsonl", next_line_examples(texts))
     return {"kind": "multiple_choice", "prompt": "{query}", "target_delimiter": "",
             "description": "held-out Shakespeare: which of 4 lines comes next (acc, acc_norm)"}
 
 
-def _build_math(folder: Path) -> dict[str, Any]:
+def _build_math(folder: Path, split: str) -> dict[str, Any]:
     src = _sources()
     shots = src.math_problems("train", limit=MATH_SHOTS)
-    rows = [{"question": r["question"], "answer": str(r["answer"])} for r in src.math_problems("test")]
+    rows = [{"question": r["question"], "answer": str(r["answer"])} for r in src.math_problems(split)]
     prefix = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in shots)
     # Braces in the generated questions would break str.format; escape the fixed prefix.
     prefix = prefix.replace("{", "{{").replace("}", "}}")
@@ -173,14 +176,21 @@ def _build_math(folder: Path) -> dict[str, Any]:
             "description": f"generated math problems, {MATH_SHOTS}-shot, exact match"}
 
 
-def _build_instruct_ppl(folder: Path) -> dict[str, Any]:
-    rows = [{"text": _text_of(t)} for t in _sources().instruction_texts("test")]
+def _build_instruct_ppl(folder: Path, split: str) -> dict[str, Any]:
+    rows = []
+    for t in _sources().instruction_texts(split):
+        if isinstance(t, dict) and "prompt" in t and "response" in t:
+            rows.append({"prompt": str(t["prompt"]), "response": str(t["response"])})
+        else:
+            rows.append({"prompt": "", "response": _text_of(t)})
     _write_jsonl(folder / "data.jsonl", rows)
-    return {"kind": "perplexity", "context_length": 1024,
-            "description": "held-out instruction/response texts: perplexity and bits per byte"}
+    # Only the answer is scored, given the question in the model's chat template: this measures the
+    # chat model answering, not how well it predicts questions.
+    return {"kind": "perplexity", "text_field": "response", "context_field": "prompt", "chat_template": True,
+            "description": "held-out chat answers (stdlib docs) given the question: perplexity, bits per byte"}
 
 
-BUILDERS: dict[str, Callable[[Path], dict[str, Any]]] = {
+BUILDERS: dict[str, Callable[[Path, str], dict[str, Any]]] = {
     "easy-vqa": _build_easy_vqa,
     "shakespeare-ppl": _build_shakespeare_ppl,
     "shakespeare-mc": _build_shakespeare_mc,
@@ -190,15 +200,17 @@ BUILDERS: dict[str, Callable[[Path], dict[str, Any]]] = {
 
 
 def build(name: str, cache_dir: str | Path | None = None) -> Task:
-    """The built-in task `name`, materialising its data on first use."""
-    if name not in BUILDERS:
+    """The built-in task `name` (or `<name>-dev`), materialising its data on first use."""
+    if name not in BUILTIN_TASKS:
         raise SoupError(f"unknown built-in task {name!r} (one of {', '.join(BUILTIN_TASKS)})")
+    base, split = (name[: -len("-dev")], "dev") if name.endswith("-dev") else (name, "test")
     root = Path(cache_dir) if cache_dir is not None else default_cache_root() / "tasks"
-    folder = root / name / f"v{VERSIONS[name]}"
+    folder = root / name / f"v{VERSIONS[base]}"
     spec_path = folder / "task.json"
     if not spec_path.is_file():
-        spec = BUILDERS[name](folder)
-        spec = {"name": name, "version": VERSIONS[name], "data": "data.jsonl", **spec}
+        spec = BUILDERS[base](folder, split)
+        spec = {"name": name, "version": VERSIONS[base], "data": "data.jsonl", **spec}
+        spec["description"] = f"{spec.get('description', '')} [{split} split]"
         tmp = folder / f".task.{os.getpid()}.json"
         tmp.write_text(json.dumps(spec, indent=1))
         os.replace(tmp, spec_path)  # written last: its presence means the data is complete

@@ -147,6 +147,10 @@ class HFModel:
 
     # -- LanguageModel -------------------------------------------------------------------------------
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:
+        return [-nll for nll, _ in self.conditional_nll(requests)]
+
+    def conditional_nll(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, int]]:
+        """(negative log-likelihood in nats, tokens scored) of each continuation given its context."""
         seqs: list[tuple[list[int], int]] = []
         for ctx, cont in requests:
             ctx_ids = self.encode(ctx)
@@ -163,7 +167,7 @@ class HFModel:
                 ctx_ids = [self.prefix_token_id]
             toks = (ctx_ids + cont_ids)[-(self.max_length + 1) :]
             seqs.append((toks, min(len(cont_ids), len(toks) - 1)))
-        return [s for s, _ in self._score(seqs, "loglikelihood")]
+        return [(-lp, n) for lp, n in self._score(seqs, "loglikelihood")]
 
     def rolling_nll(self, texts: Sequence[str], context_length: int) -> list[tuple[float, int]]:
         # Disjoint windows: every token is scored exactly once, with up to `context_length` tokens of
@@ -184,6 +188,10 @@ class HFModel:
             nll, count = totals[t]
             totals[t] = (nll - lp, count + n)
         return totals
+
+    def chat_prompt(self, prompt: str) -> str:
+        """`prompt` as a user turn in the model's chat template, ready for the assistant's answer."""
+        return self._chat(prompt)
 
     def _chat(self, prompt: str) -> str:
         tmpl_owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer

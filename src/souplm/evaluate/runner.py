@@ -26,7 +26,14 @@ def score_rows(lm: LanguageModel, task: Task, rows: Sequence[dict[str, Any]]) ->
     """Per-example records for `rows` (batched inside the model's methods)."""
     if task.kind == "perplexity":
         texts = [str(r[task.opt("text_field")]) for r in rows]
-        out = lm.rolling_nll(texts, task.opt("context_length"))
+        if task.opt("context_field"):
+            # Score only the text given its context (e.g. a chat answer given the question).
+            contexts = [str(r[task.opt("context_field")]) for r in rows]
+            if task.opt("chat_template"):
+                contexts = [_chat(lm, c) for c in contexts]
+            out = _conditional_nll(lm, list(zip(contexts, texts, strict=True)))
+        else:
+            out = lm.rolling_nll(texts, task.opt("context_length"))
         return [
             {"nll": nll, "tokens": n, "bytes": len(t.encode("utf-8"))}
             for (nll, n), t in zip(out, texts, strict=True)
@@ -91,6 +98,20 @@ def score_rows(lm: LanguageModel, task: Task, rows: Sequence[dict[str, Any]]) ->
         return records
 
     raise SoupError(f"task {task.name}: unknown kind {task.kind}")
+
+
+def _chat(lm: LanguageModel, prompt: str) -> str:
+    fn = getattr(lm, "chat_prompt", None)
+    if fn is None:
+        raise SoupError(f"{type(lm).__name__} cannot apply a chat template")
+    return fn(prompt)
+
+
+def _conditional_nll(lm: LanguageModel, requests: list[tuple[str, str]]) -> list[tuple[float, int]]:
+    fn = getattr(lm, "conditional_nll", None)
+    if fn is None:
+        raise SoupError(f"{type(lm).__name__} cannot score a text given a context (no conditional_nll)")
+    return fn(requests)
 
 
 def aggregate(task: Task, records: Sequence[dict[str, Any]]) -> dict[str, float]:

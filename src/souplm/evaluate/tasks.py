@@ -45,7 +45,7 @@ METRICS = {
 # not silently fall back to the default.
 _COMMON = {"name": None, "kind": None, "version": 1, "data": None, "description": "", "metric": None}
 _KIND_KEYS: dict[str, dict[str, Any]] = {
-    "perplexity": {"text_field": "text", "context_length": 1024},
+    "perplexity": {"text_field": "text", "context_field": None, "chat_template": False, "context_length": 1024},
     "multiple_choice": {
         "prompt": "{query}",
         "choices_field": "choices",
@@ -123,7 +123,7 @@ class Task:
     def _check_row(self, row: dict[str, Any], where: str) -> None:
         need: list[str] = []
         if self.kind == "perplexity":
-            need = [self.opt("text_field")]
+            need = [self.opt("text_field")] + ([self.opt("context_field")] if self.opt("context_field") else [])
         elif self.kind == "multiple_choice":
             need = [self.opt("choices_field"), self.opt("gold_field")]
         else:

@@ -189,6 +189,7 @@ def sweep(
     device: str | None = None,
     dtype: str = "float32",
     progress: bool = True,
+    in_memory: bool = True,
     task_cache_dir: str | Path | None = None,
 ) -> SweepResult:
     """Evaluate the vanilla soup of two models at every alpha; write tables and the plot to `out_dir`."""
@@ -213,7 +214,8 @@ def sweep(
     # The endpoints are always evaluated: they are the base models' lines in the table and plot.
     todo = sorted(set(grid) | {0.0, 1.0})
     hashes = [model_hash(a_path), model_hash(b_path)]
-    soup = SoupModel([a_path, b_path], batch_size=batch_size, device=device, dtype=dtype, progress=progress)
+    soup = SoupModel([a_path, b_path], batch_size=batch_size, device=device, dtype=dtype, progress=progress,
+                     in_memory=in_memory)
 
     t0 = time.perf_counter()
     results: dict[float, dict[str, dict[str, Any]]] = {}

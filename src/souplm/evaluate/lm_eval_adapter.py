@@ -1,0 +1,137 @@
+"""`--backend lm-eval`: run lm-evaluation-harness tasks on a local model dir through its Python API.
+
+lm-eval is optional (`pip install lm-eval==0.4.13`). A `--task` value is either a task name lm-eval
+knows, or a path to an lm-eval task YAML; the YAML's folder becomes an include path, so a task can
+point at local jsonl files (`dataset_path: json`, `dataset_kwargs: {data_files: {test: ...}}`) and
+run with no network. Results come back in the same shape as the native runner's and go through
+the same cache, keyed by (model content hash, task, lm-eval version + task file hash, limit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import SoupError
+from .cache import ResultCache, as_cache, model_hash
+
+LM_EVAL_PIN = "lm-eval==0.4.13"
+# lm-eval metrics where lower is better; everything else it reports is higher-is-better.
+LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity", "ter"}
+
+
+def import_lm_eval() -> Any:
+    try:
+        import lm_eval
+    except ImportError:
+        raise SoupError(
+            f"--backend lm-eval needs lm-evaluation-harness: pip install {LM_EVAL_PIN} (or souplm[lm-eval])"
+        ) from None
+    return lm_eval
+
+
+def resolve_task(spec: str) -> tuple[str, Path | None, str]:
+    """(lm-eval task name, include path or None, version fingerprint) for a name or a task YAML."""
+    path = Path(spec)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        if not path.is_file():
+            raise SoupError(f"lm-eval task file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        try:
+            # lm-eval YAMLs may use `!function` tags; a plain safe_load would fail on them.
+            data = yaml.load(text, Loader=_LenientLoader)
+        except yaml.YAMLError as e:
+            raise SoupError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict) or not data.get("task"):
+            raise SoupError(f"{path}: an lm-eval task YAML needs a 'task:' name")
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return str(data["task"]), path.resolve().parent, digest
+    return spec, None, "registry"
+
+
+class _LenientLoader(yaml.SafeLoader):
+    """SafeLoader that reads unknown tags (lm-eval's `!function`) as plain strings."""
+
+
+_LenientLoader.add_multi_constructor("!", lambda loader, suffix, node: str(getattr(node, "value", "")))
+
+
+def _metrics(raw: dict[str, Any]) -> dict[str, float]:
+    """lm-eval's {"acc,none": 0.5, "acc_stderr,none": ...} -> {"acc": 0.5, "acc_stderr": ...}."""
+    out: dict[str, float] = {}
+    for k, v in raw.items():
+        if k == "alias" or not isinstance(v, (int, float)):
+            continue
+        name, _, filt = k.partition(",")
+        out[name if filt in ("", "none") else f"{name}[{filt}]"] = float(v)
+    return out
+
+
+def evaluate_lm_eval(
+    model_dir: str | Path,
+    tasks: Sequence[str],
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    cache: ResultCache | str | Path | bool | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """Run lm-eval tasks on a local model dir; returns the native runner's report shape."""
+    lm_eval = import_lm_eval()
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise SoupError(f"{model_dir}: not a model directory (no config.json)")
+    store = as_cache(cache)
+    key = model_hash(model_dir) if store else str(model_dir)
+    version = getattr(lm_eval, "__version__", "unknown")
+    resolved = [resolve_task(t) for t in tasks]
+    results: dict[str, Any] = {}
+    todo = []
+    for name, include, digest in resolved:
+        v = f"lm-eval{version}+{digest}"
+        hit = store.get(key, name, v, limit) if store else None
+        if hit is not None:
+            results[name] = {**hit, "cached": True}
+        else:
+            todo.append((name, include, v))
+    if todo:
+        from lm_eval.tasks import TaskManager
+
+        includes = sorted({str(inc) for _, inc, _ in todo if inc is not None})
+        manager = TaskManager(include_path=includes or None)
+        import torch
+
+        out = lm_eval.simple_evaluate(
+            model="hf",
+            model_args=f"pretrained={model_dir},dtype={dtype}",
+            tasks=[n for n, _, _ in todo],
+            limit=limit,
+            batch_size=batch_size,
+            device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            task_manager=manager,
+        )
+        for name, _, v in todo:
+            raw = out["results"].get(name)
+            if raw is None:
+                raise SoupError(f"lm-eval returned no result for task {name}")
+            metrics = _metrics(raw)
+            primary = next((m for m in metrics if "stderr" not in m), None)
+            if primary is None:
+                raise SoupError(f"lm-eval task {name} reported no metric")
+            n = out.get("n-samples", {}).get(name, {})
+            result = {
+                "task": name, "kind": "lm-eval", "version": v, "limit": limit,
+                "n": int(n.get("effective", 0)) if isinstance(n, dict) else 0,
+                "metrics": metrics, "primary": primary,
+                "higher_is_better": primary.split("[")[0] not in LOWER_IS_BETTER,
+                "score": metrics[primary],
+            }
+            if store:
+                store.put(key, name, v, limit, result)
+            results[name] = {**result, "cached": False}
+    return {"model": str(model_dir), "model_key": key, "results": results}
