@@ -1,0 +1,228 @@
+"""Learnable and regularized soups (SoupLM's central method): fit per-unit alphas on a tiny dev set.
+
+    from souplm.learn import learn
+    result = learn("soup.yaml")          # or a dict / LearnConfig
+    result.table.coefficients["layers.3.q"]   # [alpha_model1, alpha_model2]
+
+The bases stay frozen; only the mixing weights are trained, inside a model that merges every weight
+on the fly (`soup_module`). The result is a coefficient table (`coefficients.json`) and, through the
+merge engine, a merged model (`merged/`) with the base architecture and no extra inference cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..coefficients import CoefficientTable
+from ..errors import SoupError
+from .config import LearnConfig, load_config
+
+__all__ = ["LearnConfig", "LearnResult", "learn", "load_config"]
+
+TABLE = "coefficients.json"
+MERGED = "merged"
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+@dataclass
+class LearnResult:
+    table: CoefficientTable
+    table_path: Path
+    merged_dir: Path | None
+    initial_loss: float | None
+    final_loss: float | None
+    steps: int
+    epoch_losses: list[float] = field(default_factory=list)
+    resumed_from_epoch: int | None = None
+
+
+class _VocabExtended:
+    """A checkpoint whose embedding / lm_head gain the output model's extra rows (vocab_policy: extend).
+
+    With alphas summing to 1 the extra rows come out as the output model's own, which is what the
+    engine's `extend` policy writes, so the learned soup and the merged model agree.
+    """
+
+    def __init__(self, ck, donor, rows: int):
+        self.ck, self.donor, self.rows = ck, donor, rows
+
+    def get_canonical(self, name: str, dtype=None):
+        import torch
+
+        t = self.ck.get_canonical(name, dtype=dtype or torch.float32)
+        if name in (EMBED, LM_HEAD) and t.shape[0] < self.rows:
+            extra = self.donor.get_canonical(name, dtype=t.dtype)[t.shape[0] : self.rows]
+            t = torch.cat([t, extra])
+        return t
+
+
+def _rows(ck, name: str) -> int:
+    return ck.shape(ck.stored_name(name))[0]
+
+
+def _check_models(cfg: LearnConfig, cks: list, s: int) -> list:
+    """Same tying and vocabulary across models (or an `extend` adapter); returns the other sources."""
+    names = cfg.models
+    for i, ck in enumerate(cks):
+        if ck.tied != cks[s].tied:
+            tied, untied = (names[i], names[s]) if ck.tied else (names[s], names[i])
+            raise SoupError(f"{tied} ties lm_head to the embedding and {untied} does not; a soup needs both alike")
+    sources = []
+    for i, ck in enumerate(cks):
+        if i == s:
+            continue
+        mine, theirs = _rows(cks[s], EMBED), _rows(ck, EMBED)
+        if mine == theirs:
+            sources.append(ck)
+        elif cfg.vocab_policy == "extend" and theirs < mine:
+            sources.append(_VocabExtended(ck, cks[s], mine))
+        elif theirs > mine:
+            raise SoupError(
+                f"{names[i]} has {theirs} vocabulary rows, more than the output model {names[s]} ({mine}); "
+                "set output_model to the model with the larger vocabulary"
+            )
+        else:
+            raise SoupError(
+                f"vocabulary size differs: {names[s]} has {mine} rows, {names[i]} has {theirs}; set "
+                "vocab_policy: extend (shared rows are souped, the extra rows come from the output model)"
+            )
+    return sources
+
+
+def _load_model(path: str, multimodal: bool, dtype):
+    import transformers
+
+    if not (Path(path) / "config.json").is_file():
+        raise SoupError(f"{path}: no config.json, so transformers cannot build the model's architecture")
+    cls = transformers.AutoModelForImageTextToText if multimodal else transformers.AutoModelForCausalLM
+    try:
+        return cls.from_pretrained(path, dtype=dtype)
+    except (ValueError, OSError) as e:
+        raise SoupError(f"{path}: transformers cannot load the model: {str(e).splitlines()[0]}") from None
+
+
+def _load_tokenizer(path: str, want_processor: bool):
+    from transformers import AutoProcessor, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (ValueError, OSError) as e:
+        raise SoupError(f"{path}: no usable tokenizer ({str(e).splitlines()[0]}); set `tokenizer:` in the config") from None
+    processor = None
+    if want_processor:
+        try:
+            processor = AutoProcessor.from_pretrained(path)
+        except (ValueError, OSError, TypeError):
+            processor = None  # image rows then fail with a message naming the row
+    return tokenizer, processor
+
+
+def _prepare_output(out: Path, resume: bool, force: bool) -> None:
+    from .trainer import CHECKPOINT, LOG
+
+    ours = [out / CHECKPOINT, out / LOG, out / TABLE, out / MERGED]
+    if not resume and any(p.exists() for p in ours):
+        if not force:
+            raise SoupError(
+                f"{out} holds an earlier learn run; pass --resume to continue it or --force to start over"
+            )
+        for p in ours:
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _data_hash(examples) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.input_ids, e.labels]).encode())
+    return h.hexdigest()[:16]
+
+
+def learn(
+    config: str | os.PathLike | dict | LearnConfig,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    output: str | os.PathLike | None = None,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, float], None] | None = None,
+) -> LearnResult:
+    """Fit the alphas per `config`, write `coefficients.json` (and `merged/`) under its output dir."""
+    import torch
+
+    from .. import __version__
+    from ..data.metasets import MetaSet, RowEncoder, load_meta_sets, split_by_ratio
+    from ..io.checkpoint import open_checkpoint
+    from .soup_module import build_soup
+    from .trainer import Trainer, TrainSettings
+
+    cfg = load_config(config, output=None if output is None else str(output))
+    out = Path(cfg.output)
+    cks = [open_checkpoint(p, allow_pickle=cfg.allow_pickle) for p in cfg.models]
+    if cfg.output_model is not None:
+        s = cfg.models.index(cfg.output_model)
+    else:  # the multimodal model gives the structure: its vision tower is needed, and is not souped
+        s = next((i for i, ck in enumerate(cks) if ck.layout.multimodal), 0)
+    multimodal = cks[s].layout.multimodal
+    others = _check_models(cfg, cks, s)
+
+    # data first: a bad row should fail before minutes of model loading
+    tokenizer, processor = _load_tokenizer(cfg.tokenizer or cfg.models[s], multimodal)
+    sets = [MetaSet(m.path, m.format, None if m.samples == "all" else m.samples, m.image_root, m.choice_style)
+            for m in cfg.meta_sets]
+    counts = split_by_ratio(cfg.mix.total, cfg.mix.ratio) if cfg.mix else None
+    encoder = RowEncoder(tokenizer, processor, multimodal=multimodal, max_length=cfg.training.max_length)
+    examples = load_meta_sets(sets, encoder, seed=cfg.seed, counts=counts)
+    _prepare_output(out, resume, force)
+
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    model = _load_model(cfg.models[s], multimodal, getattr(torch, cfg.dtype)).to(device)
+    soup = build_soup(model, others, base_index=s, granularity=cfg.granularity, activation=cfg.activation,
+                      fixed=cfg.fixed)  # layout from the in-memory names: they differ from the file's for LLaVA
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    t, o, r = cfg.training, cfg.optimizer, cfg.regularization
+    settings = TrainSettings(
+        epochs=t.epochs, batch_size=t.batch_size, grad_accum=t.grad_accum, optimizer=o.name, lr=o.lr,
+        weight_decay=o.weight_decay, momentum=o.momentum, betas=tuple(o.betas), regularization=r.kind,
+        reg_lambda=r.lambda_, seed=cfg.seed, log_every=t.log_every, progress=progress,
+    )
+    fingerprint = cfg.settings()
+    for k in ("epochs", "log_every", "evaluate"):  # may change between a run and its resume
+        fingerprint["training"].pop(k, None)
+    fingerprint["data"] = _data_hash(examples)
+    fingerprint["alphas"] = soup.alphas.raw.numel()
+    trainer = Trainer(soup, examples, settings, pad_id=pad_id, device=device, out_dir=out, fingerprint=fingerprint)
+    train = trainer.train(resume=resume, on_epoch_end=on_epoch_end, evaluate_first=t.evaluate)
+    final_loss = trainer.evaluate() if t.evaluate else None
+    if final_loss is not None:
+        trainer.log_event({"event": "eval", "when": "final", "step": train.steps, "loss": final_loss})
+
+    meta = {
+        "source": "souplm learn", "souplm_version": __version__, "settings": cfg.settings(),
+        "output_model": cfg.models[s], "examples": len(examples), "steps": train.steps,
+        "epoch_losses": train.epoch_losses, "initial_loss": trainer.initial_loss, "final_loss": final_loss,
+    }
+    table = soup.coefficient_table(cfg.models, meta)
+    table_path = table.save(out / TABLE)
+    del trainer, soup, model  # free the bases before the engine streams the merge
+
+    merged_dir = None
+    if cfg.merge:
+        from ..engine import merge
+        from ..recipe import Recipe
+
+        recipe = Recipe.from_models(
+            cfg.models, method="linear", normalize=False, output_model=cfg.models[s],
+            vocab_policy="extend" if cfg.vocab_policy == "extend" else "error", allow_pickle=cfg.allow_pickle,
+        )
+        merged_dir = merge(recipe, out / MERGED, coefficients=table, force=True, progress=progress).out_dir
+    return LearnResult(table, table_path, merged_dir, meta["initial_loss"], final_loss, train.steps,
+                       train.epoch_losses, train.resumed_from_epoch)
