@@ -78,7 +78,7 @@ def ties_reference(base, models, weights, densities, lam=1.0, normalize=True):
     deltas = []
     for m, d in zip(models, densities):
         delta = (m - base).ravel()
-        k = int(round(d * delta.size))
+        k = round(d * delta.size)
         keep = np.zeros(delta.size, bool)
         keep[np.argsort(-np.abs(delta), kind="stable")[:k]] = True
         deltas.append(np.where(keep, delta, 0.0))

@@ -159,9 +159,12 @@ class Checkpoint:
         return n * self.dtype(name).itemsize
 
     def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-        """A tensor by stored name, converted to `dtype` (a fresh copy), or the raw view if None."""
+        """A fresh tensor by stored name, converted to `dtype` (None: as stored)."""
         t = self._raw(name)
-        return t if dtype is None else t.to(dtype, copy=True)
+        if dtype is None or t.dtype == dtype:
+            # safetensors reads are fresh buffers; pickled state dicts are shared, so copy those
+            return t if isinstance(self._files[self._where[name]], SafetensorsFile) else t.clone()
+        return t.to(dtype)
 
     def get_canonical(self, canonical: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         return self.get(self.stored_name(canonical), dtype)

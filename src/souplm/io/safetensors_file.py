@@ -10,7 +10,6 @@ in memory.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -49,31 +48,28 @@ class TensorInfo:
 
 
 class SafetensorsFile:
-    """One .safetensors file, memory-mapped; tensors are zero-copy views until converted."""
+    """One .safetensors file. Tensors are read with `readinto` into fresh buffers rather than mapped:
+    mapped pages count as resident memory, which would make peak RSS grow with the model."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
-            self._fh = open(self.path, "rb")
+            self._fh = open(self.path, "rb", buffering=0)
         except OSError as e:
             raise SoupError(f"cannot open {self.path}: {e.strerror}") from None
         size = os.fstat(self._fh.fileno()).st_size
         self.tensors, self.metadata = _parse_header(self._fh, size, self.path)
-        self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
 
     def get(self, name: str) -> torch.Tensor:
-        """A read-only view of the stored tensor (no copy; convert before writing to it)."""
+        """A fresh tensor holding the stored bytes."""
         info = self.tensors[name]
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        buf = memoryview(self._map)[info.start : info.end]
-        # The mapping is read-only; torch warns about non-writable buffers, which we never write.
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(buf, dtype=info.dtype)
-        return flat.view(info.shape)
+        out = torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes:
+            view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+            got = os.preadv(self._fh.fileno(), [view], info.start)
+            if got != info.nbytes:
+                raise SoupError(f"{self.path}: short read of tensor {name} ({got} of {info.nbytes} bytes)")
+        return out
 
     def close(self) -> None:
         self._fh.close()

@@ -57,5 +57,5 @@ def dare_linear(tensors, base, weight, density, generators, normalize=False, **g
 )
 def dare_ties(tensors, base, weight, density, generators, normalize=True, **g):
     """base + lambda * disjoint_mean(elect_sign(dare(theta_i - base)))."""
-    deltas = torch.stack(_sparse_deltas(tensors, base, density, generators))
+    deltas = _sparse_deltas(tensors, base, density, generators)
     return base + g.get("lambda", 1.0) * elect_and_merge(deltas, weight, normalize)

@@ -3,7 +3,7 @@
 A method function receives the models' tensors (fp32, same shape), the base tensor when the method
 needs one, its per-model parameters as tensors of shape [N] (the `weight` may be [N, rows] when a
 coefficient table sets one weight per output row) and its global parameters. It returns the merged
-tensor. The contract (needs a base model? how many models? which parameters, with which defaults)
+tensor. Inputs are fresh copies the method may overwrite in place. The contract (needs a base model? how many models? which parameters, with which defaults)
 is checked when the recipe is read, before any tensor is loaded.
 """
 

@@ -7,7 +7,8 @@ from .registry import register
 
 
 def task_vectors(tensors, base):
-    return [t - base for t in tensors]
+    """theta_i - base, in place: the engine hands each method fresh copies it may overwrite."""
+    return [t.sub_(base) for t in tensors]
 
 
 @register(
