@@ -90,7 +90,7 @@ class Checkpoint:
             )
         try:
             sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # torch raises many types for bad pickles
+        except Exception as e:  # noqa: BLE001  (torch raises many types for bad pickles)
             raise SoupError(f"{f} could not be loaded as a weights-only checkpoint: {type(e).__name__}") from None
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise SoupError(f"{f} is not a state dict of tensors")

@@ -54,7 +54,7 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
-            self._fh = open(self.path, "rb", buffering=0)
+            self._fh = open(self.path, "rb", buffering=0)  # noqa: SIM115  (owned; closed by close())
         except OSError as e:
             raise SoupError(f"cannot open {self.path}: {e.strerror}") from None
         size = os.fstat(self._fh.fileno()).st_size
@@ -129,7 +129,7 @@ class SafetensorsWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
-        self._fh = open(path, "wb")
+        self._fh = open(path, "wb")  # noqa: SIM115  (owned; closed by close())
         self._fh.write(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
         self.total_bytes = offset
