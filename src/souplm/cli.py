@@ -22,6 +22,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "souplm.commands.eval",
     "souplm.commands.sweep",
     "souplm.commands.greedy",
+    "souplm.commands.learn",
+    "souplm.commands.plot",
 )
 
 

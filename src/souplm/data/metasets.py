@@ -250,7 +250,8 @@ class RowEncoder:
 
     def encode(self, row: Any, fmt: str, where: str, meta: MetaSet) -> Example:
         found = detect_format(row, where)
-        if fmt != "auto" and found != fmt:
+        # chat and image_chat mix freely: LLaVA-665K has text-only conversations among image ones
+        if fmt != "auto" and found != fmt and {found, fmt} != {"chat", "image_chat"}:
             raise SoupError(f"{where}: row looks like `{found}`, but the meta set's format is `{fmt}`")
         if found == "text":
             text = row["text"]
@@ -352,8 +353,8 @@ def _image_messages(messages: list[dict], image_token: str, where: str) -> list[
             for j, piece in enumerate(pieces):
                 if j:
                     parts.append({"type": "image"})
-                if piece.strip():
-                    parts.append({"type": "text", "text": piece.strip()})
+                if piece:  # kept verbatim: "<image>\n..." is LLaVA's own prompt format
+                    parts.append({"type": "text", "text": piece})
         if not placed and m["role"] == "user":
             parts = [{"type": "image"}, *parts]
             placed = True
