@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .arch.layouts import detect_layout
+from .arch.layouts import GENERIC, detect_layout
 from .coefficients import CoefficientTable
 from .errors import SoupError
 from .io.checkpoint import Checkpoint, content_hash, open_checkpoint
@@ -63,7 +63,18 @@ class Sources:
 
     def __init__(self, recipe: Recipe, in_memory: bool = False):
         self.paths = recipe.all_paths()
-        self.checkpoints: list[Checkpoint] = [open_checkpoint(p, allow_pickle=recipe.allow_pickle) for p in self.paths]
+        self.mapping = recipe.mapping
+        self.notes: list[str] = []
+        # A mapping names every tensor of a custom architecture, so an unknown layout is allowed there.
+        mapped = recipe.mapping is not None
+        self.checkpoints: list[Checkpoint] = [
+            open_checkpoint(p, allow_pickle=recipe.allow_pickle, generic_layout=mapped) for p in self.paths
+        ]
+        if mapped:
+            from .arch.mapping import apply_mapping
+
+            # The source (and base) are presented under the target's names, joined or cut on read.
+            self.checkpoints, self.notes = apply_mapping(recipe.mapping, self.checkpoints)
         self._memory: dict[tuple[int, str], torch.Tensor] | None = None
         if in_memory:
             self._memory = {(k, n): c.get(n) for k, c in enumerate(self.checkpoints) for n in c.names}
@@ -76,8 +87,8 @@ class Sources:
 
     def index_for(self, recipe: Recipe) -> list[Checkpoint]:
         paths = recipe.all_paths()
-        if paths != self.paths:
-            raise SoupError("the sources were opened for other models than this recipe's")
+        if paths != self.paths or recipe.mapping != self.mapping:
+            raise SoupError("the sources were opened for other models (or another mapping) than this recipe's")
         return self.checkpoints
 
 
@@ -98,7 +109,9 @@ def prepare(recipe: Recipe | str | os.PathLike | dict, coefficients=None, source
         recipe = Recipe.load(recipe)
     table = _load_coefficients(recipe, coefficients)
     sources = sources or open_sources(recipe)
-    return build_plan(recipe, sources.index_for(recipe), table), sources
+    plan = build_plan(recipe, sources.index_for(recipe), table)
+    plan.notes.extend(sources.notes)
+    return plan, sources
 
 
 # -- computing one output tensor ------------------------------------------------------------------
@@ -269,6 +282,11 @@ def _write_side_files(plan: Plan, tmp: Path, hashes: dict[str, str]) -> None:
         _patch_config(config, plan)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     (tmp / "souplm_recipe.yaml").write_text(plan.recipe.to_yaml())
+    if plan.recipe.mapping is not None:
+        from .arch.mapping import load_mapping
+
+        # The spec as used, beside the recipe that names it (a spec file may change or move later).
+        (tmp / "souplm_mapping.yaml").write_text(load_mapping(plan.recipe.mapping).text)
     if plan.coefficients is not None:
         plan.coefficients.save(tmp / "souplm_coefficients.json")
     (tmp / "README.md").write_text(_model_card(plan, hashes))
@@ -329,11 +347,12 @@ def soup_into(model: torch.nn.Module, recipe, *, coefficients=None, sources: Sou
     (`model.language_model.*`) receives the tensors the plan names in the checkpoint's own layout.
     """
     state = model.state_dict(keep_vars=True)
-    layout = detect_layout(state, where=type(model).__name__)
     plan, sources = prepare(recipe, coefficients, sources)
+    # A mapped merge may target a custom architecture: its parameters carry the checkpoint's names.
+    layout = detect_layout(state, where=type(model).__name__, fallback=GENERIC if plan.recipe.mapping else None)
     with torch.no_grad():
         for item, tensor in merged_tensors(recipe, plan=plan, sources=sources):
-            key = layout.from_canonical(item.canonical) if item.canonical else _extra_key(item.out_name, state)
+            key = _param_key(item, layout, state)
             if key not in state:
                 raise SoupError(f"model {type(model).__name__} has no parameter for {item.out_name} (looked for {key})")
             target = state[key]
@@ -341,6 +360,18 @@ def soup_into(model: torch.nn.Module, recipe, *, coefficients=None, sources: Sou
                 raise SoupError(f"{key}: model has shape {list(target.shape)}, merge gives {list(tensor.shape)}")
             target.data.copy_(tensor)
     return plan
+
+
+def _param_key(item: Item, layout, state: dict) -> str:
+    """The model's parameter for a plan item: through the layout for LM tensors, else by name."""
+    if item.canonical:
+        try:
+            key = layout.from_canonical(item.canonical)
+        except SoupError:  # a mapped tensor outside the model's LM (canonical = its stored name)
+            key = None
+        if key in state:
+            return key
+    return _extra_key(item.out_name, state)
 
 
 def _extra_key(name: str, state: dict) -> str:

@@ -127,7 +127,9 @@ def build_plan(recipe: Recipe, checkpoints: list[Checkpoint], coefficients: Coef
 
     # Which model the output is: named, else the first multimodal one, else the base, else model 0.
     paths = [s.model for s in recipe.models] + ([recipe.base_model] if base_index is not None else [])
-    if recipe.output_model is not None:
+    if recipe.mapping is not None:
+        output_index = 0  # the mapping's target: its layout, config, vision tower and projector
+    elif recipe.output_model is not None:
         output_index = paths.index(recipe.output_model)
     else:
         mm = [k for k, c in enumerate(checkpoints) if c.layout.multimodal]

@@ -14,9 +14,12 @@ souplm's recipe format is a superset of mergekit's YAML, so a mergekit user's re
 
 souplm adds: `coefficients` (a coefficient table path), `vocab_policy` (error | extend | truncate),
 `output_model` (whose config, tokenizer and layout the output takes), `allow_pickle`, `seed`,
-`shard_size`. A parameter value may be a number, a list of numbers (interpolated across layers,
-as in mergekit), or a list of `{filter: substring, value: ...}` entries (the first whose filter
-occurs in the tensor name wins; an entry without `filter` is the fallback).
+`shard_size`, and `mapping` (a spec file or built-in name, `souplm.arch.mapping`): a merge of two
+models of different architectures, `models[0]` the target (its layout, vision tower and projector are
+kept) and `models[1]` the source, read through the spec under the target's names. A parameter value
+may be a number, a list of numbers (interpolated across layers, as in mergekit), or a list of
+`{filter: substring, value: ...}` entries (the first whose filter occurs in the tensor name wins; an
+entry without `filter` is the fallback).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class Recipe(BaseModel):
     allow_pickle: bool = False
     seed: int = 0
     shard_size: int = Field(2 * 1024**3, gt=0)
+    mapping: str | None = None
 
     @field_validator("models")
     @classmethod
@@ -148,6 +152,20 @@ class Recipe(BaseModel):
                     )
         if self.output_model is not None and self.output_model not in self.all_paths():
             raise SoupError(f"output_model {self.output_model} is not one of the recipe's models")
+        if self.mapping is not None:
+            self._check_mapping()
+
+    def _check_mapping(self) -> None:
+        from .arch.mapping import load_mapping
+
+        if len(self.models) != 2:
+            raise SoupError(f"mapping {self.mapping}: a mapped merge takes two models (models[0] the target, "
+                            f"models[1] the source), got {len(self.models)}")
+        if self.output_model is not None and self.output_model != self.models[0].model:
+            raise SoupError("with a mapping the output is the target, models[0]; drop output_model")
+        if self.base_model is not None and self.base_model in (s.model for s in self.models):
+            raise SoupError("with a mapping the base model must be a third model (read through the mapping)")
+        load_mapping(self.mapping)  # a malformed spec fails here, before any tensor is read
 
     def all_paths(self) -> list[str]:
         paths = [s.model for s in self.models]
@@ -168,7 +186,7 @@ def _resolve_relative_paths(data: dict, root: Path) -> dict:
         return p
 
     data = dict(data)
-    for key in ("base_model", "coefficients", "output_model"):
+    for key in ("base_model", "coefficients", "output_model", "mapping"):
         if key in data:
             data[key] = fix(data[key])
     if isinstance(data.get("models"), list):

@@ -64,12 +64,20 @@ LAYOUTS: tuple[Layout, ...] = (
 )
 
 
-def detect_layout(names: Iterable[str], where: str = "checkpoint") -> Layout:
-    """Pick the layout whose signature prefixes occur in `names`."""
+# Canonical name = stored name. Never detected by itself: a checkpoint of a custom architecture
+# (CogVLM-style experts, ...) gets it only when a mapping spec says how its tensors line up, because
+# without one an unknown layout would merge tensors that merely share a name.
+GENERIC = Layout(name="generic", rewrites=(("", ""),), signature=())
+
+
+def detect_layout(names: Iterable[str], where: str = "checkpoint", fallback: Layout | None = None) -> Layout:
+    """Pick the layout whose signature prefixes occur in `names` (else `fallback`, when given)."""
     names = list(names)
     for layout in LAYOUTS:
         if all(any(n.startswith(p) for n in names) for p in layout.signature):
             return layout
+    if fallback is not None:
+        return fallback
     sample = ", ".join(sorted(names)[:3])
     raise SoupError(
         f"{where}: unknown tensor layout (first tensors: {sample}); "

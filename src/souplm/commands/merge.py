@@ -22,6 +22,11 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output precision")
     p.add_argument("--vocab-policy", choices=["error", "extend", "truncate"], help="when embedding rows differ")
     p.add_argument("--output-model", help="the model whose config, tokenizer and layout the output takes")
+    p.add_argument("--mapping", metavar="SPEC",
+                   help="merge two models of different architectures through a mapping spec (a YAML/JSON file or "
+                   "a built-in name such as llama-to-cogvlm, docs/ADAMMS.md): the first model is the target "
+                   "(its layout, vision tower and projector are kept), the second the source; --alpha stays the first "
+                   "model's share, so AdaMMS's alpha (the source's weight) is 1 - --alpha")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin inputs (loaded weights_only)")
     p.add_argument("--seed", type=int, help="seed for DARE's random drops")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
@@ -37,13 +42,17 @@ def _recipe(args: argparse.Namespace):
 
     overrides = {k: v for k, v in {
         "dtype": args.dtype, "vocab_policy": args.vocab_policy, "output_model": args.output_model,
-        "seed": args.seed, "allow_pickle": args.allow_pickle or None,
+        "seed": args.seed, "allow_pickle": args.allow_pickle or None, "mapping": args.mapping,
     }.items() if v is not None}
     if args.recipe:
         if args.model or args.alpha is not None or args.method:
             raise SoupError("give either a recipe file or --model/--alpha/--method, not both")
         recipe = Recipe.load(args.recipe)
-        return recipe.model_copy(update=overrides) if overrides else recipe
+        if not overrides:
+            return recipe
+        recipe = recipe.model_copy(update=overrides)
+        recipe.check()  # an override (e.g. --mapping) must satisfy the same contract as the file
+        return recipe
     if len(args.model) < 1:
         raise SoupError("nothing to merge: give a recipe file or --model (twice or more)")
     if args.alpha is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..arch.layouts import Layout, detect_layout
+from ..arch.layouts import GENERIC, Layout, detect_layout
 from ..errors import SoupError
 from .safetensors_file import SafetensorsFile
 
@@ -24,7 +24,7 @@ LM_HEAD = "lm_head.weight"
 
 
 class Checkpoint:
-    def __init__(self, path: str | os.PathLike, allow_pickle: bool = False):
+    def __init__(self, path: str | os.PathLike, allow_pickle: bool = False, generic_layout: bool = False):
         self.path = Path(path)
         if not self.path.exists():
             raise SoupError(f"model not found: {self.path}")
@@ -32,7 +32,9 @@ class Checkpoint:
         self._files: dict[Path, SafetensorsFile | dict[str, torch.Tensor]] = {}
         self._where: dict[str, Path] = {}  # tensor name -> file
         self._index()
-        self.layout: Layout = detect_layout(self._where, where=str(self.path))
+        # generic_layout: an unknown layout reads as canonical = stored name (only with a mapping spec).
+        fallback = GENERIC if generic_layout else None
+        self.layout: Layout = detect_layout(self._where, where=str(self.path), fallback=fallback)
         self._canonical = {}
         for name in self._where:
             c = self.layout.to_canonical(name)
@@ -178,8 +180,10 @@ class Checkpoint:
                 src.close()
 
 
-def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Checkpoint:
-    return Checkpoint(path, allow_pickle=allow_pickle)
+def open_checkpoint(
+    path: str | os.PathLike, allow_pickle: bool = False, generic_layout: bool = False
+) -> Checkpoint:
+    return Checkpoint(path, allow_pickle=allow_pickle, generic_layout=generic_layout)
 
 
 def _hash_cache_path() -> Path:
