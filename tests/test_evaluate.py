@@ -359,3 +359,47 @@ def test_lm_eval_backend_missing_names_the_install(monkeypatch):
 def test_tokenizer_helper_roundtrip():
     tok = make_tokenizer()
     assert tok.decode(tok("to be or not")["input_ids"]) == "to be or not"
+
+
+def test_lm_eval_backend_reports_missing_install_before_any_work(model_dir, monkeypatch):
+    from importlib import metadata
+
+    from souplm.evaluate.lm_eval_adapter import evaluate_lm_eval
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", not_installed)
+    with pytest.raises(SoupError, match=r"pip install lm-eval==0\.4\.13"):
+        evaluate_lm_eval(model_dir, ["hellaswag"])
+
+
+LM_EVAL_MC_YAML = """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{query}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{gold}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_backend_on_local_jsonl(model_dir, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from souplm.evaluate.lm_eval_adapter import evaluate_lm_eval
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    mc_task(tmp_path)  # writes mc.jsonl with integer and string golds; keep the integer ones
+    rows = [json.loads(x) for x in (tmp_path / "mc.jsonl").read_text().splitlines()]
+    (tmp_path / "int.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if isinstance(r["gold"], int)))
+    (tmp_path / "tiny_mc.yaml").write_text(LM_EVAL_MC_YAML.format(data=tmp_path / "int.jsonl"))
+    report = evaluate_lm_eval(model_dir, [str(tmp_path / "tiny_mc.yaml")], cache=tmp_path / "c", batch_size=2)
+    res = report["results"]["tiny_mc"]
+    assert res["primary"] == "acc" and 0.0 <= res["score"] <= 1.0 and res["n"] == 2
+    again = evaluate_lm_eval(model_dir, [str(tmp_path / "tiny_mc.yaml")], cache=tmp_path / "c")
+    assert again["results"]["tiny_mc"]["cached"]

@@ -24,14 +24,26 @@ LM_EVAL_PIN = "lm-eval==0.4.13"
 LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity", "ter"}
 
 
+def _missing() -> SoupError:
+    return SoupError(f"--backend lm-eval needs lm-evaluation-harness: pip install {LM_EVAL_PIN} (or souplm[lm-eval])")
+
+
 def import_lm_eval() -> Any:
     try:
         import lm_eval
     except ImportError:
-        raise SoupError(
-            f"--backend lm-eval needs lm-evaluation-harness: pip install {LM_EVAL_PIN} (or souplm[lm-eval])"
-        ) from None
+        raise _missing() from None
     return lm_eval
+
+
+def lm_eval_version() -> str:
+    """Installed lm-eval version, read from package metadata: importing lm-eval takes seconds."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("lm_eval")
+    except metadata.PackageNotFoundError:
+        raise _missing() from None
 
 
 def resolve_task(spec: str) -> tuple[str, Path | None, str]:
@@ -64,7 +76,7 @@ def _metrics(raw: dict[str, Any]) -> dict[str, float]:
     """lm-eval's {"acc,none": 0.5, "acc_stderr,none": ...} -> {"acc": 0.5, "acc_stderr": ...}."""
     out: dict[str, float] = {}
     for k, v in raw.items():
-        if k == "alias" or not isinstance(v, (int, float)):
+        if k in ("alias", "sample_len") or k.startswith("sample_len,") or not isinstance(v, (int, float)):
             continue
         name, _, filt = k.partition(",")
         out[name if filt in ("", "none") else f"{name}[{filt}]"] = float(v)
@@ -82,13 +94,12 @@ def evaluate_lm_eval(
     dtype: str = "float32",
 ) -> dict[str, Any]:
     """Run lm-eval tasks on a local model dir; returns the native runner's report shape."""
-    lm_eval = import_lm_eval()
+    version = lm_eval_version()  # fails early, with the install command, when lm-eval is missing
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise SoupError(f"{model_dir}: not a model directory (no config.json)")
     store = as_cache(cache)
     key = model_hash(model_dir) if store else str(model_dir)
-    version = getattr(lm_eval, "__version__", "unknown")
     resolved = [resolve_task(t) for t in tasks]
     results: dict[str, Any] = {}
     todo = []
@@ -100,6 +111,7 @@ def evaluate_lm_eval(
         else:
             todo.append((name, include, v))
     if todo:
+        lm_eval = import_lm_eval()  # only now: a fully cached rerun never pays for the import
         from lm_eval.tasks import TaskManager
 
         includes = sorted({str(inc) for _, inc, _ in todo if inc is not None})
