@@ -79,3 +79,39 @@ def mc_task(folder: Path, name: str = "mc") -> Path:
         {"query": "what is 2 plus 3?", "choices": ["4", "5", "6"], "gold": 1},
     ]
     return write_task(folder, name, {"kind": "multiple_choice"}, rows)
+
+
+def make_llava_dir(path: Path, seed: int = 0) -> Path:
+    """A tiny LLaVA (CLIP tower 16x16 px, 2+2 layers) with its processor, saved like a real one."""
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id = tok.convert_tokens_to_ids("<image>")
+    text = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    vision = CLIPVisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=2)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id, vision_feature_layer=-2)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg)
+    proc = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+        tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    return path

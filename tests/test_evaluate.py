@@ -8,7 +8,15 @@ import multiprocessing as mp
 from pathlib import Path
 
 import pytest
-from helpers_eval import CORPUS, make_model_dir, make_tokenizer, mc_task, text_task, write_task
+from helpers_eval import (
+    CORPUS,
+    make_llava_dir,
+    make_model_dir,
+    make_tokenizer,
+    mc_task,
+    text_task,
+    write_task,
+)
 
 from souplm.errors import SoupError
 from souplm.evaluate import metrics as M
@@ -134,6 +142,20 @@ def test_vqa_on_stub(tmp_path):
     rows = [{"image": "red.png", "question": "what colour?", "answer": a} for a in ("Red", "red.", "blue", "red")]
     task = write_task(tmp_path, "vqa", {"kind": "vqa"}, rows)
     assert evaluate(StubLM("red\nand more"), [task], progress=False)["results"]["vqa"]["score"] == 0.75
+
+
+def test_vqa_on_a_tiny_llava(tmp_path):
+    from PIL import Image
+
+    model = make_llava_dir(tmp_path / "llava")
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
+    Image.new("RGB", (64, 64), "blue").save(tmp_path / "blue.png")
+    rows = [{"image": f"{c}.png", "question": q, "answer": c}
+            for c, q in (("red", "what colour?"), ("blue", "what colour is the shape in the image?"), ("red", "?"))]
+    task = write_task(tmp_path, "vqa", {"kind": "vqa", "max_new_tokens": 3}, rows)
+    res = evaluate(model, [task], batch_size=2, progress=False)["results"]["vqa"]
+    assert res["n"] == 3 and res["score"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    assert len(res["samples"]) == 3 and all(s["gold"] in ("red", "blue") for s in res["samples"])
 
 
 # -- task files: bad inputs name the culprit ----------------------------------------------------------
