@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "souplm.commands.greedy",
     "souplm.commands.learn",
     "souplm.commands.plot",
+    "souplm.commands.search",
 )
 
 

@@ -65,7 +65,7 @@ class Recipe(BaseModel):
     allow_pickle: bool = False
     seed: int = 0
     shard_size: int = Field(2 * 1024**3, gt=0)
-    mapping: str | None = None
+    mapping: str | dict[str, Any] | None = None  # spec file, built-in name, or the spec inline
 
     @field_validator("models")
     @classmethod

@@ -22,7 +22,8 @@ A mapping spec says, as data, how the two line up, so that one engine merges any
     keep: [model.vision.*]          # target tensors with no counterpart: they keep their own values
     ignore_source: [vision_tower.*] # source tensors deliberately left out
 
-Names are templates: `${layer}` matches a number, any other `${var}` any text (`model.${rest}`). Each
+Names are templates: `${layer}` matches a number, any other `${var}` one name segment (no dots), and
+`${var*}` any text (`model.${rest*}` renames a whole subtree). Each
 rule is expanded over the target tensors its first target name matches, and the variables it binds
 fill in the other names. Target names are the target's stored names; a source name is the source's
 stored name or its canonical language-model name (`model.layers.3.self_attn.q_proj.weight`, whatever
@@ -56,7 +57,7 @@ BUILTIN_DIR = Path(__file__).with_name("mappings")
 RULE_KEYS = {"target", "source", "concat", "split", "into", "axis", "optional"}
 SPEC_KEYS = {"name", "description", "map", "keep", "ignore_source"}
 VOCAB_CANONICAL = ("model.embed_tokens.weight", "lm_head.weight")  # rows may differ: vocab_policy decides
-_VAR = re.compile(r"\$\{(\w+)\}")
+_VAR = re.compile(r"\$\{(\w+)(\*?)\}")  # ${name} or ${name*}
 
 
 # -- the spec ---------------------------------------------------------------------------------------
@@ -187,9 +188,9 @@ def _parse_rule(i: int, entry: Any, origin: str) -> Rule:
     if not isinstance(axis, int) or isinstance(axis, bool):
         raise SoupError(f"{where}: axis must be an integer")
     rule = Rule(index=i, op=op, targets=targets, sources=sources, axis=axis, optional=bool(entry.get("optional")))
-    bound = set(_VAR.findall(rule.primary))
+    bound = {v for v, _ in _VAR.findall(rule.primary)}
     for name in (*sources, *(n for g in targets for n in g)):
-        free = set(_VAR.findall(name)) - bound
+        free = {v for v, _ in _VAR.findall(name)} - bound
         if free:
             raise SoupError(f"{where}: {name} uses ${{{min(free)}}}, which {rule.primary} does not bind")
     return rule
@@ -199,11 +200,13 @@ def _template_regex(template: str) -> re.Pattern:
     parts, seen, pos = [], set(), 0
     for m in _VAR.finditer(template):
         parts.append(re.escape(template[pos : m.start()]))
-        var = m.group(1)
+        var, spans_dots = m.group(1), bool(m.group(2))
         if var in seen:
             parts.append(f"(?P={var})")
         else:
-            parts.append(rf"(?P<{var}>\d+)" if var == "layer" else rf"(?P<{var}>.+)")
+            # One name segment unless starred: `model.${x}.weight` must not swallow `model.layers.3.q.weight`.
+            pattern = r"\d+" if var == "layer" else (".+" if spans_dots else r"[^.]+")
+            parts.append(f"(?P<{var}>{pattern})")
             seen.add(var)
         pos = m.end()
     parts.append(re.escape(template[pos:]))
