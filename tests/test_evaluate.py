@@ -82,6 +82,25 @@ def test_extract_number(text, expected):
     assert M.extract_number(text) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("-3/4", "-3/4"), ("189/4.", "189/4"), (" -1,234 / 7", "-1234/7"), ("46.35\nQuestion: 2", "46.35"),
+     ("2.50", "2.5"), ("I don't know", None)],
+)
+def test_extract_math(text, expected):
+    assert M.extract_math(text) == expected
+
+
+def test_numbers_keep_their_sign_and_point(tmp_path):
+    rows = [{"question": "q", "answer": "-5"}, {"question": "q", "answer": "3.5"}]
+    for extract in ("number", "math"):
+        task = write_task(tmp_path, f"sign-{extract}", {"kind": "generation", "extract": extract}, rows)
+        res = evaluate(StubLM("5"), [task], progress=False)["results"][f"sign-{extract}"]
+        assert res["score"] == 0.0  # "5" is neither "-5" nor "3.5" (text normalisation would say "-5" == "5")
+        res = evaluate(StubLM("35"), [task], progress=False)["results"][f"sign-{extract}"]
+        assert res["score"] == 0.0
+
+
 def test_exact_match_normalisation():
     assert M.exact_match("The Circle.", "circle") == 1.0
     assert M.exact_match("  RED  ", "red") == 1.0

@@ -33,7 +33,7 @@ from .tasks import Task, task_from_dict
 
 # Bump a task's version when its construction changes: the version is part of the cache key and of
 # the folder its data is materialised in.
-VERSIONS = {"easy-vqa": 1, "shakespeare-ppl": 1, "shakespeare-mc": 1, "math": 1, "instruct-ppl": 1}
+VERSIONS = {"easy-vqa": 1, "shakespeare-ppl": 1, "shakespeare-mc": 1, "math": 2, "instruct-ppl": 1}
 # Each task on the test split under its own name, and on the dev split as `<name>-dev`: choose soups
 # (greedy, best alpha) on `-dev`, report on the test name.
 BUILTIN_TASKS = tuple(VERSIONS) + tuple(f"{n}-dev" for n in VERSIONS)
@@ -111,14 +111,6 @@ def next_line_examples(texts: list[str], n: int = MC_EXAMPLES, seed: int = 0) ->
     return rows
 
 
-def _is_number(s: str) -> bool:
-    try:
-        float(str(s).replace(",", ""))
-    except ValueError:
-        return False
-    return True
-
-
 def _text_of(item: Any) -> str:
     """instruction_texts may give strings or records; join a record's text-like fields."""
     if isinstance(item, str):
@@ -169,10 +161,10 @@ def _build_math(folder: Path, split: str) -> dict[str, Any]:
     prefix = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in shots)
     # Braces in the generated questions would break str.format; escape the fixed prefix.
     prefix = prefix.replace("{", "{{").replace("}", "}}")
-    numeric = all(_is_number(r["answer"]) for r in rows)
     _write_jsonl(folder / "data.jsonl", rows)
+    # "math" extraction: answers are integers, decimals or fractions such as -3/4.
     return {"kind": "generation", "prompt": prefix + "Question: {question}\nAnswer:", "max_new_tokens": 24,
-            "stop": ["\n"], "extract": "number" if numeric else "first_line",
+            "stop": ["\n"], "extract": "math",
             "description": f"generated math problems, {MATH_SHOTS}-shot, exact match"}
 
 

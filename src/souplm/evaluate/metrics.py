@@ -51,12 +51,34 @@ def extract_number(text: str) -> str | None:
     return normalize_number(found[-1]) if found else None
 
 
+_FRACTION = re.compile(r"(?<![\w.])([-+−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)\s*/\s*(\d+)(?!\w|\.\d)")
+
+
+def extract_math(text: str) -> str | None:
+    """First number or fraction ("-3/4") on the first line: short arithmetic answers.
+
+    A fraction keeps its form (only the numerator's sign and commas are normalised), so "6/8" does not
+    equal "3/4": the task asks for the answer as the data writes it.
+    """
+    line = first_line(text)
+    frac = _FRACTION.search(line)
+    num = _NUMBER.search(line)
+    if frac and (num is None or frac.start() <= num.start()):
+        return f"{normalize_number(frac.group(1))}/{int(frac.group(2))}"
+    return normalize_number(num.group(0)) if num else None
+
+
 def first_line(text: str) -> str:
     """The first non-empty line: short-answer models often keep talking after the answer."""
     for line in text.strip().splitlines():
         if line.strip():
             return line.strip()
     return ""
+
+
+def same_number(prediction: str | None, gold: str | None) -> float:
+    """1.0 when two extracted answers are equal as written: signs and decimal points matter."""
+    return float(prediction is not None and gold is not None and prediction == gold)
 
 
 def exact_match(prediction: str | None, gold: str | None) -> float:

@@ -69,13 +69,15 @@ def score_rows(lm: LanguageModel, task: Task, rows: Sequence[dict[str, Any]]) ->
         records = []
         for r, out in zip(rows, outs, strict=True):
             gold_raw = str(r[task.opt("answer_field")])
-            if extract == "number":
-                pred, gold = M.extract_number(out), M.extract_number(gold_raw)
-            elif extract == "first_line":
-                pred, gold = M.first_line(out), M.first_line(gold_raw)
+            if extract in ("number", "math"):
+                # Numbers compare as extracted: text normalisation would drop their signs and points.
+                fn = M.extract_number if extract == "number" else M.extract_math
+                pred, gold = fn(out), fn(gold_raw)
+                em = M.same_number(pred, gold)
             else:
-                pred, gold = out, gold_raw
-            records.append({"output": out, "pred": pred, "gold": gold, "exact_match": M.exact_match(pred, gold)})
+                pred, gold = (M.first_line(out), M.first_line(gold_raw)) if extract == "first_line" else (out, gold_raw)
+                em = M.exact_match(pred, gold)
+            records.append({"output": out, "pred": pred, "gold": gold, "exact_match": em})
         return records
 
     if task.kind == "vqa":

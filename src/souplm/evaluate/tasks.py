@@ -69,7 +69,7 @@ _KIND_KEYS: dict[str, dict[str, Any]] = {
         "chat_template": False,
     },
 }
-_EXTRACT = ("number", "text", "first_line")
+_EXTRACT = ("number", "math", "first_line", "text")
 
 
 @dataclass(frozen=True)
