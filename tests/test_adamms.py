@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import VOCAB, make_llama
-from helpers_eval import write_task
+from helpers_eval import make_model_dir, make_tokenizer, write_task
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -210,6 +210,22 @@ def test_cli_mapping_interpolates_every_mapped_tensor(pair, tmp_path):
     cog, llama, w = weights(pair["cog"]), weights(pair["llama"]), weights(out)
     name = "model.layers.1.self_attn.vision_expert_query_key_value.weight"
     torch.testing.assert_close(w[name], 0.25 * cog[name] + 0.75 * qkv(llama, 1), rtol=0, atol=1e-6)
+
+
+def test_recipe_file_with_a_relative_spec_and_task_arithmetic_over_a_mapped_base(pair, tmp_path):
+    """A spec file beside the recipe; the base (the shared pretrained LM) is read through the same spec."""
+    base = make_llama(tmp_path / "base", 2)
+    (tmp_path / "spec.yaml").write_text(load_mapping("llama-to-cogvlm").text)
+    (tmp_path / "recipe.yaml").write_text(json.dumps({
+        "merge_method": "task_arithmetic", "mapping": "spec.yaml", "vocab_policy": "extend",
+        "base_model": str(base), "parameters": {"weight": 1.0},
+        "models": [{"model": str(pair["cog"])}, {"model": str(pair["llama"])}]}))
+    assert cli(["merge", str(tmp_path / "recipe.yaml"), "-o", str(tmp_path / "ta"), "--quiet"]) == 0
+    cog, llama, b, w = weights(pair["cog"]), weights(pair["llama"]), weights(base), weights(tmp_path / "ta")
+    name = "model.layers.0.mlp.vision_mlp.up_proj.weight"  # base + (target - base) + (source - base)
+    src, bas = llama["model.layers.0.mlp.up_proj.weight"], b["model.layers.0.mlp.up_proj.weight"]
+    torch.testing.assert_close(w[name], cog[name] + src - bas, rtol=0, atol=1e-5)
+    assert torch.equal(w["model.vision.patch.weight"], cog["model.vision.patch.weight"])
 
 
 def test_split_then_concatenate_gives_back_the_fused_matrix(pair, tmp_path):
@@ -443,3 +459,14 @@ def test_search_responses_follow_the_soup(pair):
                         progress=False)
     assert res.responses[0.0] == load_cogvlm(pair["cog"]).generate(["abc"], 5, [])
     assert res.responses[0.0] != res.responses[1.0]
+
+
+def test_search_on_a_transformers_pair_without_mapping(tmp_path):
+    """The default loader: a transformers model with its tokenizer; same layout, so no mapping."""
+    tok = make_tokenizer()
+    a = make_model_dir(tmp_path / "a", seed=0, tokenizer=tok)
+    b = make_model_dir(tmp_path / "b", seed=0, tokenizer=tok, base=a, noise=0.05)
+    rows = [{"prompt": p, "image": None} for p in ("the quick brown", "to be or", "question: what is")]
+    res = adamms_search(a, b, "0:1:0.5", rows, max_new_tokens=4, out_dir=tmp_path / "out", progress=False)
+    assert res.chosen == 0.5 and len(res.responses[0.0]) == 3
+    assert (tmp_path / "out" / "model" / "config.json").is_file()
