@@ -26,6 +26,8 @@ def register(sub) -> None:
     p.add_argument("--allow-leakage", action="store_true", help="allow a test task equal to the held-out task")
     p.add_argument("--stream", action="store_true",
                    help="re-read ingredients from disk per candidate instead of holding all in memory")
+    p.add_argument("--vocab-policy", choices=["error", "extend", "truncate"],
+                   help="when embedding rows differ (a LLaVA and its plain LM): see docs/MERGING.md")
     add_eval_options(p)
     p.set_defaults(handler=run)
 
@@ -33,10 +35,12 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..search.greedy import greedy_soup
 
-    result = greedy_soup(args.model, args.task, test_tasks=args.test_task, out_dir=args.out, limit=args.limit,
-                         batch_size=args.batch_size, cache=cache_arg(args), device=args.device, dtype=args.dtype,
-                         progress=not args.quiet, in_memory=not args.stream, allow_leakage=args.allow_leakage,
-                         force=args.force)
+    result = greedy_soup(
+        args.model, args.task, test_tasks=args.test_task, out_dir=args.out, limit=args.limit,
+        batch_size=args.batch_size, cache=cache_arg(args), device=args.device, dtype=args.dtype,
+        progress=not args.quiet, in_memory=not args.stream, allow_leakage=args.allow_leakage,
+        vocab_policy=args.vocab_policy, force=args.force,
+    )
     print(result.to_markdown())
     if args.out:
         print(f"wrote the greedy soup ({len(result.chosen)} of {len(result.models)} models) to {args.out}")

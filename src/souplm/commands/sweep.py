@@ -24,6 +24,8 @@ def register(sub) -> None:
     p.add_argument("-o", "--out", required=True, help="output folder for tables and plots")
     p.add_argument("--stream", action="store_true",
                    help="re-read the bases from disk per alpha instead of holding both in memory")
+    p.add_argument("--vocab-policy", choices=["error", "extend", "truncate"],
+                   help="when embedding rows differ (a LLaVA and its plain LM): see docs/MERGING.md")
     add_eval_options(p)
     p.set_defaults(handler=run)
 
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = sweep(args.model, args.alphas, args.task, out_dir=args.out, limit=args.limit,
                    batch_size=args.batch_size, cache=cache_arg(args), device=args.device, dtype=args.dtype,
-                   progress=not args.quiet, in_memory=not args.stream)
+                   progress=not args.quiet, in_memory=not args.stream, vocab_policy=args.vocab_policy)
     print(result.to_markdown())
     for t in result.tasks:
         print(f"best alpha for {t['name']}: {result.best_alpha(t['name']):g}")

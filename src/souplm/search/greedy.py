@@ -112,6 +112,7 @@ def greedy_soup(
     in_memory: bool = True,
     allow_leakage: bool = False,
     force: bool = False,
+    vocab_policy: str | None = None,
     task_cache_dir: str | Path | None = None,
 ) -> GreedyResult:
     """Greedy soup of `models` chosen on `heldout`; writes the soup to `out_dir` through the engine."""
@@ -137,13 +138,16 @@ def greedy_soup(
     hashes = [model_hash(p) for p in paths]
     soup = SoupModel(paths, batch_size=batch_size, device=device, dtype=dtype, progress=progress,
                      in_memory=in_memory)
+    # The in-memory model is built from the first model, so every candidate takes its architecture.
+    policy = {"vocab_policy": vocab_policy} if vocab_policy else {}
+    fields = {"output_model": paths[0], **policy}
     info = {"name": task.name, "primary": task.primary, "higher_is_better": task.higher_is_better}
 
     def score(members: Sequence[str], tasks: Sequence[Task]) -> dict[str, float]:
         """Scores of the uniform soup of `members`, as one recipe over all ingredients."""
         weights = [1.0 / len(members) if p in members else 0.0 for p in paths]
-        recipe = Recipe.from_models(paths, METHOD, weights)
-        key = soup_key(hashes, METHOD, {"weights": weights})
+        recipe = Recipe.from_models(paths, METHOD, weights, **fields)
+        key = soup_key(hashes, METHOD, {"weights": weights, **policy})
         res = evaluate_candidate(soup, recipe, key, tasks, limit=limit, cache=store)
         return {n: float(r["score"]) for n, r in res.items()}
 
@@ -173,17 +177,21 @@ def greedy_soup(
     result = GreedyResult(models=paths, heldout=info, ranking=ranking, steps=steps, chosen=chosen,
                           greedy_score=current, uniform_score=uniform, test=test)
     if out_dir is not None:
-        write_soup(result, out_dir, force=force, progress=progress)
+        write_soup(result, out_dir, force=force, progress=progress, vocab_policy=vocab_policy)
     return result
 
 
-def write_soup(result: GreedyResult, out_dir: str | Path, *, force: bool = False, progress: bool = True) -> Path:
+def write_soup(
+    result: GreedyResult, out_dir: str | Path, *, force: bool = False, progress: bool = True,
+    vocab_policy: str | None = None,
+) -> Path:
     """Write the greedy soup (uniform mean of the chosen) through the engine, plus the search report."""
     from ..engine import merge
     from ..recipe import Recipe
 
     # output_model is the best ingredient: the soup takes its config, tokenizer and layout.
-    recipe = Recipe.from_models(result.chosen, "uniform", output_model=result.chosen[0])
+    extra = {"vocab_policy": vocab_policy} if vocab_policy else {}
+    recipe = Recipe.from_models(result.chosen, "uniform", output_model=result.chosen[0], **extra)
     merge(recipe, out_dir, force=force, progress=progress)
     out = Path(out_dir)
     result.out_dir = str(out)

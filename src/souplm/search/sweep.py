@@ -190,9 +190,14 @@ def sweep(
     dtype: str = "float32",
     progress: bool = True,
     in_memory: bool = True,
+    vocab_policy: str | None = None,
     task_cache_dir: str | Path | None = None,
 ) -> SweepResult:
-    """Evaluate the vanilla soup of two models at every alpha; write tables and the plot to `out_dir`."""
+    """Evaluate the vanilla soup of two models at every alpha; write tables and the plot to `out_dir`.
+
+    The soup takes A's architecture (A is the model that is built); with a LLaVA and a plain LM whose
+    vocabularies differ, pass `vocab_policy="extend"` or `"truncate"` (see docs/MERGING.md).
+    """
     from tqdm.auto import tqdm
 
     from ..recipe import Recipe
@@ -222,8 +227,11 @@ def sweep(
     bar = tqdm(todo, desc="sweep", disable=not progress, unit="alpha")
     for alpha in bar:
         bar.set_postfix(alpha=alpha)
-        recipe = Recipe.vanilla(a_path, b_path, alpha)
-        key = soup_key(hashes, METHOD, {"weights": [alpha, 1.0 - alpha]})
+        policy = {"vocab_policy": vocab_policy} if vocab_policy else {}
+        fields = {"output_model": a_path, **policy}
+        recipe = Recipe.vanilla(a_path, b_path, alpha, **fields)
+        # Keyed by content, not paths (A is always the built model): moving the dirs keeps the cache.
+        key = soup_key(hashes, METHOD, {"weights": [alpha, 1.0 - alpha], **policy})
         results[alpha] = evaluate_candidate(soup, recipe, key, task_objs, limit=limit, cache=store)
     total = time.perf_counter() - t0
 
