@@ -93,6 +93,13 @@ class AlphaBank(nn.Module):
             n *= s
         return self.raw[offset : offset + n].view(shape)
 
+    def is_affine(self, group: str) -> bool:
+        """Weights that sum to 1: every activation's output, and fixed weights that do."""
+        if group in self.fixed_slots:
+            total = self.fixed_values[self.fixed_slots[group]].sum()
+            return bool(abs(float(total) - 1.0) < 1e-9)
+        return True
+
     def coefficients(self, group: str) -> torch.Tensor:
         """alpha of one group, shape (n_models, *rows); differentiable w.r.t. `raw`."""
         if group in self.fixed_slots:
@@ -119,6 +126,11 @@ class AlphaRef:
         self.bank = bank
         self.group = group
 
+    @property
+    def affine(self) -> bool:
+        """The group's weights sum to 1 (always, for learned ones)."""
+        return self.bank is not None and self.bank.is_affine(self.group)
+
     def __call__(self) -> torch.Tensor:
         assert self.bank is not None, "AlphaRef used before build_soup attached the bank"
         return self.bank.coefficients(self.group)
@@ -128,11 +140,17 @@ class AlphaRef:
 # merged weights, computed where they are used
 
 
-def _merge(coef: torch.Tensor, bases: Sequence[torch.Tensor]) -> torch.Tensor:
-    """sum_i coef[i] * bases[i] without autograd; coef is (N,) or (N, rows)."""
+def _merge(coef: torch.Tensor, bases: Sequence[torch.Tensor], affine: bool = False) -> torch.Tensor:
+    """sum_i coef[i] * bases[i] without autograd; coef is (N,) or (N, rows).
+
+    `affine` (the weights sum to 1) lets two bases merge in one fused pass, lerp(W_2, W_1, c_1):
+    weight-sized elementwise passes are most of what a soup adds to a plain training step.
+    """
     c = coef.to(bases[0].dtype)
     if c.dim() > 1:  # one alpha per row: broadcast over the remaining dims
         c = c.reshape(*c.shape, *([1] * (bases[0].dim() - 1)))
+    if affine and len(bases) == 2:
+        return torch.lerp(bases[1], bases[0], c[0])
     out = bases[0] * c[0]
     for b, ci in zip(bases[1:], c[1:]):
         out.addcmul_(b, ci)
@@ -148,27 +166,52 @@ def _coef_grad(grad_w: torch.Tensor, bases: Sequence[torch.Tensor], coef: torch.
     return torch.stack(parts).to(coef.dtype)
 
 
+# The backward works on row blocks of at most this many elements (or 1/8 of the weight, if larger),
+# so its weight-sized temporaries (the merged W for dL/dx, dL/dW for the alphas) stay small.
+BACKWARD_BLOCK = 1 << 20
+
+
+def _row_blocks(rows: int, cols: int) -> list[slice]:
+    numel = rows * cols
+    block_rows = max(1, max(BACKWARD_BLOCK, -(-numel // 8)) // max(cols, 1))
+    return [slice(r, min(r + block_rows, rows)) for r in range(0, rows, block_rows)]
+
+
 class _SoupLinearFn(torch.autograd.Function):
     """y = x @ (sum_i c_i W_i)^T, saving x and c only; the merged W is rebuilt in backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, coef: torch.Tensor, *bases: torch.Tensor) -> torch.Tensor:
-        w = _merge(coef, bases)
+    def forward(ctx, x: torch.Tensor, coef: torch.Tensor, affine: bool, *bases: torch.Tensor) -> torch.Tensor:
+        w = _merge(coef, bases, affine)
         ctx.save_for_backward(x, coef, *bases)
+        ctx.affine = affine
         return F.linear(x, w)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         x, coef, *bases = ctx.saved_tensors
-        grad_x = grad_c = None
-        if ctx.needs_input_grad[0]:
-            w = _merge(coef, bases)
-            grad_x = grad_y @ w
-            del w  # free before dL/dW is allocated: at most one weight-sized temporary at a time
-        if ctx.needs_input_grad[1]:
-            grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-            grad_c = _coef_grad(grad_w, bases, coef)
-        return (grad_x, grad_c) + (None,) * len(bases)
+        need_x, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        rows, cols = bases[0].shape
+        g2 = grad_y.reshape(-1, rows)
+        x2 = x.reshape(-1, cols) if need_c else None
+        grad_x = None
+        parts = []
+        for block in _row_blocks(rows, cols):
+            bs = [b[block] for b in bases]
+            c = coef if coef.dim() == 1 else coef[:, block]
+            g = g2[:, block]  # a column block: BLAS reads it in place through its leading dimension
+            if need_x:
+                w = _merge(c, bs, ctx.affine)
+                grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
+                del w  # free before dL/dW's block is allocated
+            if need_c:
+                parts.append(_coef_grad(g.t() @ x2, bs, c))
+        grad_c = None
+        if need_c:
+            grad_c = torch.stack(parts).sum(0) if coef.dim() == 1 else torch.cat(parts, dim=1)
+        if need_x:
+            grad_x = grad_x.reshape(*grad_y.shape[:-1], cols)
+        return (grad_x, grad_c, None) + (None,) * len(bases)
 
 
 class _SoupEmbeddingFn(torch.autograd.Function):
@@ -233,7 +276,7 @@ class SoupLinear(nn.Module):
         self.bias_alpha = bias_alpha
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _SoupLinearFn.apply(x, self.weight_alpha(), *self.weight_bases)
+        y = _SoupLinearFn.apply(x, self.weight_alpha(), self.weight_alpha.affine, *self.weight_bases)
         if self.bias_bases is not None:
             y = y + _merge_autograd(self.bias_alpha(), list(self.bias_bases))
         return y
@@ -340,7 +383,7 @@ class SoupModel(nn.Module):
     @torch.no_grad()
     def coefficient_values(self) -> dict[str, torch.Tensor]:
         """Current alpha of every group: (n_models,) or (n_models, rows)."""
-        return {g: self.alphas.coefficients(g).detach().float().cpu() for g in self.alphas.groups}
+        return {g: self.alphas.coefficients(g).detach().cpu() for g in self.alphas.groups}
 
     def coefficient_table(self, models: Sequence[str], meta: dict | None = None) -> CoefficientTable:
         """The learned alphas as a coefficient table (unit keys; tensor names for tensor/row)."""
@@ -450,8 +493,9 @@ def build_soup(
     bank = AlphaBank(n_models, act, groups, fixed)
     for _, _, ref in entries.values():
         ref.bank = bank
-    first_device = next(iter(entries.values()))[1][0].device
-    bank.to(first_device)
+    first = next(iter(entries.values()))[1][0]
+    # float32 alphas, or float64 for a float64 model (exact gradient checks)
+    bank.to(device=first.device, dtype=torch.float64 if first.dtype == torch.float64 else torch.float32)
 
     # 3) swap modules: Linear/Embedding get the memory-lean Functions, the rest the generic hook
     handled: set[tuple[str, str]] = set()
