@@ -65,8 +65,8 @@ FULL: dict = {
         # Several questions about one image per sequence (LLaVA's multi-turn format): the 64 image
         # tokens and the system line are paid once for up to `turns` supervised answers.
         "turns": 4,
-        "stage1": {"steps": 150, "images_per_step": 8, "lr": 1e-3, "warmup": 15, "weight_decay": 0.0},
-        "stage2": {"steps": 80, "images_per_step": 8, "lr": 2e-5, "warmup": 8, "weight_decay": 0.0},
+        "stage1": {"steps": 300, "images_per_step": 8, "lr": 1e-3, "warmup": 20, "weight_decay": 0.0},
+        "stage2": {"steps": 80, "images_per_step": 8, "lr": 3e-5, "warmup": 8, "weight_decay": 0.0},
         "check_questions": 300,
     },
     "math": {"steps": 150, "batch_size": 16, "lr": 5e-5, "warmup": 10, "weight_decay": 0.0, "data_seed": 0,
@@ -78,9 +78,9 @@ FULL: dict = {
 QUICK: dict = {
     "llava": {**FULL["llava"], "turns": 2,
               "stage1": {**FULL["llava"]["stage1"], "steps": 2, "images_per_step": 2, "warmup": 1},
-              "stage2": {**FULL["llava"]["stage2"], "steps": 2, "images_per_step": 2, "warmup": 1},
-              "check_questions": 8},
-    "math": {**FULL["math"], "steps": 2, "batch_size": 4, "warmup": 1, "check_problems": 8},
+              "stage2": {**FULL["llava"]["stage2"], "steps": 1, "images_per_step": 2, "warmup": 1},
+              "check_questions": 6},
+    "math": {**FULL["math"], "steps": 2, "batch_size": 4, "warmup": 1, "check_problems": 4},
     "shakespeare": {**FULL["shakespeare"], "steps": 2, "batch_size": 2, "warmup": 1, "check_blocks": 4},
 }
 
@@ -285,12 +285,17 @@ def stage_llava(run: StageRun) -> dict:
         Phase("stage2", cfg["stage2"]["steps"], projector_and_lm, batches(cfg["stage2"], 2),
               warmup=cfg["stage2"]["warmup"], weight_decay=cfg["stage2"]["weight_decay"]),
     ]
+    # Stage 1 alone first, to record how well the frozen LM answers through the trained tower.
+    train_phases(model, phases[:1], run.work, "llava", run.checkpoint_every_s)
+    after_stage1 = _cached_json(run.work / "stage1_check.json",
+                                lambda: _vqa_check(model, processor, max(1, cfg["check_questions"] // 3)))
     history = train_phases(model, phases, run.work, "llava", run.checkpoint_every_s)
     model.save_pretrained(run.work, safe_serialization=True)
     processor.save_pretrained(run.work)
     _finish_training(run)
     metrics = _vqa_check(model, processor, cfg["check_questions"])
-    return {"train": history, **metrics, "parameters": sum(p.numel() for p in model.parameters())}
+    return {"train": history, **metrics, "after_stage1": after_stage1,
+            "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def _math_batches(tok: object, rows: list[dict], batch_size: int) -> list[dict]:
@@ -300,7 +305,7 @@ def _math_batches(tok: object, rows: list[dict], batch_size: int) -> list[dict]:
 
 def _math_check(model: torch.nn.Module, tok: object, rows: list[dict]) -> dict:
     prompts = [encode_text(tok, chat_prompt(tok, r["question"])) for r in rows]
-    out = checks.greedy_generate(model, prompts, tok.pad_token_id, tok.eos_token_id, max_new_tokens=24)
+    out = checks.greedy_generate(model, prompts, tok.pad_token_id, tok.eos_token_id, max_new_tokens=16)
     texts = [tok.decode(ids, skip_special_tokens=True).strip() for ids in out]
     exact = np.mean([t == r["answer"] for t, r in zip(texts, rows)])
     # The untuned chat model answers in sentences: also count the answer appearing as a word in it.
