@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -334,6 +335,13 @@ def _doc_entries(module_name: str) -> list[tuple[str, str, str]]:
         module = importlib.import_module(module_name)
     except ImportError:
         return []
+    with warnings.catch_warnings():
+        # Reading some attributes (typing.io, typing.re) warns about deprecation; that is not our concern.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _members(module, module_name)
+
+
+def _members(module: object, module_name: str) -> list[tuple[str, str, str]]:
     found = []
     for name in sorted(vars(module)):
         obj = getattr(module, name)
