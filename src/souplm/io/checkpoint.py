@@ -171,6 +171,15 @@ class Checkpoint:
     def get_canonical(self, canonical: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         return self.get(self.stored_name(canonical), dtype)
 
+    def get_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Rows [start, stop) of dim 0 of a stored tensor; from safetensors only those bytes are read."""
+        try:
+            src = self._files[self._where[name]]
+        except KeyError:
+            raise SoupError(f"{self.path}: has no tensor {name}") from None
+        t = src.get_rows(name, start, stop) if isinstance(src, SafetensorsFile) else src[name][start:stop].clone()
+        return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
     def weight_files(self) -> list[Path]:
         return sorted(self._files)
 

@@ -71,6 +71,24 @@ class SafetensorsFile:
                 raise SoupError(f"{self.path}: short read of tensor {name} ({got} of {info.nbytes} bytes)")
         return out
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of dim 0 as a fresh tensor: one contiguous byte range, so a process
+        that holds a shard of a tensor (FSDP, issue 7) reads only its part of the file."""
+        info = self.tensors[name]
+        if not info.shape:
+            return self.get(name)
+        rows = info.shape[0]
+        start, stop = min(max(start, 0), rows), min(max(stop, start), rows)
+        out = torch.empty((stop - start, *info.shape[1:]), dtype=info.dtype)
+        row_bytes = info.nbytes // rows if rows else 0
+        want = (stop - start) * row_bytes
+        if want:
+            view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+            got = os.preadv(self._fh.fileno(), [view], info.start + start * row_bytes)
+            if got != want:
+                raise SoupError(f"{self.path}: short read of rows of tensor {name} ({got} of {want} bytes)")
+        return out
+
     def close(self) -> None:
         self._fh.close()
 
