@@ -315,7 +315,7 @@ def _soup_param_in_place(module: nn.Module, pname: str, bases: Sequence[nn.Param
         module.register_forward_pre_hook(_merge_slots_hook)
     slots.append((pname, alpha, len(bases)))
     with torch.no_grad():  # so code that reads `module.weight` before a forward finds a tensor
-        setattr(module, pname, _merge(alpha(), list(bases)))
+        setattr(module, pname, _merge(alpha().to(bases[0].device), list(bases)))
 
 
 def _merge_slots_hook(module: nn.Module, args) -> None:
@@ -494,8 +494,10 @@ def build_soup(
     for _, _, ref in entries.values():
         ref.bank = bank
     first = next(iter(entries.values()))[1][0]
-    # float32 alphas, or float64 for a float64 model (exact gradient checks)
-    bank.to(device=first.device, dtype=torch.float64 if first.dtype == torch.float64 else torch.float32)
+    # float32 alphas, or float64 for a float64 model (exact gradient checks). A model built on the
+    # meta device (to be sharded and filled later, learn/sharding.py) still gets real alphas.
+    device = torch.device("cpu") if first.is_meta else first.device
+    bank.to(device=device, dtype=torch.float64 if first.dtype == torch.float64 else torch.float32)
 
     # 3) swap modules: Linear/Embedding get the memory-lean Functions, the rest the generic hook
     handled: set[tuple[str, str]] = set()
