@@ -260,7 +260,7 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     step += 1
                     dt = time.perf_counter() - t0
-                    loss = data_loss + float(reg)
+                    loss = data_loss + float(reg.detach())
                     losses.append(loss)
                     result.tokens += in_tokens
                     bar.update(1)
@@ -268,7 +268,7 @@ class Trainer:
                     if log and step % self.s.log_every == 0:
                         log.write(json.dumps({
                             "event": "step", "epoch": epoch + 1, "step": step, "loss": loss,
-                            "data_loss": data_loss, "reg": float(reg), "tokens": in_tokens,
+                            "data_loss": data_loss, "reg": float(reg.detach()), "tokens": in_tokens,
                             "tokens_per_s": in_tokens / dt, "lr": self.optimizer.param_groups[0]["lr"],
                         }) + "\n")
                 mean = sum(losses) / len(losses)
