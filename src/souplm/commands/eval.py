@@ -46,18 +46,26 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from .. import distributed
     from ..evaluate.runner import format_table
 
-    if args.backend == "lm-eval":
-        from ..evaluate.lm_eval_adapter import evaluate_lm_eval
+    with distributed.session():
+        if args.backend == "lm-eval":
+            from ..evaluate.lm_eval_adapter import evaluate_lm_eval
 
-        report = evaluate_lm_eval(args.model, args.task, limit=args.limit, batch_size=args.batch_size,
-                                  cache=cache_arg(args), device=args.device, dtype=args.dtype)
-    else:
-        from ..evaluate.runner import evaluate
+            # lm-eval distributes itself (accelerate launch); under torchrun rank 0 runs it alone.
+            report = distributed.on_main(lambda: evaluate_lm_eval(
+                args.model, args.task, limit=args.limit, batch_size=args.batch_size, cache=cache_arg(args),
+                device=args.device, dtype=args.dtype))
+        else:
+            from ..evaluate.parallel import evaluate_parallel
 
-        report = evaluate(args.model, args.task, limit=args.limit, batch_size=args.batch_size,
-                          cache=cache_arg(args), device=args.device, dtype=args.dtype, progress=not args.quiet)
+            # Under torchrun each process scores a shard of every task's examples; rank 0 caches.
+            report = evaluate_parallel(args.model, args.task, limit=args.limit, batch_size=args.batch_size,
+                                       cache=cache_arg(args), device=args.device, dtype=args.dtype,
+                                       progress=not args.quiet)
+        if not distributed.is_main():
+            return 0
     print(format_table(report))
     if args.out:
         out = Path(args.out)

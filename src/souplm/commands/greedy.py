@@ -33,14 +33,19 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import distributed
     from ..search.greedy import greedy_soup
 
-    result = greedy_soup(
-        args.model, args.task, test_tasks=args.test_task, out_dir=args.out, limit=args.limit,
-        batch_size=args.batch_size, cache=cache_arg(args), device=args.device, dtype=args.dtype,
-        progress=not args.quiet, in_memory=not args.stream, allow_leakage=args.allow_leakage,
-        vocab_policy=args.vocab_policy, force=args.force,
-    )
+    # Under torchrun the ingredients are spread over the processes; rank 0 writes and prints.
+    with distributed.session():
+        result = greedy_soup(
+            args.model, args.task, test_tasks=args.test_task, out_dir=args.out, limit=args.limit,
+            batch_size=args.batch_size, cache=cache_arg(args), device=args.device, dtype=args.dtype,
+            progress=not args.quiet, in_memory=not args.stream, allow_leakage=args.allow_leakage,
+            vocab_policy=args.vocab_policy, force=args.force,
+        )
+        if not distributed.is_main():
+            return 0
     print(result.to_markdown())
     if args.out:
         print(f"wrote the greedy soup ({len(result.chosen)} of {len(result.models)} models) to {args.out}")

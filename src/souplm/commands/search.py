@@ -56,17 +56,22 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .. import distributed
     from ..search.adamms import adamms_search
 
-    res = adamms_search(
-        args.target, args.source, args.alphas, args.inputs, mapping=args.mapping, method=args.method,
-        base_model=args.base_model, vocab_policy=args.vocab_policy, metric=args.metric, smooth=args.smooth, embed=args.embed, sample=args.sample,
-        seed=args.seed, template=args.prompt_template, max_new_tokens=args.max_new_tokens, stop=args.stop,
-        chat_template=args.chat_template, check_task=args.check_task, check_limit=args.limit, cache=cache_arg(args),
-        loader=args.loader, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-        in_memory=not args.stream, out_dir=args.out, write_model=not args.no_model, force=args.force,
-        progress=not args.quiet,
-    )
+    # Under torchrun the alphas are spread over the processes; rank 0 writes and prints.
+    with distributed.session():
+        res = adamms_search(
+            args.target, args.source, args.alphas, args.inputs, mapping=args.mapping, method=args.method,
+            base_model=args.base_model, vocab_policy=args.vocab_policy, metric=args.metric, smooth=args.smooth,
+            embed=args.embed, sample=args.sample, seed=args.seed, template=args.prompt_template,
+            max_new_tokens=args.max_new_tokens, stop=args.stop, chat_template=args.chat_template,
+            check_task=args.check_task, check_limit=args.limit, cache=cache_arg(args), loader=args.loader,
+            batch_size=args.batch_size, device=args.device, dtype=args.dtype, in_memory=not args.stream,
+            out_dir=args.out, write_model=not args.no_model, force=args.force, progress=not args.quiet,
+        )
+        if not distributed.is_main():
+            return 0
     print(res.to_markdown())
     out = Path(args.out)
     print(f"wrote {out / 'search.csv'}, search.md, search.json, responses.jsonl, search.png, search.svg"

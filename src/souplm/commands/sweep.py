@@ -33,11 +33,16 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .. import distributed
     from ..search.sweep import sweep
 
-    result = sweep(args.model, args.alphas, args.task, out_dir=args.out, limit=args.limit,
-                   batch_size=args.batch_size, cache=cache_arg(args), device=args.device, dtype=args.dtype,
-                   progress=not args.quiet, in_memory=not args.stream, vocab_policy=args.vocab_policy)
+    # Under torchrun the alphas are spread over the processes; rank 0 writes and prints.
+    with distributed.session():
+        result = sweep(args.model, args.alphas, args.task, out_dir=args.out, limit=args.limit,
+                       batch_size=args.batch_size, cache=cache_arg(args), device=args.device, dtype=args.dtype,
+                       progress=not args.quiet, in_memory=not args.stream, vocab_policy=args.vocab_policy)
+        if not distributed.is_main():
+            return 0
     print(result.to_markdown())
     for t in result.tasks:
         print(f"best alpha for {t['name']}: {result.best_alpha(t['name']):g}")

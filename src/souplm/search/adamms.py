@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import distributed as D
 from ..errors import SoupError
 from .consistency import METRICS, choose_alpha, difference_curve, minilm_embedder
 
@@ -350,36 +351,50 @@ def adamms_search(
         task = load_task(check_task)
     images = _read_images(rows)
 
-    t0 = time.perf_counter()
-    lm = resolve_loader(loader)(str(target), device=device, dtype=dtype, batch_size=batch_size, progress=False)
-    sources = open_sources(recipes[grid[0]], in_memory=in_memory)
-    keyer = _soup_keyer(target, source, base_model, mapping, method) if (task is not None and cache) else None
-    load_s, soup_s, gen_s, eval_s = time.perf_counter() - t0, 0.0, 0.0, 0.0
-    responses: dict[float, list[str]] = {}
-    scores: dict[float, float] = {}
-    bar = tqdm(grid, desc="adamms", unit="alpha", disable=not progress)
-    for a in bar:
-        bar.set_postfix(alpha=a)
+    # Rank 0 hashes the inputs (cache keys) and tells the other ranks.
+    keyer = D.on_main(lambda: _key_parts(target, source, base_model, mapping, method)) \
+        if (task is not None and cache) else None
+    held: dict[str, Any] = {}  # the model and the bases, loaded on first use (a rank may get no alpha)
+
+    def run_alpha(a: float) -> tuple[list[str], float | None, list[float]]:
+        """Responses, check score and (load, soup, generate, check) seconds of one alpha."""
         t = time.perf_counter()
-        soup_into(lm.model, recipes[a], sources=sources)
+        if not held:
+            held["lm"] = resolve_loader(loader)(str(target), device=device, dtype=dtype, batch_size=batch_size,
+                                                progress=False)
+            held["sources"] = open_sources(recipes[grid[0]], in_memory=in_memory)
+        lm = held["lm"]
+        t0 = time.perf_counter()
+        soup_into(lm.model, recipes[a], sources=held["sources"])
         t1 = time.perf_counter()
-        responses[a] = generate_responses(lm, rows, images, max_new_tokens=max_new_tokens, stop=stop,
-                                          chat_template=chat_template)
+        answers = generate_responses(lm, rows, images, max_new_tokens=max_new_tokens, stop=stop,
+                                     chat_template=chat_template)
         t2 = time.perf_counter()
+        score = None
         if task is not None:
             from ..evaluate.runner import evaluate
 
-            key = keyer(a) if keyer else None
+            key = _alpha_key(keyer, a) if keyer else None
             # A factory, so any loader's model is accepted (the runner only calls what the task needs).
             report = evaluate(lambda: lm, [task], limit=check_limit, cache=cache if key else None, model_key=key,
                               progress=False)
-            scores[a] = float(report["results"][task.name]["score"])
-        soup_s, gen_s, eval_s = soup_s + t1 - t, gen_s + t2 - t1, eval_s + time.perf_counter() - t2
-    for c in sources.checkpoints:
-        c.close()
+            score = float(report["results"][task.name]["score"])
+        return answers, score, [t0 - t, t1 - t0, t2 - t1, time.perf_counter() - t2]
 
-    embedder = minilm_embedder(device=device) if "embedding" in metrics else None
-    curves = difference_curve(responses, metrics, embed=embedder)
+    # Under torchrun the alphas are dealt out over ranks and every rank gets every answer.
+    bar = tqdm(total=len(grid), desc="adamms", unit="alpha", disable=not progress or not D.is_main())
+    outcomes = D.parallel_map(run_alpha, grid, on_result=lambda a, _: (bar.set_postfix(alpha=a), bar.update(1)))
+    bar.close()
+    if held:
+        for c in held["sources"].checkpoints:
+            c.close()
+    responses = {a: o[0] for a, o in zip(grid, outcomes, strict=True)}
+    scores = {a: o[1] for a, o in zip(grid, outcomes, strict=True) if o[1] is not None}
+    load_s, soup_s, gen_s, eval_s = (sum(o[2][i] for o in outcomes) for i in range(4))
+
+    # The embedding model is loaded once, on rank 0, and the curves sent to the others.
+    embedder = (lambda: minilm_embedder(device=device)) if "embedding" in metrics else None
+    curves = D.on_main(lambda: difference_curve(responses, metrics, embed=embedder() if embedder else None))
     chosen = choose_alpha(curves[metric], smooth)
     check = None
     if task is not None:
@@ -391,26 +406,37 @@ def adamms_search(
                  "check_s": round(eval_s, 3)},
     )
     if out is not None:
-        write_outputs(result, out)
-        if model_dir is not None:
-            merge(recipes[chosen], model_dir, force=force, progress=progress)
-            result.model_dir = str(model_dir)
-            (out / "search.json").write_text(json.dumps(result.to_json(), indent=1))
+        def write() -> None:
+            write_outputs(result, out)
+            if model_dir is not None:
+                merge(recipes[chosen], model_dir, force=force, progress=progress)
+                result.model_dir = str(model_dir)
+                (out / "search.json").write_text(json.dumps(result.to_json(), indent=1))
+
+        D.on_main(write)  # one writer; the others wait for it
+        result.model_dir = str(model_dir) if model_dir is not None else None
     return result
 
 
-def _soup_keyer(target, source, base_model, mapping, method) -> Callable[[float], str]:
-    """Cache identity of each candidate soup: input contents, method, weights and the spec's text."""
+def _key_parts(target, source, base_model, mapping, method) -> dict[str, Any]:
+    """The alpha-free part of each candidate's cache identity: input contents, method, the spec's text.
+
+    Plain data, so rank 0 can compute it (hashing reads every weight) and send it to the others.
+    """
     from ..arch.mapping import load_mapping
-    from ..evaluate.cache import model_hash, soup_key
+    from ..evaluate.cache import model_hash
 
     hashes = [model_hash(target), model_hash(source)] + ([model_hash(base_model)] if base_model else [])
     spec = hashlib.sha256(load_mapping(mapping).text.encode()).hexdigest() if mapping else None
+    return {"hashes": hashes, "method": method, "mapping": spec}
 
-    def key(alpha: float) -> str:
-        return soup_key(hashes, f"adamms-{method}", {"weights": [1.0 - alpha, alpha], "mapping": spec})
 
-    return key
+def _alpha_key(parts: dict[str, Any], alpha: float) -> str:
+    """Cache identity of the soup at `alpha`."""
+    from ..evaluate.cache import soup_key
+
+    return soup_key(parts["hashes"], f"adamms-{parts['method']}",
+                    {"weights": [1.0 - alpha, alpha], "mapping": parts["mapping"]})
 
 
 def write_outputs(result: SearchResult, out_dir: str | Path) -> list[Path]:

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import distributed as D
 from ..errors import SoupError
 from ..evaluate.cache import ResultCache, as_cache, model_hash, soup_key
 from ..evaluate.tasks import Task, load_task
-from .sweep import METHOD, SoupModel, evaluate_candidate
+from .sweep import METHOD, SoupModel, evaluate_candidate, is_cached
 
 
 @dataclass
@@ -135,32 +136,46 @@ def greedy_soup(
     tests = [load_task(t, cache_dir=task_cache_dir) for t in test_tasks]
     check_leakage(task, tests, allow_leakage)
     store = as_cache(cache)
-    hashes = [model_hash(p) for p in paths]
-    soup = SoupModel(paths, batch_size=batch_size, device=device, dtype=dtype, progress=progress,
+    hashes = D.on_main(lambda: [model_hash(p) for p in paths])  # rank 0 reads, the others are told
+    soup = SoupModel(paths, batch_size=batch_size, device=device, dtype=dtype, progress=progress and D.is_main(),
                      in_memory=in_memory)
     # The in-memory model is built from the first model, so every candidate takes its architecture.
     policy = {"vocab_policy": vocab_policy} if vocab_policy else {}
     fields = {"output_model": paths[0], **policy}
     info = {"name": task.name, "primary": task.primary, "higher_is_better": task.higher_is_better}
 
-    def score(members: Sequence[str], tasks: Sequence[Task]) -> dict[str, float]:
-        """Scores of the uniform soup of `members`, as one recipe over all ingredients."""
+    def weights_key(members: Sequence[str]) -> tuple[list[float], str]:
         weights = [1.0 / len(members) if p in members else 0.0 for p in paths]
+        return weights, soup_key(hashes, METHOD, {"weights": weights, **policy})
+
+    def score(members: Sequence[str], tasks: Sequence[Task], sharded: bool = False) -> dict[str, float]:
+        """Scores of the uniform soup of `members`, as one recipe over all ingredients."""
+        weights, key = weights_key(members)
         recipe = Recipe.from_models(paths, METHOD, weights, **fields)
-        key = soup_key(hashes, METHOD, {"weights": weights, **policy})
-        res = evaluate_candidate(soup, recipe, key, tasks, limit=limit, cache=store)
+        res = evaluate_candidate(soup, recipe, key, tasks, limit=limit, cache=store, sharded=sharded)
         return {n: float(r["score"]) for n, r in res.items()}
 
+    def cached(job: tuple[Sequence[str], Sequence[Task]]) -> bool:
+        return is_cached(store, weights_key(job[0])[1], job[1], limit)
+
+    # Under torchrun, independent candidates are dealt out over ranks (parallel_map); the greedy
+    # walk is sequential, so there every rank scores a shard of the held-out examples instead.
+    show = progress and D.is_main()
+
     # 1. Rank the ingredients by their own held-out score (a one-hot soup is the model itself).
-    singles = [(p, score([p], [task])[task.name]) for p in tqdm(paths, desc="ingredients", disable=not progress)]
+    bar = tqdm(total=len(paths), desc="ingredients", disable=not show)
+    single_scores = D.parallel_map(lambda job: score(*job)[task.name], [([p], [task]) for p in paths], done=cached,
+                                   on_result=lambda *_: bar.update(1))
+    bar.close()
+    singles = list(zip(paths, single_scores, strict=True))
     ranking = sorted(singles, key=lambda ms: -_signed(ms[1], task.higher_is_better))  # stable: ties keep order
 
     # 2. Walk down the ranking, keeping an ingredient only if the held-out score does not drop.
     chosen = [ranking[0][0]]
     current = ranking[0][1]
     steps = [{"step": 0, "ingredient": chosen[0], "score": current, "kept": True, "size": 1}]
-    for i, (cand, _) in enumerate(tqdm(ranking[1:], desc="greedy", disable=not progress), 1):
-        s = score(chosen + [cand], [task])[task.name]
+    for i, (cand, _) in enumerate(tqdm(ranking[1:], desc="greedy", disable=not show), 1):
+        s = score(chosen + [cand], [task], sharded=True)[task.name]
         kept = _signed(s, task.higher_is_better) >= _signed(current, task.higher_is_better)
         if kept:
             chosen.append(cand)
@@ -168,16 +183,21 @@ def greedy_soup(
         steps.append({"step": i, "ingredient": cand, "score": s, "kept": kept, "size": len(chosen)})
 
     # 3. Uniform soup of everything, for comparison; test tasks for the three soups.
-    uniform = score(paths, [task])[task.name]
+    jobs = [(paths, [task])]
+    if tests:
+        jobs += [([ranking[0][0]], tests), (paths, tests), (chosen, tests)]
+    finals = D.parallel_map(lambda job: score(*job), jobs, done=cached)
+    uniform = finals[0][task.name]
     test: dict[str, dict[str, float]] = {}
     if tests:
-        test = {"best single": score([ranking[0][0]], tests), "uniform": score(paths, tests),
-                "greedy": score(chosen, tests)}
+        test = dict(zip(("best single", "uniform", "greedy"), finals[1:], strict=True))
 
     result = GreedyResult(models=paths, heldout=info, ranking=ranking, steps=steps, chosen=chosen,
                           greedy_score=current, uniform_score=uniform, test=test)
     if out_dir is not None:
-        write_soup(result, out_dir, force=force, progress=progress, vocab_policy=vocab_policy)
+        # One writer; the others wait, then know where it went.
+        result.out_dir = str(D.on_main(lambda: write_soup(result, out_dir, force=force, progress=progress,
+                                                          vocab_policy=vocab_policy)))
     return result
 
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import distributed as D
 from ..errors import SoupError
-from ..evaluate.cache import ResultCache, as_cache, model_hash, soup_key
+from ..evaluate.cache import ResultCache, as_cache, cache_key, model_hash, soup_key
 from ..evaluate.tasks import Task, load_task
 
 METHOD = "linear"
@@ -164,17 +165,27 @@ class SoupModel:
 
 def evaluate_candidate(
     soup: SoupModel, recipe: Any, key: str, tasks: Sequence[Task], *, limit: int | None,
-    cache: ResultCache | None,
+    cache: ResultCache | None, sharded: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Scores of one soup on every task: cache first, else soup into the model and run what is missing.
 
     A pure function of (recipe, tasks, limit) up to caching, so candidates can run on any process.
+    `sharded`: every rank takes part in this one candidate, each scoring a shard of the examples
+    (a collective: all ranks must call it together); otherwise this rank scores it alone.
     """
+    from ..evaluate.parallel import evaluate_parallel
     from ..evaluate.runner import evaluate
 
+    run = evaluate_parallel if sharded else evaluate
     # The factory runs only on a cache miss, so a fully cached candidate costs no merge at all.
-    report = evaluate(lambda: soup.set(recipe), list(tasks), limit=limit, cache=cache, model_key=key, progress=False)
+    report = run(lambda: soup.set(recipe), list(tasks), limit=limit, cache=cache, model_key=key, progress=False)
     return report["results"]
+
+
+def is_cached(cache: ResultCache | None, key: str, tasks: Sequence[Task], limit: int | None) -> bool:
+    """Every task of a candidate has a cache entry (a file check: no read, no hit counted)."""
+    return cache is not None and all(
+        cache.path(cache_key(key, t.name, t.cache_version, limit)).is_file() for t in tasks)
 
 
 def sweep(
@@ -209,7 +220,7 @@ def sweep(
             raise SoupError(f"{m}: not a model directory (no config.json)")
     a_path, b_path = (str(Path(m)) for m in models)
     grid = parse_alphas(alphas) if isinstance(alphas, str) else sorted({float(a) for a in alphas})
-    if any(not 0.0 <= a <= 1.0 for a in grid):
+    if any(not 0.0 <= a <= 1.0 for a in grid) and D.is_main():
         # Extrapolation (alpha outside [0, 1]) is legal for linear merges, but say it loudly.
         print(f"souplm: note: alphas outside [0, 1] extrapolate beyond the base models: {grid}")
     task_objs = [load_task(t, cache_dir=task_cache_dir) for t in tasks]
@@ -218,34 +229,43 @@ def sweep(
     store = as_cache(cache)
     # The endpoints are always evaluated: they are the base models' lines in the table and plot.
     todo = sorted(set(grid) | {0.0, 1.0})
-    hashes = [model_hash(a_path), model_hash(b_path)]
-    soup = SoupModel([a_path, b_path], batch_size=batch_size, device=device, dtype=dtype, progress=progress,
-                     in_memory=in_memory)
+    # Under torchrun rank 0 hashes (minutes for a large model) and tells the others.
+    hashes = D.on_main(lambda: [model_hash(a_path), model_hash(b_path)])
+    soup = SoupModel([a_path, b_path], batch_size=batch_size, device=device, dtype=dtype,
+                     progress=progress and D.is_main(), in_memory=in_memory)
+    policy = {"vocab_policy": vocab_policy} if vocab_policy else {}
+    fields = {"output_model": a_path, **policy}
+
+    def key_of(alpha: float) -> str:
+        # Keyed by content, not paths (A is always the built model): moving the dirs keeps the cache.
+        return soup_key(hashes, METHOD, {"weights": [alpha, 1.0 - alpha], **policy})
+
+    def run(alpha: float) -> dict[str, dict[str, Any]]:
+        recipe = Recipe.vanilla(a_path, b_path, alpha, **fields)
+        return evaluate_candidate(soup, recipe, key_of(alpha), task_objs, limit=limit, cache=store)
 
     t0 = time.perf_counter()
-    results: dict[float, dict[str, dict[str, Any]]] = {}
-    bar = tqdm(todo, desc="sweep", disable=not progress, unit="alpha")
-    for alpha in bar:
-        bar.set_postfix(alpha=alpha)
-        policy = {"vocab_policy": vocab_policy} if vocab_policy else {}
-        fields = {"output_model": a_path, **policy}
-        recipe = Recipe.vanilla(a_path, b_path, alpha, **fields)
-        # Keyed by content, not paths (A is always the built model): moving the dirs keeps the cache.
-        key = soup_key(hashes, METHOD, {"weights": [alpha, 1.0 - alpha], **policy})
-        results[alpha] = evaluate_candidate(soup, recipe, key, task_objs, limit=limit, cache=store)
+    # Under torchrun the alphas are dealt out over ranks (uncached ones spread evenly) and every
+    # rank gets every result; in one process this is a plain loop.
+    bar = tqdm(total=len(todo), desc="sweep", disable=not progress or not D.is_main(), unit="alpha")
+    scores = D.parallel_map(run, todo, done=lambda a: is_cached(store, key_of(a), task_objs, limit),
+                            on_result=lambda a, _: (bar.set_postfix(alpha=a), bar.update(1)))
+    bar.close()
+    results: dict[float, dict[str, dict[str, Any]]] = dict(zip(todo, scores, strict=True))
     total = time.perf_counter() - t0
+    soup_seconds = sum(D.all_gather_objects(soup.soup_seconds))
 
     result = SweepResult(
         models=[a_path, b_path],
         alphas=todo,
         tasks=[{"name": t.name, "primary": t.primary, "higher_is_better": t.higher_is_better} for t in task_objs],
         results=results,
-        timings={"total_s": round(total, 3), "soup_s": round(soup.soup_seconds, 3),
+        timings={"total_s": round(total, 3), "soup_s": round(soup_seconds, 3),
                  "eval_s": round(sum(r.get("seconds", 0.0) for rs in results.values() for r in rs.values()
                                      if not r.get("cached")), 3)},
     )
     if out_dir is not None:
-        write_outputs(result, out_dir)
+        D.on_main(lambda: write_outputs(result, out_dir))  # one writer; the others wait for it
     return result
 
 
