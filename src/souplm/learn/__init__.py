@@ -7,6 +7,9 @@
 The bases stay frozen; only the mixing weights are trained, inside a model that merges every weight
 on the fly (`soup_module`). The result is a coefficient table (`coefficients.json`) and, through the
 merge engine, a merged model (`merged/`) with the base architecture and no extra inference cost.
+
+Under `torchrun` (after `souplm.distributed.init()`; the CLI does it) the bases are sharded over the
+processes with FSDP2 and the dev set is split between them (`sharding.py`, docs/SCALING.md).
 """
 
 from __future__ import annotations
@@ -152,11 +155,17 @@ def learn(
     output: str | os.PathLike | None = None,
     progress: bool = True,
     on_epoch_end: Callable[[int, float], None] | None = None,
+    shard_size: int | None = None,
 ) -> LearnResult:
-    """Fit the alphas per `config`, write `coefficients.json` (and `merged/`) under its output dir."""
+    """Fit the alphas per `config`, write `coefficients.json` (and `merged/`) under its output dir.
+
+    In a torch.distributed process group the bases are sharded over `shard_size` ranks (default:
+    all; fewer replicates them across groups, e.g. one group per node) and rank 0 writes the files.
+    """
     import torch
 
     from .. import __version__
+    from .. import distributed as D
     from ..data.metasets import MetaSet, RowEncoder, load_meta_sets, split_by_ratio
     from ..io.checkpoint import open_checkpoint
     from .soup_module import build_soup
@@ -179,13 +188,26 @@ def learn(
     counts = split_by_ratio(cfg.mix.total, cfg.mix.ratio) if cfg.mix else None
     encoder = RowEncoder(tokenizer, processor, multimodal=multimodal, max_length=cfg.training.max_length)
     examples = load_meta_sets(sets, encoder, seed=cfg.seed, counts=counts)
-    _prepare_output(out, resume, force)
+    D.on_main(lambda: _prepare_output(out, resume, force))  # rank 0 clears; the others wait for it
 
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    model = _load_model(cfg.models[s], multimodal, getattr(torch, cfg.dtype)).to(device)
-    soup = build_soup(model, others, base_index=s, granularity=cfg.granularity, activation=cfg.activation,
-                      fixed=cfg.fixed)  # layout from the in-memory names: they differ from the file's for LLaVA
+    shards = None
+    if D.is_distributed():
+        from .sharding import ShapeOnly, materialize, meta_model, shard_report, shard_soup
+
+        # Built on meta, sharded, then each rank reads only its rows: no rank holds a whole base.
+        device = D.local_device(cfg.device)
+        model = meta_model(cfg.models[s], multimodal, getattr(torch, cfg.dtype))
+        soup = build_soup(model, [ShapeOnly(o) for o in others], base_index=s, granularity=cfg.granularity,
+                          activation=cfg.activation, fixed=cfg.fixed)
+        shard_soup(soup, device, shard_size)
+        materialize(soup, [*others[:s], cks[s], *others[s:]], s, device)
+        shards = D.gather_objects(shard_report(soup, shard_size).to_json())
+    else:
+        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if cfg.device == "auto" else cfg.device)
+        model = _load_model(cfg.models[s], multimodal, getattr(torch, cfg.dtype)).to(device)
+        soup = build_soup(model, others, base_index=s, granularity=cfg.granularity, activation=cfg.activation,
+                          fixed=cfg.fixed)  # layout from the in-memory names: they differ from the file's for LLaVA
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     t, o, r = cfg.training, cfg.optimizer, cfg.regularization
@@ -204,6 +226,8 @@ def learn(
     final_loss = trainer.evaluate() if t.evaluate else None
     if final_loss is not None:
         trainer.log_event({"event": "eval", "when": "final", "step": train.steps, "loss": final_loss})
+    if shards is not None:  # what each rank held: the proof that none held a whole base
+        trainer.log_event({"event": "shards", "ranks": shards})
 
     meta = {
         "source": "souplm learn", "souplm_version": __version__, "settings": cfg.settings(),
@@ -211,7 +235,7 @@ def learn(
         "epoch_losses": train.epoch_losses, "initial_loss": trainer.initial_loss, "final_loss": final_loss,
     }
     table = soup.coefficient_table(cfg.models, meta)
-    table_path = table.save(out / TABLE)
+    table_path = D.on_main(lambda: table.save(out / TABLE))
     del trainer, soup, model  # free the bases before the engine streams the merge
 
     merged_dir = None
@@ -223,6 +247,8 @@ def learn(
             cfg.models, method="linear", normalize=False, output_model=cfg.models[s],
             vocab_policy="extend" if cfg.vocab_policy == "extend" else "error", allow_pickle=cfg.allow_pickle,
         )
-        merged_dir = merge(recipe, out / MERGED, coefficients=table, force=True, progress=progress).out_dir
+        # Rank 0 streams the merge from the checkpoints; the others wait for it.
+        merged_dir = D.on_main(lambda: merge(recipe, out / MERGED, coefficients=table, force=True,
+                                             progress=progress).out_dir)
     return LearnResult(table, table_path, merged_dir, meta["initial_loss"], final_loss, train.steps,
                        train.epoch_losses, train.resumed_from_epoch)

@@ -8,8 +8,11 @@ After every epoch the trainer writes `checkpoint.pt` (alphas, optimizer, step, R
 of everything the result depends on) atomically; `resume=True` continues from it and ends with the
 same alphas as an uninterrupted run, because each epoch's order depends only on (seed, epoch).
 
-Distributed seam (issue 7): the alphas are one tensor (`soup.alphas.raw`), so replicating them and
-all-reducing that one gradient is all a data-parallel run needs; `_reduce` is where it goes.
+Under torchrun (issue 7) the alphas are one replicated tensor (`soup.alphas.raw`) whose gradient is
+all-reduced in `_reduce`; rank r takes examples r, r+K, ... of every micro-batch, so the union over
+ranks is the single-process batch and, with the token count also summed, the step equals a
+single-process step up to float rounding. Rank 0 alone writes the checkpoint and the log; a
+checkpoint holds no per-rank state, so a run resumes on any number of processes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import distributed as D
 from ..data.metasets import IGNORE, Example, collate
 from ..errors import SoupError
 from .regularizers import penalty
@@ -105,6 +109,7 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.fingerprint = dict(fingerprint or {})
         self.soup.model.eval()  # no dropout: the loss is a deterministic function of the alphas
+        self.rank, self.world = D.rank(), D.world_size()  # (0, 1) in a single process
         self.optimizer = self._make_optimizer()
         self.initial_loss: float | None = None  # dev loss at the initial alphas, kept in checkpoints
 
@@ -140,9 +145,21 @@ class Trainer:
         moved = {k: v.to(self.device, dtype=dtype if v.is_floating_point() else None) for k, v in batch.items()}
         return moved, labels.to(self.device)
 
+    def _local_batch(self, idx: Sequence[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """This rank's part of a (micro-)batch: examples rank, rank + K, ...
+
+        A rank left without examples runs the first one with every label ignored (zero loss, zero
+        gradient): all ranks must run the same forwards, since a sharded model all-gathers in each.
+        """
+        mine = list(idx)[self.rank :: self.world]
+        if mine:
+            return self._batch(mine)
+        batch, labels = self._batch(list(idx)[:1])
+        return batch, torch.full_like(labels, IGNORE)
+
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over data-parallel ranks: the identity in a single process (issue 7 hooks in here)."""
-        return t
+        """Sum over data-parallel ranks, in place: the identity in a single process."""
+        return D.all_reduce_sum(t)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -150,10 +167,11 @@ class Trainer:
         total, count = 0.0, 0
         order = list(range(len(self.examples)))
         for i in range(0, len(order), self.s.batch_size):
-            batch, labels = self._batch(order[i : i + self.s.batch_size])
+            batch, labels = self._local_batch(order[i : i + self.s.batch_size])
             s, n = token_loss(self.soup(**batch), labels)
             total += float(s)
             count += n
+        total, count = self._reduce(torch.tensor([total, count], dtype=torch.float64)).tolist()
         return total / max(count, 1)
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -162,7 +180,7 @@ class Trainer:
 
     def save_checkpoint(self, epoch: int, step: int, epoch_losses: list[float]) -> None:
         path = self._ckpt_path()
-        if path is None:
+        if path is None or not D.is_main():
             return
         state = {
             "format": "souplm.learn-checkpoint/1",
@@ -180,6 +198,18 @@ class Trainer:
         os.replace(tmp, path)  # atomic: a crash mid-save keeps the previous epoch's checkpoint
 
     def load_checkpoint(self) -> dict | None:
+        # Rank 0 reads and checks the file; every rank gets the same state (and the same error).
+        state = D.on_main(self._read_checkpoint)
+        if state is None:
+            return None
+        with torch.no_grad():
+            self.soup.alphas.raw.copy_(state["raw"].to(self.soup.alphas.raw))
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.initial_loss = state.get("initial_loss")
+        return state
+
+    def _read_checkpoint(self) -> dict | None:
         path = self._ckpt_path()
         if path is None or not path.is_file():
             return None
@@ -194,15 +224,10 @@ class Trainer:
                 f"checkpoint {path} belongs to another run (differs in: {', '.join(diff)}); "
                 "use another output directory or delete the checkpoint"
             )
-        with torch.no_grad():
-            self.soup.alphas.raw.copy_(state["raw"].to(self.soup.alphas.raw))
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        self.initial_loss = state.get("initial_loss")
         return state
 
     def _open_log(self, resume_step: int | None):
-        if self.out_dir is None:
+        if self.out_dir is None or not D.is_main():
             return None
         path = self.out_dir / LOG
         if resume_step is not None and path.is_file():
@@ -234,7 +259,8 @@ class Trainer:
         log = self._open_log(step if state is not None else None)
         if log and self.initial_loss is not None and state is None:
             log.write(json.dumps({"event": "eval", "when": "initial", "step": 0, "loss": self.initial_loss}) + "\n")
-        bar = tqdm(total=self.s.epochs * self.steps_per_epoch, initial=step, disable=not self.s.progress,
+        bar = tqdm(total=self.s.epochs * self.steps_per_epoch, initial=step,
+                   disable=not self.s.progress or not D.is_main(),
                    desc="learning alphas", unit="step", dynamic_ncols=True)
         raw = self.soup.alphas.raw
         try:
@@ -242,17 +268,19 @@ class Trainer:
                 losses = []
                 for micro_batches in self.epoch_plan(epoch):
                     t0 = time.perf_counter()
-                    batches = [self._batch(idx) for idx in micro_batches]
+                    batches = [self._local_batch(idx) for idx in micro_batches]
                     step_tokens = float(self._reduce(torch.tensor(float(sum(
                         int((lab[:, 1:] != IGNORE).sum()) for _, lab in batches)))))
-                    in_tokens = sum(int(b["attention_mask"].sum()) for b, _ in batches)
+                    # input tokens of the whole step (all ranks): the attention mask's sum in one process
+                    in_tokens = sum(len(self.examples[i].input_ids) for idx in micro_batches for i in idx)
                     data_loss = 0.0
                     for batch, labels in batches:
                         s, _ = token_loss(self.soup(**batch), labels)
                         (s / max(step_tokens, 1.0)).backward()
                         data_loss += s.item() / max(step_tokens, 1.0)
+                    data_loss = float(self._reduce(torch.tensor(data_loss, dtype=torch.float64)))
                     reg = penalty(self.s.regularization, self.s.reg_lambda, raw, self.soup.alphas.raw_init)
-                    if reg.requires_grad:
+                    if reg.requires_grad and self.rank == 0:  # once: the gradients are summed over ranks
                         reg.backward()
                     if raw.grad is not None:
                         self._reduce(raw.grad)
@@ -289,7 +317,7 @@ class Trainer:
         return result
 
     def log_event(self, record: dict) -> None:
-        """Append one record (e.g. the final evaluation) to the run's log."""
-        if self.out_dir is not None:
+        """Append one record (e.g. the final evaluation) to the run's log (rank 0 only)."""
+        if self.out_dir is not None and D.is_main():
             with (self.out_dir / LOG).open("a") as f:
                 f.write(json.dumps(record) + "\n")
