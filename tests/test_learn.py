@@ -381,6 +381,16 @@ def test_resume_equals_uninterrupted(pair, tmp_path):
         learn({**part, "granularity": "layer"}, resume=True, progress=False)
 
 
+def test_gradient_accumulation_matches_a_bigger_batch(pair, tmp_path):
+    quick = {"epochs": 1, "evaluate": False}
+    big = learn(base_config(pair, tmp_path / "big", training={**quick, "batch_size": 8}), progress=False)
+    acc = learn(base_config(pair, tmp_path / "acc", training={**quick, "batch_size": 4, "grad_accum": 2}),
+                progress=False)
+    assert big.steps == acc.steps == 6
+    for key, value in big.table.coefficients.items():
+        assert acc.table.coefficients[key] == pytest.approx(value, abs=1e-5)  # float32 summation order
+
+
 # ------------------------------------------------------------------------------------------------
 # meta sets
 
