@@ -107,8 +107,12 @@ def plot_alphas(
         ax.bar(xs, ys, color=cs, width=0.8)
         ax.axhline(1.0 / n_models, color="0.3", linestyle="--", linewidth=0.8)
         ax.set_xticks(range(len(units)), xlabels, fontsize=7, rotation=90 if len(units) > 24 else 0)
+
+    def ylim(axes, units: list[Unit]) -> None:
+        """One y range for side-by-side panels: [0, 1], widened for linear alphas outside it."""
+        ys = [w[u][model] for w in weights for u in units if u in w]
         lo, hi = min([0.0, *ys]), max([1.0, *ys])
-        ax.set_ylim(lo - 0.02, hi + 0.02)
+        axes[0].set_ylim(lo - 0.02, hi + 0.02)  # shared y: one call sets every panel
 
     # 1) per mapping: layers on x, one panel per table
     for m in mappings:
@@ -119,6 +123,7 @@ def plot_alphas(
             bars(ax, units, w, [str(layer) for layer in layers])
             ax.set_title(f"{name}: {m}", fontsize=9)
             ax.set_xlabel("layer")
+        ylim(axes[0], units)
         axes[0][0].set_ylabel(share)
         fig.legend(handles=legend, loc="upper right", fontsize=7, frameon=False)
         written += _save(fig, out, f"alphas_{m}")
@@ -131,6 +136,7 @@ def plot_alphas(
         for ax, (name, _), w in zip(axes[0], loaded, weights):
             bars(ax, [Unit(None, g) for g in globals_present], w, globals_present)
             ax.set_title(name, fontsize=9)
+        ylim(axes[0], [Unit(None, g) for g in globals_present])
         axes[0][0].set_ylabel(share)
         written += _save(fig, out, "alphas_global")
         plt.close(fig)
