@@ -146,6 +146,15 @@ def _merge(coef: torch.Tensor, bases: Sequence[torch.Tensor], affine: bool = Fal
     `affine` (the weights sum to 1) lets two bases merge in one fused pass, lerp(W_2, W_1, c_1):
     weight-sized elementwise passes are most of what a soup adds to a plain training step.
     """
+    if coef.dim() == 1 and bases[0].dtype in (torch.float16, torch.bfloat16):
+        # Python floats: a bf16 alpha would move in steps of ~0.004, and smaller updates be lost.
+        cs = coef.tolist()
+        if affine and len(bases) == 2:
+            return torch.lerp(bases[1], bases[0], cs[0])
+        out = bases[0] * cs[0]
+        for b, ci in zip(bases[1:], cs[1:]):
+            out.add_(b, alpha=ci)
+        return out
     c = coef.to(bases[0].dtype)
     if c.dim() > 1:  # one alpha per row: broadcast over the remaining dims
         c = c.reshape(*c.shape, *([1] * (bases[0].dim() - 1)))
