@@ -201,6 +201,8 @@ def evaluate(
     """
     if limit is not None and limit < 1:
         raise SoupError(f"--limit must be at least 1, not {limit}")
+    if isinstance(model_or_dir, (str, Path)) and not (Path(model_or_dir) / "config.json").is_file():
+        raise SoupError(f"{model_or_dir}: not a model directory (no config.json)")
     task_objs = [load_task(t, cache_dir=task_cache_dir) for t in tasks]
     names = [t.name for t in task_objs]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -210,8 +212,6 @@ def evaluate(
 
     if isinstance(model_or_dir, (str, Path)):
         model_dir = Path(model_or_dir)
-        if not (model_dir / "config.json").is_file():
-            raise SoupError(f"{model_dir}: not a model directory (no config.json)")
         key = model_key or (model_hash(model_dir) if store else str(model_dir))
         lazy = _LazyModel(model_dir, batch_size, device, dtype, progress)
         get_lm = lazy.get

@@ -20,6 +20,7 @@ import hashlib
 import json
 import string
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +101,13 @@ class Task:
     def higher_is_better(self) -> bool:
         return self.primary not in ("bpb", "ppl", "nll_per_token")
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """Hash of the spec and the data bytes: editing either invalidates cached results."""
+        """Hash of the spec and the data bytes: editing either invalidates cached results.
+
+        Computed once per Task object (a sweep asks for it per alpha); load the task again after
+        editing its data in the same process.
+        """
         h = hashlib.sha256()
         spec = {"kind": self.kind, "metric": self.primary, "options": self.options}
         h.update(json.dumps(spec, sort_keys=True, default=str).encode())
