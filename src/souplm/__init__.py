@@ -4,14 +4,38 @@
     recipe = souplm.Recipe.vanilla("path/to/A", "path/to/B", alpha=0.3)   # 0.3*A + 0.7*B
     souplm.merge(recipe, "out/soup")
 
-The library is the product; the `souplm` command is a thin layer over it.
+    souplm.learn("learn.yaml")                      # learnable soup -> coefficient table + model
+    souplm.evaluate("out/soup", ["shakespeare-ppl"])  # scores per task
+
+The library is the product; the `souplm` command is a thin layer over it. `souplm.learn` and
+`souplm.evaluate` are subpackages that can be called like functions; they import torch-heavy code, so
+they load on first use.
 """
 
 __version__ = "0.1.0"
 
-from .coefficients import CoefficientTable  # noqa: E402
-from .engine import merge, open_sources, soup_into  # noqa: E402
-from .errors import SoupError  # noqa: E402
-from .recipe import Recipe  # noqa: E402
+from .coefficients import CoefficientTable
+from .engine import merge, open_sources, soup_into
+from .errors import SoupError
+from .recipe import Recipe
 
-__all__ = ["CoefficientTable", "Recipe", "SoupError", "merge", "open_sources", "soup_into", "__version__"]
+__all__ = [
+    "CoefficientTable",
+    "Recipe",
+    "SoupError",
+    "__version__",
+    "evaluate",
+    "learn",
+    "merge",
+    "open_sources",
+    "soup_into",
+]
+
+
+def __getattr__(name: str):
+    # Lazy: `import souplm` stays light for `souplm merge`; the first touch imports the subpackage.
+    if name in ("learn", "evaluate"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'souplm' has no attribute {name!r}")

@@ -9,3 +9,7 @@ from .runner import aggregate, evaluate, score_rows
 from .tasks import Task, load_task
 
 __all__ = ["ResultCache", "Task", "aggregate", "evaluate", "load_task", "score_rows"]
+
+from .._callable import make_callable
+
+make_callable(__name__, "evaluate")  # souplm.evaluate(model, tasks) calls evaluate(model, tasks)

@@ -252,3 +252,8 @@ def learn(
                                              progress=progress).out_dir)
     return LearnResult(table, table_path, merged_dir, meta["initial_loss"], final_loss, train.steps,
                        train.epoch_losses, train.resumed_from_epoch)
+
+
+from .._callable import make_callable
+
+make_callable(__name__, "learn")  # souplm.learn(config) calls learn(config)
