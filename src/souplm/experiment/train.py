@@ -154,7 +154,8 @@ def train_phases(
         if resume_here and state.get("optimizer") is not None:
             optimizer.load_state_dict(state["optimizer"])
         record = history["phases"].setdefault(phase.name, {"steps": phase.steps, "loss": []})
-        last_save = time.monotonic()
+        last_save = phase_began = time.monotonic()
+        first_step = step
         smooth = None
         bar = tqdm(total=phase.steps, initial=step, desc=f"{desc}/{phase.name}", unit="step",
                    mininterval=1.0 if sys.stderr.isatty() else 20.0, dynamic_ncols=True)
@@ -174,6 +175,11 @@ def train_phases(
             smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
             bar.set_postfix(loss=f"{smooth:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}", refresh=False)
             bar.update(1)
+            if step % 25 == 0 and not sys.stderr.isatty():
+                # A plain line now and then: logs of background builds are read with tail/grep.
+                rate = (time.monotonic() - phase_began) / max(1, step - first_step)
+                tqdm.write(f"[{desc}] {phase.name} step {step}/{phase.steps} loss {smooth:.3f} "
+                           f"({rate:.1f} s/step)", file=sys.stderr)
             if step == phase.steps or time.monotonic() - last_save > checkpoint_every_s:
                 record["seconds"] = round(spent + time.monotonic() - began, 1)
                 _save(ckpt_path, {
