@@ -60,7 +60,9 @@ def setup(tmp_path_factory):
            "optimizer": {"lr": 0.05}, "seed": 3}
     env = {**os.environ, "SOUPLM_CACHE": str(root / "souplm-cache"), "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    return {"root": root, "a": a, "b": b, "cfg": cfg, "env": env}
+    variants = [make_model_dir(root / f"v{i}", seed=10 + i, tokenizer=tok, base=a, noise=0.05) for i in range(2)]
+    tasks = [text_task(root / "tasks"), mc_task(root / "tasks")]
+    return {"root": root, "a": a, "b": b, "variants": variants, "tasks": tasks, "cfg": cfg, "env": env}
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +189,7 @@ def _free_port() -> int:
 
 
 def test_two_process_sweep_writes_the_single_process_table(setup, monkeypatch):
-    root, env = setup["root"], setup["env"]
-    tasks = [text_task(root / "tasks"), mc_task(root / "tasks")]
+    root, env, tasks = setup["root"], setup["env"], setup["tasks"]
     args = ["sweep", "--model", str(setup["a"]), "--model", str(setup["b"]), "--alphas", "0:1:0.25",
             "--task", str(tasks[0]), "--task", str(tasks[1]), "-o", str(root / "sweep2"),
             "--cache-dir", str(root / "cache2"), "--quiet"]
@@ -213,3 +214,25 @@ def test_two_process_sweep_writes_the_single_process_table(setup, monkeypatch):
     store = ResultCache(root / "cache2")
     sweep([setup["a"], setup["b"]], "0:1:0.25", tasks, cache=store, progress=False)
     assert store.hits == 5 * 2 and store.misses == 0
+
+
+def test_two_process_greedy_soup_chooses_as_one_process(setup):
+    """Ingredients are dealt out over ranks, and each greedy step shards the held-out examples."""
+    from souplm.search.greedy import greedy_soup
+
+    root, env, (ppl, mc) = setup["root"], setup["env"], setup["tasks"]
+    models = [*setup["variants"], setup["b"]]
+    args = ["greedy", *(x for m in models for x in ("--model", str(m))), "--task", str(ppl),
+            "--test-task", str(mc), "-o", str(root / "greedy2"), "--cache-dir", str(root / "gcache2"), "--quiet"]
+    torchrun(args, env, root)
+    two = json.loads((root / "greedy2" / "greedy_soup.json").read_text())
+    one = greedy_soup(models, ppl, test_tasks=[mc], cache=root / "gcache1", progress=False).to_json()
+    assert two["chosen"] == one["chosen"] and len(one["chosen"]) < len(models)  # b is left out
+    assert [r["model"] for r in two["ranking"]] == [r["model"] for r in one["ranking"]]
+    for k1, k2 in (("ranking", "score"), ("steps", "score")):
+        assert [r[k2] for r in two[k1]] == pytest.approx([r[k2] for r in one[k1]], rel=1e-5)
+    assert two["uniform_score"] == pytest.approx(one["uniform_score"], rel=1e-5)
+    assert two["test"].keys() == one["test"].keys() == {"best single", "uniform", "greedy"}
+    for label, scores in one["test"].items():
+        assert two["test"][label] == pytest.approx(scores, rel=1e-5)
+    assert (root / "greedy2" / "model.safetensors").is_file()  # written once, by rank 0
