@@ -43,6 +43,48 @@ def torchrun(args: list[str], env: dict[str, str], cwd: Path) -> str:
     return out
 
 
+# -- the helpers, in one process -------------------------------------------------------------------------
+def test_split_deals_round_robin_and_unsplit_restores_the_order():
+    from souplm.distributed import split, unsplit
+
+    items = list(range(11))
+    parts = [split(items, r, 3) for r in range(3)]
+    assert parts == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
+    assert unsplit(parts) == items
+    assert unsplit([split(items[:1], r, 4) for r in range(4)]) == [0]  # ranks with nothing
+
+
+def test_single_process_helpers_are_the_identity():
+    from souplm import distributed as D
+
+    assert not D.is_distributed() and D.rank() == 0 and D.world_size() == 1 and D.is_main()
+    assert D.parallel_map(lambda x: x * x, [1, 2, 3], done=lambda x: x == 2) == [1, 4, 9]
+    assert D.on_main(lambda: "x") == "x" and D.gather_results(lambda: 5) == [5]
+    t = torch.ones(2)
+    assert D.all_reduce_sum(t) is t and t.tolist() == [1.0, 1.0]
+
+
+def test_slurm_srun_step_becomes_a_torchrun_environment(monkeypatch):
+    from souplm import distributed as D
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(k, "")  # recorded, so what the code sets below is undone after the test
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("SLURM_PROCID", "0")  # an sbatch script alone: one process, not a world
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
+    assert not D.launched()
+    monkeypatch.setenv("SLURM_PROCID", "11")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "16")
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[007-008]")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert D.launched()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("11", "16", "3")
+    assert os.environ["MASTER_ADDR"] == "gpu007" and os.environ["MASTER_PORT"] == str(20000 + 4242)
+    assert D._slurm_master("a1,b2") == "a1" and D._slurm_master("n[1,3-5]") == "n1"
+
+
+# -- 2 processes ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
