@@ -6,8 +6,9 @@ the tasks run on it. alpha = 1 is model A and alpha = 0 is model B, so the endpo
 models' own scores (the horizontal lines of the paper's Figure 1).
 
 Every (alpha, task) result goes through the on-disk cache under the soup's key (hash of the inputs'
-content hashes + method + alpha): an interrupted sweep resumes where it stopped, and several
-processes can split the alphas and gather through the cache (`candidates_for_rank`, issue 7).
+content hashes + method + alpha): an interrupted sweep resumes where it stopped. Under torchrun the
+alphas are dealt out over ranks (`souplm.distributed.parallel_map`) and every rank gets every result;
+rank 0 writes the tables.
 """
 
 from __future__ import annotations
