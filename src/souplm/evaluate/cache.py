@@ -3,8 +3,8 @@
 One JSON file per result, named by the hash of its key (model content hash, task name, task
 version, limit). Writes go to a temporary file in the same folder and are renamed into place, which
 is atomic on POSIX: a reader sees either no file or a whole one, and two processes that compute the
-same result just replace each other's identical file. That is what lets `torchrun` ranks (issue 7)
-split candidates, each write what it computed, and rank 0 gather everything by reading the cache.
+same result just replace each other's identical file. Under `torchrun` the ranks gather their results
+and rank 0 writes them (souplm/distributed.py), so a rerun with any number of processes finds them.
 """
 
 from __future__ import annotations
