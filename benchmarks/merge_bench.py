@@ -335,6 +335,7 @@ class RunResult:
     wall_s: float
     peak_rss_bytes: int
     returncode: int
+    cpu_s: float = float("nan")
     stderr_tail: str = ""
 
     @property
@@ -343,11 +344,12 @@ class RunResult:
         return self.returncode == 0
 
 
-def run_measured(cmd: Sequence[str], env: dict[str, str], log_path: Path) -> tuple[float, int, int]:
-    """Run ``cmd``; return (wall seconds, peak RSS bytes of the child, return code).
+def run_measured(cmd: Sequence[str], env: dict[str, str], log_path: Path) -> tuple[float, int, int, float]:
+    """Run ``cmd``; return (wall seconds, peak RSS bytes, return code, CPU seconds) of the child.
 
-    Peak RSS comes from ``os.wait4``'s rusage of the child (``ru_maxrss``, KiB on Linux), which
-    also covers descendants the child waited for.
+    Peak RSS and CPU time (user + system) come from ``os.wait4``'s rusage of the child
+    (``ru_maxrss`` is in KiB on Linux), which also covers descendants the child waited for.
+    CPU time is far less sensitive than wall time to other processes sharing the machine.
     """
     with open(log_path, "wb") as logf:
         t0 = time.perf_counter()
@@ -357,7 +359,7 @@ def run_measured(cmd: Sequence[str], env: dict[str, str], log_path: Path) -> tup
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, int(usage.ru_maxrss) * 1024, proc.returncode
+    return wall, int(usage.ru_maxrss) * 1024, proc.returncode, usage.ru_utime + usage.ru_stime
 
 
 def preread(paths: Sequence[Path]) -> int:
@@ -410,12 +412,13 @@ class Bench:
         out.parent.mkdir(parents=True, exist_ok=True)
         os.sync()
         log = out.parent / f"{tool}-{method}.log"
-        wall, rss, rc = run_measured(self.command(tool, recipe, out), self.env, log)
-        res = RunResult(tool, method, wall, rss, rc, "" if rc == 0 else _tail(log))
+        wall, rss, rc, cpu = run_measured(self.command(tool, recipe, out), self.env, log)
+        res = RunResult(tool, method, wall, rss, rc, cpu, "" if rc == 0 else _tail(log))
         status = "ok" if rc == 0 else f"FAILED rc={rc} (log: {log})"
         kind = "run" if record else "warm-up"
         print(
-            f"  {kind:7s} {tool:8s} {method:9s} {wall:8.2f}s  peak RSS {rss / 2**30:6.2f} GiB  {status}",
+            f"  {kind:7s} {tool:8s} {method:9s} {wall:8.2f}s wall {cpu:8.2f}s CPU  "
+            f"peak RSS {rss / 2**30:6.2f} GiB  {status}",
             flush=True,
         )
         if record:
@@ -482,17 +485,18 @@ def _fmt(x: float, spec: str, suffix: str = "") -> str:
 def markdown_table(
     results: list[RunResult], input_bytes: dict[str, int], methods: Sequence[str], tools: Sequence[str]
 ) -> str:
-    """Median wall time, peak RSS and input GB/s per tool and method, with ratio columns."""
+    """Median wall time, peak RSS, input GB/s and CPU time per tool and method, with ratios."""
     lines = [
         (
             "| method | input GB | souplm s | mergekit s | time ratio (mk/souplm) | souplm peak RSS GiB "
-            "| mergekit peak RSS GiB | RSS ratio (mk/souplm) | souplm GB/s | mergekit GB/s |"
+            "| mergekit peak RSS GiB | RSS ratio (mk/souplm) | souplm GB/s | mergekit GB/s "
+            "| souplm CPU s | mergekit CPU s | CPU ratio (mk/souplm) |"
         ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in methods:
         gb = input_bytes[m] / 1e9
-        cells: dict[str, tuple[float, float]] = {}
+        cells: dict[str, tuple[float, float, float]] = {}
         fails: dict[str, int] = {}
         for t in TOOLS:
             runs = [r for r in results if r.tool == t and r.method == m]
@@ -502,19 +506,22 @@ def markdown_table(
                 cells[t] = (
                     _median([r.wall_s for r in good]),
                     _median([r.peak_rss_bytes / 2**30 for r in good]),
+                    _median([r.cpu_s for r in good]),
                 )
             else:
-                cells[t] = (float("nan"), float("nan"))
+                cells[t] = (float("nan"), float("nan"), float("nan"))
 
         shown = {
             t: [("FAILED" if fails[t] and math.isnan(v) else _fmt(v, ".2f")) for v in cells[t]] for t in TOOLS
         }
         ts, tm = cells["souplm"][0], cells["mergekit"][0]
         rs, rm = cells["souplm"][1], cells["mergekit"][1]
+        cs, cm = cells["souplm"][2], cells["mergekit"][2]
         lines.append(
             f"| {m} | {gb:.2f} | {shown['souplm'][0]} | {shown['mergekit'][0]} | {_fmt(tm / ts, '.1f', 'x')} "
             f"| {shown['souplm'][1]} | {shown['mergekit'][1]} | {_fmt(rm / rs, '.2f', 'x')} "
-            f"| {_fmt(gb / ts, '.2f')} | {_fmt(gb / tm, '.2f')} |"
+            f"| {_fmt(gb / ts, '.3g')} | {_fmt(gb / tm, '.3g')} "
+            f"| {shown['souplm'][2]} | {shown['mergekit'][2]} | {_fmt(cm / cs, '.1f', 'x')} |"
         )
     return "\n".join(lines)
 
