@@ -9,7 +9,8 @@ souplm scales out on the launcher its users already train with:
 
 `init()` reads torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) or, inside an
 `srun` step, SLURM's (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID, the step's first node as
-the master). It picks nccl when CUDA is there and gloo otherwise. Without those variables, or with
+the master). With CUDA it uses nccl for GPU tensors and gloo for CPU ones (small objects, a run
+with `device: cpu`); without, gloo. Without those variables, or with
 a world of one process, nothing is initialised and every helper below acts as the identity, so
 library code calls them unconditionally.
 
@@ -96,7 +97,7 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> bool:
     if not dist.is_available():
         raise SoupError("this torch build has no torch.distributed, but WORLD_SIZE > 1 was set")
     cuda = torch.cuda.is_available()
-    backend = backend or ("nccl" if cuda else "gloo")
+    backend = backend or ("cpu:gloo,cuda:nccl" if cuda else "gloo")
     if cuda:
         # So `cuda` (no index) means this process's GPU everywhere downstream.
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -160,10 +161,15 @@ def local_device(device: str | None = None) -> torch.device:
 
 
 def _comm_device() -> torch.device:
-    """Where tensors handed to the backend live: nccl wants this rank's GPU, gloo the CPU."""
-    if is_distributed() and dist.get_backend() == "nccl":
+    """Where small tensors and pickled objects travel: the CPU when gloo is there, else this GPU."""
+    if is_distributed() and "gloo" not in str(dist.get_backend()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def _backend_takes(t: torch.Tensor) -> bool:
+    backend = str(dist.get_backend())
+    return ("nccl" if t.device.type == "cuda" else "gloo") in backend
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,11 +184,10 @@ def barrier() -> None:
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum `t` over ranks, in place; returns `t`."""
     if is_distributed():
-        dev = _comm_device()
-        if t.device == dev:
+        if _backend_takes(t):
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        else:  # e.g. a CPU scalar under nccl
-            buf = t.to(dev)
+        else:  # e.g. a CPU scalar under nccl alone
+            buf = t.to(_comm_device())
             dist.all_reduce(buf, op=dist.ReduceOp.SUM)
             t.copy_(buf)
     return t
