@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
-from helpers_eval import make_model_dir, make_tokenizer, mc_task, text_task
+from helpers_eval import make_llava_dir, make_model_dir, make_tokenizer, mc_task, text_task, write_task
 
 from souplm.errors import SoupError
 from souplm.evaluate.runner import evaluate
@@ -100,6 +100,21 @@ def test_sweep_never_reloads_and_resumes_from_cache(models, tasks, tmp_path, mon
     # A complete rerun touches no weights at all.
     sweep([models["a"], models["b"]], "0:1:0.25", tasks, cache=cache, progress=False)
     assert len(loads) == 2 and len(soups) == 5
+
+
+def test_sweep_of_two_llavas_endpoints_and_streaming(tasks, tmp_path):
+    from PIL import Image
+
+    a, b = make_llava_dir(tmp_path / "la", seed=0), make_llava_dir(tmp_path / "lb", seed=1)
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
+    vqa = write_task(tmp_path, "vqa", {"kind": "vqa", "max_new_tokens": 2},
+                     [{"image": "red.png", "question": "colour?", "answer": "red"}])
+    res = sweep([a, b], "0,1", [vqa, tasks[0]], cache=None, progress=False)
+    own_b = evaluate(b, [tasks[0]], progress=False)["results"]["text-ppl"]["score"]
+    assert res.score(0.0, "text-ppl") == pytest.approx(own_b, rel=1e-6)
+    # Re-reading the bases from disk per alpha gives the same soups as holding them in memory.
+    streamed = sweep([a, b], "0,1", [tasks[0]], cache=None, progress=False, in_memory=False)
+    assert streamed.score(1.0, "text-ppl") == pytest.approx(res.score(1.0, "text-ppl"), rel=1e-6)
 
 
 def test_sweep_needs_two_models(models, tasks):
