@@ -20,32 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed as D
-from ..errors import SoupError
 from .cache import ResultCache, as_cache, model_hash
 from .lm import LanguageModel
-from .runner import N_SAMPLES, aggregate, evaluate, score_rows, task_result
-from .tasks import Task, load_task
-
-
-def _model_getter(model_or_dir: Any, batch_size: int, device: str | None, dtype: str,
-                  progress: bool) -> Callable[[], LanguageModel]:
-    """A function that returns the model, loading (or building) it on first use only."""
-    made: list[LanguageModel] = []
-
-    def get() -> LanguageModel:
-        if not made:
-            if isinstance(model_or_dir, (str, Path)):
-                from .lm import HFModel, load_model
-
-                model, tok, proc = load_model(model_or_dir, device=device, dtype=dtype)
-                made.append(HFModel(model, tok, proc, batch_size=batch_size, progress=progress))
-            elif isinstance(model_or_dir, LanguageModel):
-                made.append(model_or_dir)
-            else:
-                made.append(model_or_dir())
-        return made[0]
-
-    return get
+from .runner import N_SAMPLES, aggregate, checked_tasks, evaluate, model_getter, score_rows, task_result
+from .tasks import Task
 
 
 def score_task_sharded(get_lm: Callable[[], LanguageModel], task: Task, limit: int | None) -> dict[str, Any]:
@@ -80,15 +58,7 @@ def evaluate_parallel(
     if not D.is_distributed():
         return evaluate(model_or_dir, tasks, limit=limit, batch_size=batch_size, cache=cache, model_key=model_key,
                         device=device, dtype=dtype, progress=progress, task_cache_dir=task_cache_dir)
-    if limit is not None and limit < 1:
-        raise SoupError(f"--limit must be at least 1, not {limit}")
-    if isinstance(model_or_dir, (str, Path)) and not (Path(model_or_dir) / "config.json").is_file():
-        raise SoupError(f"{model_or_dir}: not a model directory (no config.json)")
-    task_objs = [load_task(t, cache_dir=task_cache_dir) for t in tasks]
-    names = [t.name for t in task_objs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise SoupError(f"task(s) given twice: {', '.join(dup)}")
+    task_objs = checked_tasks(model_or_dir, tasks, limit, task_cache_dir)
     store = as_cache(cache)
     if isinstance(model_or_dir, (str, Path)):
         # Hashing a large model is minutes of reading: rank 0 does it, the others are told.
@@ -97,7 +67,7 @@ def evaluate_parallel(
     else:
         key = model_key or ""
         label = model_key or type(model_or_dir).__name__
-    get_lm = _model_getter(model_or_dir, batch_size, device, dtype, progress and D.is_main())
+    get_lm = model_getter(model_or_dir, batch_size, device, dtype, progress and D.is_main())
 
     results: dict[str, Any] = {}
     for task in task_objs:

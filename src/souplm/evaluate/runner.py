@@ -163,19 +163,38 @@ def task_result(task: Task, metrics: dict[str, float], n: int, limit: int | None
     }
 
 
-class _LazyModel:
-    """Loads a model dir on first use, so a fully cached rerun never touches the weights."""
+def checked_tasks(model_or_dir, tasks, limit: int | None, task_cache_dir) -> list[Task]:
+    """The checks every evaluation entry point makes before loading anything; returns the tasks."""
+    if limit is not None and limit < 1:
+        raise SoupError(f"--limit must be at least 1, not {limit}")
+    if isinstance(model_or_dir, (str, Path)) and not (Path(model_or_dir) / "config.json").is_file():
+        raise SoupError(f"{model_or_dir}: not a model directory (no config.json)")
+    task_objs = [load_task(t, cache_dir=task_cache_dir) for t in tasks]
+    names = [t.name for t in task_objs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise SoupError(f"task(s) given twice: {', '.join(dup)}")
+    return task_objs
 
-    def __init__(self, model_dir: Path, batch_size: int, device: str | None, dtype: str, progress: bool):
-        self.args = (model_dir, batch_size, device, dtype, progress)
-        self.lm: HFModel | None = None
 
-    def get(self) -> HFModel:
-        if self.lm is None:
-            model_dir, batch_size, device, dtype, progress = self.args
-            model, tok, proc = load_model(model_dir, device=device, dtype=dtype)
-            self.lm = HFModel(model, tok, proc, batch_size=batch_size, progress=progress)
-        return self.lm
+def model_getter(model_or_dir: Any, batch_size: int, device: str | None, dtype: str,
+                 progress: bool) -> Callable[[], LanguageModel]:
+    """A function that returns the model, loading (or building, for a factory) it on first use only:
+    a fully cached evaluation never loads the model."""
+    made: list[LanguageModel] = []
+
+    def get() -> LanguageModel:
+        if not made:
+            if isinstance(model_or_dir, (str, Path)):
+                model, tok, proc = load_model(model_or_dir, device=device, dtype=dtype)
+                made.append(HFModel(model, tok, proc, batch_size=batch_size, progress=progress))
+            elif isinstance(model_or_dir, LanguageModel):
+                made.append(model_or_dir)
+            else:
+                made.append(model_or_dir())
+        return made[0]
+
+    return get
 
 
 def evaluate(
@@ -199,42 +218,18 @@ def evaluate(
     (model content hash, task, task version, limit); an in-memory model is cached only when the caller
     names it with `model_key` (a sweep passes the soup's key).
     """
-    if limit is not None and limit < 1:
-        raise SoupError(f"--limit must be at least 1, not {limit}")
-    if isinstance(model_or_dir, (str, Path)) and not (Path(model_or_dir) / "config.json").is_file():
-        raise SoupError(f"{model_or_dir}: not a model directory (no config.json)")
-    task_objs = [load_task(t, cache_dir=task_cache_dir) for t in tasks]
-    names = [t.name for t in task_objs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise SoupError(f"task(s) given twice: {', '.join(dup)}")
+    task_objs = checked_tasks(model_or_dir, tasks, limit, task_cache_dir)
     store = as_cache(cache)
 
     if isinstance(model_or_dir, (str, Path)):
-        model_dir = Path(model_or_dir)
-        key = model_key or (model_hash(model_dir) if store else str(model_dir))
-        lazy = _LazyModel(model_dir, batch_size, device, dtype, progress)
-        get_lm = lazy.get
-        label = str(model_dir)
-    elif isinstance(model_or_dir, LanguageModel):
+        key = model_key or (model_hash(model_or_dir) if store else str(model_or_dir))
+        label = str(model_or_dir)
+    elif isinstance(model_or_dir, LanguageModel) or callable(model_or_dir):
         key = model_key or ""
-        lm = model_or_dir
-        get_lm = lambda: lm
-        label = model_key or type(model_or_dir).__name__
-    elif callable(model_or_dir):
-        # A factory: called on the first cache miss only (a sweep soups into its model lazily).
-        key = model_key or ""
-        made: list[LanguageModel] = []
-        factory = model_or_dir
-
-        def get_lm() -> LanguageModel:
-            if not made:
-                made.append(factory())
-            return made[0]
-
-        label = model_key or "model"
+        label = model_key or (type(model_or_dir).__name__ if isinstance(model_or_dir, LanguageModel) else "model")
     else:
         raise SoupError(f"cannot evaluate a {type(model_or_dir).__name__}: give a model dir or a LanguageModel")
+    get_lm = model_getter(model_or_dir, batch_size, device, dtype, progress)
 
     results: dict[str, Any] = {}
     for task in task_objs:
