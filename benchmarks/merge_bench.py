@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -336,6 +337,8 @@ class RunResult:
     peak_rss_bytes: int
     returncode: int
     cpu_s: float = float("nan")
+    peak_anon_bytes: int = 0
+    peak_file_bytes: int = 0
     stderr_tail: str = ""
 
     @property
@@ -344,22 +347,81 @@ class RunResult:
         return self.returncode == 0
 
 
-def run_measured(cmd: Sequence[str], env: dict[str, str], log_path: Path) -> tuple[float, int, int, float]:
-    """Run ``cmd``; return (wall seconds, peak RSS bytes, return code, CPU seconds) of the child.
+class RssSampler(threading.Thread):
+    """Samples ``RssAnon`` / ``RssFile`` of a process from ``/proc/PID/status`` and keeps the peaks.
+
+    ``ru_maxrss`` counts both anonymous memory (tensors the process allocated) and file-backed
+    pages of memory-mapped inputs that it touched (safetensors files are mmapped); the split
+    tells which of the two drives a peak. Sampling (every ``interval`` s) can miss short spikes.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.path = Path(f"/proc/{pid}/status")
+        self.interval = interval
+        self.peak_anon = 0
+        self.peak_file = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        """Poll until stopped or the process is gone."""
+        while not self._stop_event.is_set():
+            try:
+                text = self.path.read_text()
+            except OSError:
+                return
+            for line in text.splitlines():
+                if line.startswith("RssAnon:"):
+                    self.peak_anon = max(self.peak_anon, int(line.split()[1]) * 1024)
+                elif line.startswith("RssFile:"):
+                    self.peak_file = max(self.peak_file, int(line.split()[1]) * 1024)
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        """Stop polling and wait for the thread."""
+        self._stop_event.set()
+        self.join()
+
+
+@dataclass
+class Measurement:
+    """What :func:`run_measured` observed of one child process."""
+
+    wall_s: float
+    peak_rss_bytes: int
+    returncode: int
+    cpu_s: float
+    peak_anon_bytes: int
+    peak_file_bytes: int
+
+
+def run_measured(cmd: Sequence[str], env: dict[str, str], log_path: Path) -> Measurement:
+    """Run ``cmd`` with stdout/stderr to ``log_path`` and measure the child process.
 
     Peak RSS and CPU time (user + system) come from ``os.wait4``'s rusage of the child
     (``ru_maxrss`` is in KiB on Linux), which also covers descendants the child waited for.
     CPU time is far less sensitive than wall time to other processes sharing the machine.
+    The anonymous / file-backed split of RSS is sampled by :class:`RssSampler`.
     """
     with open(log_path, "wb") as logf:
         t0 = time.perf_counter()
         proc = subprocess.Popen(
             list(cmd), stdout=logf, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL
         )
+        sampler = RssSampler(proc.pid)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
+        sampler.stop()
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, int(usage.ru_maxrss) * 1024, proc.returncode, usage.ru_utime + usage.ru_stime
+    return Measurement(
+        wall,
+        int(usage.ru_maxrss) * 1024,
+        proc.returncode,
+        usage.ru_utime + usage.ru_stime,
+        sampler.peak_anon,
+        sampler.peak_file,
+    )
 
 
 def preread(paths: Sequence[Path]) -> int:
@@ -412,13 +474,25 @@ class Bench:
         out.parent.mkdir(parents=True, exist_ok=True)
         os.sync()
         log = out.parent / f"{tool}-{method}.log"
-        wall, rss, rc, cpu = run_measured(self.command(tool, recipe, out), self.env, log)
-        res = RunResult(tool, method, wall, rss, rc, cpu, "" if rc == 0 else _tail(log))
+        meas = run_measured(self.command(tool, recipe, out), self.env, log)
+        wall, rss, rc, cpu = meas.wall_s, meas.peak_rss_bytes, meas.returncode, meas.cpu_s
+        res = RunResult(
+            tool,
+            method,
+            wall,
+            rss,
+            rc,
+            cpu,
+            meas.peak_anon_bytes,
+            meas.peak_file_bytes,
+            "" if rc == 0 else _tail(log),
+        )
         status = "ok" if rc == 0 else f"FAILED rc={rc} (log: {log})"
         kind = "run" if record else "warm-up"
         print(
             f"  {kind:7s} {tool:8s} {method:9s} {wall:8.2f}s wall {cpu:8.2f}s CPU  "
-            f"peak RSS {rss / 2**30:6.2f} GiB  {status}",
+            f"peak RSS {rss / 2**30:6.2f} GiB (anon {meas.peak_anon_bytes / 2**30:.2f}, "
+            f"file {meas.peak_file_bytes / 2**30:.2f})  {status}",
             flush=True,
         )
         if record:
@@ -524,6 +598,37 @@ def markdown_table(
             f"| {shown['souplm'][2]} | {shown['mergekit'][2]} | {_fmt(cm / cs, '.1f', 'x')} |"
         )
     return "\n".join(lines)
+
+
+def memory_table(results: list[RunResult], methods: Sequence[str], tools: Sequence[str]) -> str:
+    """Median sampled peaks of anonymous and file-backed (mmapped input) RSS per tool and method."""
+    head = "| method |" + "".join(f" {t} anon GiB | {t} file-backed GiB |" for t in tools)
+    lines = [head, "|---|" + "---:|---:|" * len(tools)]
+    for m in methods:
+        row = f"| {m} |"
+        for t in tools:
+            good = [r for r in results if r.tool == t and r.method == m and r.ok]
+            anon = _median([r.peak_anon_bytes / 2**30 for r in good])
+            filed = _median([r.peak_file_bytes / 2**30 for r in good])
+            row += f" {_fmt(anon, '.2f')} | {_fmt(filed, '.2f')} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def souplm_revision() -> str:
+    """souplm's version and the git commit of the checkout this script sits in (if any)."""
+    try:
+        from souplm import __version__ as version
+    except ImportError:
+        version = "not importable"
+    res = subprocess.run(
+        ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    commit = res.stdout.strip() if res.returncode == 0 else "unknown"
+    return f"souplm {version} (git {commit})"
 
 
 def machine_info() -> str:
@@ -742,13 +847,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({safetensors_bytes(dirs['base']) / 1e9:.2f} GB per model, {spec.shards} shards)"
         ),
         (
-            f"Tools: `souplm merge RECIPE -o OUT` vs `mergekit-yaml RECIPE OUT` "
+            f"Tools: `souplm merge RECIPE -o OUT` ({souplm_revision()}) vs `mergekit-yaml RECIPE OUT` "
             f"(mergekit {MERGEKIT_VERSION}, default options, CPU); same recipe file, `dtype: bfloat16`; "
             f"median of {args.repeats} run(s), inputs pre-read into the page cache, "
             f"{'one untimed warm-up per tool, ' if warmup else ''}tool order alternated."
         ),
         "",
         table,
+        "",
+        (
+            "Peak RSS split (sampled every 50 ms from /proc/PID/status): anonymous memory vs file-backed "
+            "pages of memory-mapped inputs; both count in peak RSS."
+        ),
+        "",
+        memory_table(bench.results, args.methods, args.tools),
         "",
     ]
     if verification is not None:
