@@ -21,8 +21,8 @@ def drop_and_rescale(delta: torch.Tensor, density: float, gen: torch.Generator) 
         return delta
     if density <= 0.0:
         return torch.zeros_like(delta)
-    keep = torch.rand(delta.shape, generator=gen) < density
-    return delta * keep / density
+    keep = torch.rand(delta.shape, generator=gen).lt_(density)  # 1.0 kept, 0.0 dropped, in place
+    return delta.mul_(keep).div_(density)
 
 
 def _sparse_deltas(tensors, base, density, generators):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from .registry import broadcast, register
@@ -27,29 +30,41 @@ def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(bits >= threshold, delta, 0.0)  # where beats masked_fill_ on CPU
 
 
+def trim_all(deltas: list[torch.Tensor], density: torch.Tensor) -> list[torch.Tensor]:
+    """Trim every task vector, one thread per model: `kthvalue` runs on one core and releases the
+    GIL, so on a multi-core machine the models' selections run side by side."""
+    if len(deltas) == 1 or all(float(p) >= 1.0 for p in density):
+        return [trim_to_density(d, float(p)) for d, p in zip(deltas, density)]
+    with ThreadPoolExecutor(max_workers=min(len(deltas), os.cpu_count() or 1)) as pool:
+        return list(pool.map(trim_to_density, deltas, [float(p) for p in density]))
+
+
 def elect_and_merge(deltas: list[torch.Tensor], weight: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """Sign election and disjoint (weighted) mean of task vectors.
+    """Sign election and disjoint (weighted) mean of task vectors (consumed: overwritten in place).
 
     sign = sign(sum_i w_i d_i); model i agrees at an entry when w_i d_i has that sign (and d_i != 0);
     the result is sum over agreeing i of w_i d_i, divided by the agreeing weight mass when normalizing.
-    Written as running sums so that no [N, ...] stack is materialised.
+    Written as running sums over a few reused buffers: no [N, ...] stack, no temporary per model.
     """
     w = broadcast(weight, deltas[0])
-    sign = torch.zeros_like(deltas[0])
-    for d, wi in zip(deltas, w):
+    sign = deltas[0] * w[0]
+    for d, wi in zip(deltas[1:], w[1:]):
         sign.addcmul_(d, wi)
     sign.sign_()
     merged = torch.zeros_like(sign)
     mass = torch.zeros_like(sign) if normalize else None
+    agree = torch.empty_like(sign)
     for d, wi in zip(deltas, w):
-        wd = d * wi
-        agree = (wd * sign) > 0  # same sign as elected and non-zero
-        merged.add_(torch.where(agree, wd, 0.0))
+        d.mul_(wi)  # w_i d_i
+        torch.mul(d, sign, out=agree).gt_(0.0)  # 1.0 where it has the elected sign (and is non-zero)
+        merged.addcmul_(d, agree)
         if mass is not None:
-            mass.add_(agree * wi)
+            mass.addcmul_(agree, wi)
     if mass is not None:
-        merged.div_(torch.where(mass == 0, 1.0, mass))
+        merged.div_(mass.masked_fill_(mass == 0, 1.0))
     return merged
+
+
 @register(
     "ties",
     needs_base=True,
@@ -61,5 +76,5 @@ def elect_and_merge(deltas: list[torch.Tensor], weight: torch.Tensor, normalize:
 )
 def ties(tensors, base, weight, density, normalize=True, **g):
     """base + lambda * disjoint_mean(elect_sign(trim(theta_i - base, density_i)))."""
-    deltas = [trim_to_density(d, float(p)) for d, p in zip(task_vectors(tensors, base), density)]
+    deltas = trim_all(task_vectors(tensors, base), density)
     return base + g.get("lambda", 1.0) * elect_and_merge(deltas, weight, normalize)
