@@ -106,6 +106,21 @@ def test_ties_matches_reference(density, normalize):
     np.testing.assert_allclose(got, expect, atol=1e-5)
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 300_000), frac=st.floats(0.0, 1.0), distinct=st.integers(1, 1000), seed=st.integers(0, 99))
+def test_kth_largest_is_exact(n, frac, distinct, seed):
+    """The banded selection against a full sort, with heavy ties (few distinct values) and zeros."""
+    from souplm.methods.ties import kth_largest
+
+    g = np.random.default_rng(seed)
+    mag = np.abs(g.standard_normal(n)).astype(np.float32)
+    if distinct < 1000:
+        mag = np.round(mag * distinct) / distinct
+    k = min(max(int(frac * n), 1), n)
+    expect = np.sort(mag)[::-1][k - 1]
+    assert float(kth_largest(torch.from_numpy(mag), k)) == expect
+
+
 def test_dare_linear_drops_and_rescales():
     base = rand(200, 50)
     ft = base + rand(200, 50)

@@ -11,23 +11,47 @@ from .registry import broadcast, register
 from .task_arithmetic import task_vectors
 
 
+def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact k-th largest entry of a non-negative tensor, in O(n) with a few vectorised passes.
+
+    A strided sample brackets the answer in [lo, hi]; counting the entries above hi tells which rank
+    to select inside the thin band [lo, hi], where `kthvalue` runs on a small fraction of the data.
+    The count proves the bracket right; if the sample misled us, a full `kthvalue` answers instead.
+    About twice as fast as `kthvalue` on the whole tensor, which is most of TIES's time.
+    """
+    flat = mag.reshape(-1)
+    n = flat.numel()
+    if n <= 65536:
+        return flat.kthvalue(n - k + 1).values
+    sample = flat[:: n // 32768].sort().values
+    m = sample.numel()
+    pos = (n - k) / (n - 1) * (m - 1)  # where the k-th largest sits in the sorted sample
+    slack = 4 * m**0.5  # a few standard deviations of a sample quantile's rank error
+    lo_i, hi_i = max(int(pos - slack), 0), min(int(pos + slack) + 1, m - 1)
+    lo = sample[lo_i] if lo_i > 0 else flat.new_zeros(())
+    hi = sample[hi_i] if hi_i < m - 1 else flat.max()
+    above = int((flat > hi).sum())
+    band = flat[(flat >= lo) & (flat <= hi)]
+    need = k - above  # rank of the answer inside the band, counted from its top
+    if not 1 <= need <= band.numel():
+        return flat.kthvalue(n - k + 1).values
+    return band.kthvalue(band.numel() - need + 1).values
+
+
 def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Zero all but the `density` fraction of entries with the largest magnitude.
 
     A k-th value threshold (selection, O(n)) replaces a full sort; entries tied with the threshold
-    are all kept. Non-negative floats order like their int32 bit patterns, and integer selection is
-    about twice as fast, so the threshold is found on that view.
+    are all kept.
     """
     if density >= 1.0:
         return delta
     n = delta.numel()
-    k = round(density * n)
+    k = int(round(density * n))
     if k <= 0:
         return delta.zero_()
     mag = delta.abs()
-    bits = mag.view(torch.int32) if mag.dtype == torch.float32 else mag
-    threshold = bits.reshape(-1).kthvalue(n - k + 1).values
-    return torch.where(bits >= threshold, delta, 0.0)  # where beats masked_fill_ on CPU
+    return delta.mul_(mag.ge_(kth_largest(mag, k)))  # mag becomes the 0/1 keep mask, in place
 
 
 def trim_all(deltas: list[torch.Tensor], density: torch.Tensor) -> list[torch.Tensor]:
