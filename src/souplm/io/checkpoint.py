@@ -138,13 +138,13 @@ class Checkpoint:
             raise SoupError(f"{self.path}: has no tensor {canonical}") from None
 
     # -- tensors -----------------------------------------------------------------------------
-    def _raw(self, name: str) -> torch.Tensor:
+    def _raw(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         try:
             f = self._where[name]
         except KeyError:
             raise SoupError(f"{self.path}: has no tensor {name}") from None
         src = self._files[f]
-        return src.get(name) if isinstance(src, SafetensorsFile) else src[name]
+        return src.get(name, dtype) if isinstance(src, SafetensorsFile) else src[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
         src = self._files[self._where[name]]
@@ -162,11 +162,10 @@ class Checkpoint:
 
     def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """A fresh tensor by stored name, converted to `dtype` (None: as stored)."""
-        t = self._raw(name)
-        if dtype is None or t.dtype == dtype:
-            # safetensors reads are fresh buffers; pickled state dicts are shared, so copy those
-            return t if isinstance(self._files[self._where[name]], SafetensorsFile) else t.clone()
-        return t.to(dtype)
+        if isinstance(self._files.get(self._where.get(name)), SafetensorsFile):
+            return self._raw(name, dtype)  # read and converted in one go, always a fresh tensor
+        t = self._raw(name)  # a pickled state dict's tensor is shared: hand out a copy
+        return t.clone() if dtype is None or t.dtype == dtype else t.to(dtype)
 
     def get_canonical(self, canonical: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         return self.get(self.stored_name(canonical), dtype)

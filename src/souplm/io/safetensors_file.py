@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,16 +61,29 @@ class SafetensorsFile:
         size = os.fstat(self._fh.fileno()).st_size
         self.tensors, self.metadata = _parse_header(self._fh, size, self.path)
 
-    def get(self, name: str) -> torch.Tensor:
-        """A fresh tensor holding the stored bytes."""
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A fresh tensor holding the stored values, converted to `dtype` when given.
+
+        A conversion reads into a per-thread scratch buffer that is reused across tensors, so only
+        the converted tensor is a new allocation (fresh pages cost page faults, a third of a merge's
+        system time)."""
         info = self.tensors[name]
-        out = torch.empty(info.shape, dtype=info.dtype)
-        if info.nbytes:
-            view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
-            got = os.preadv(self._fh.fileno(), [view], info.start)
-            if got != info.nbytes:
-                raise SoupError(f"{self.path}: short read of tensor {name} ({got} of {info.nbytes} bytes)")
-        return out
+        if dtype is None or dtype == info.dtype or not info.nbytes:
+            out = torch.empty(info.shape, dtype=info.dtype)
+            self._read_into(name, out)
+            return out if dtype is None else out.to(dtype)
+        scratch = _scratch(info.nbytes)[: info.nbytes]
+        self._read_into(name, scratch)
+        return scratch.view(info.dtype).view(info.shape).to(dtype)
+
+    def _read_into(self, name: str, out: torch.Tensor) -> None:
+        info = self.tensors[name]
+        if not info.nbytes:
+            return
+        view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+        got = os.preadv(self._fh.fileno(), [view], info.start)
+        if got != info.nbytes:
+            raise SoupError(f"{self.path}: short read of tensor {name} ({got} of {info.nbytes} bytes)")
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of dim 0 as a fresh tensor: one contiguous byte range, so a process
@@ -91,6 +105,17 @@ class SafetensorsFile:
 
     def close(self) -> None:
         self._fh.close()
+
+
+_local = threading.local()
+
+
+def _scratch(nbytes: int) -> torch.Tensor:
+    """This thread's reusable byte buffer, grown to the largest tensor it has read."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _local.buf = torch.empty(nbytes, dtype=torch.uint8)
+    return buf
 
 
 def _parse_header(fh, size: int, path: Path) -> tuple[dict[str, TensorInfo], dict]:
