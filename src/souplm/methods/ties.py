@@ -47,7 +47,7 @@ def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
     if density >= 1.0:
         return delta
     n = delta.numel()
-    k = int(round(density * n))
+    k = round(density * n)
     if k <= 0:
         return delta.zero_()
     mag = delta.abs()
