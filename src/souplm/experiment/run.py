@@ -547,6 +547,14 @@ def unit_alphas(ctx: Context, run: dict[str, Any]) -> dict[str, float]:
     return {k: float(v[0]) for k, v in table.coefficients.items() if k != "default"}
 
 
+def role_table(ctx: Context, run: dict[str, Any]) -> Any:
+    """A learned run's table with the models named by their roles (LLaVA, Vicuna), for the plots."""
+    from souplm.coefficients import CoefficientTable
+
+    table = CoefficientTable.load(ctx.work / run["table"])
+    return CoefficientTable([_role_of(ctx, m) for m in table.models], table.coefficients, table.meta)
+
+
 def alpha_agreement(ref: dict[str, float], other: dict[str, float]) -> dict[str, float]:
     """How alike two alpha distributions are: side of 0.5 per unit, correlation, distance from 0.5."""
     keys = sorted(set(ref) & set(other))
@@ -560,17 +568,26 @@ def alpha_agreement(ref: dict[str, float], other: dict[str, float]) -> dict[str,
 # -------------------------------------------------------------------------------------------- steps
 
 
+def _drop_svg(folder: Path) -> None:
+    """Keep the PNGs only: RESULTS.md shows those, and the SVG twins would double what git stores."""
+    for p in folder.glob("*.svg"):
+        p.unlink()
+
+
 def step_vanilla(ctx: Context) -> dict[str, Any]:
     """Step 1: the vanilla sweep of alpha * LLaVA + (1 - alpha) * Vicuna, with the Figure 1 plot."""
-    from souplm.search.sweep import sweep, write_outputs
+    from souplm.plots.sweep import plot_sweep
+    from souplm.search.sweep import sweep
 
     res = sweep(ctx.pair_paths, list(ctx.settings.alphas), ctx.test_tasks, out_dir=None, cache=ctx.store,
                 batch_size=ctx.settings.eval_batch, progress=ctx.progress, vocab_policy="extend")
-    figures = ctx.out / "results"
-    write_outputs(res, ctx.work / "sweep")
-    from souplm.plots.sweep import plot_sweep
-
-    plot_sweep(res, figures / "vanilla_sweep", title="Vanilla soup: alpha * LLaVA + (1 - alpha) * Vicuna")
+    sweep_dir = ctx.work / "sweep"  # the sweep's own tables, as `souplm sweep` writes them
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    res.to_csv(sweep_dir / "sweep.csv")
+    (sweep_dir / "sweep.md").write_text(res.to_markdown())
+    (sweep_dir / "sweep.json").write_text(json.dumps(res.to_json(), indent=1))
+    plot_sweep(res, ctx.out / "results" / "vanilla_sweep", title="Vanilla soup: alpha * LLaVA + (1 - alpha) * Vicuna")
+    _drop_svg(ctx.out / "results")
     per_task = {}
     for info in ctx.data.info["tasks"]:
         name, hib, margin = info["name"], info["higher_is_better"], info["min_margin"]
@@ -647,9 +664,11 @@ def step_regularized(ctx: Context, learnable: dict[str, Any]) -> dict[str, Any]:
     fig_reg = ctx.out / "results" / "alphas_regularized"
     for folder in (fig_meta, fig_reg):
         shutil.rmtree(folder, ignore_errors=True)
-    plot_alphas([ctx.work / r["table"] for r in singles], fig_meta, labels=names, model=0)
+    plot_alphas([role_table(ctx, r) for r in singles], fig_meta, labels=names, model=0)
     reg_labels = ["lambda 0"] + [f"lambda {lam:g}" for lam in s.lambdas]
-    plot_alphas([ctx.work / r["table"] for r in [free, *runs]], fig_reg, labels=reg_labels, model=0)
+    plot_alphas([role_table(ctx, r) for r in [free, *runs]], fig_reg, labels=reg_labels, model=0)
+    for folder in (fig_meta, fig_reg):
+        _drop_svg(folder)
     stable = all(c["stable"] for c in comparisons)
     return {
         "pair": "+".join(pair), "activation": "softmax", "reference": free["id"], "runs": runs,
@@ -1109,8 +1128,10 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"{n_tasks}.")
     st = cl["stable_under_regularization"]
     add(f"- Alpha patterns are stable under regularization: {_holds(st['holds'])}; units on the same side of "
-        "0.5 as without the penalty: " + ", ".join(f"{fmt(c['sign_agreement'])} at lambda {c['lambda']:g}"
-                                                     for c in st["comparisons"]) + ".")
+        "0.5 as without the penalty, and the correlation of alpha - 0.5 with it: " + ", ".join(
+            f"{fmt(c['sign_agreement'])} and {fmt(c['correlation'])} at lambda {c['lambda']:g}"
+            for c in st["comparisons"]) + f" (stable: at least {fmt(st['thresholds']['sign_agreement'])} and "
+        f"{fmt(st['thresholds']['correlation'])} at every lambda).")
     fg = cl["finer_granularity_helps"]
     add(f"- Finer (per-mapping) granularity helps by itself: {_holds(fg['holds'])}; per-mapping beats the "
         f"whole-model alpha on {fg['wins']} of {n_tasks} tasks, {fg['beyond_noise']} of them by more than "
