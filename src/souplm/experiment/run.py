@@ -116,6 +116,7 @@ class Settings:
     eval_batch: int = 8
 
     def to_json(self) -> dict[str, Any]:
+        """The settings as plain data (results.json records them)."""
         return asdict(self)
 
 
@@ -157,6 +158,7 @@ QUICK = replace(
 
 
 def log(msg: str) -> None:
+    """A progress line on stderr (kept in logs of background runs)."""
     print(f"[experiment] {msg}", file=sys.stderr, flush=True)
 
 
@@ -174,6 +176,7 @@ def check_packages() -> None:
 
 
 def stable_digest(obj: Any, n: int = 12) -> str:
+    """Short sha256 of a JSON-able object: names cache folders and soup keys."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
@@ -188,6 +191,7 @@ def write_if_changed(path: Path, text: str) -> None:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Rows as JSON lines (keys sorted, so the same rows give the same bytes and cache keys)."""
     write_if_changed(path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
 
 
@@ -201,6 +205,7 @@ def better(a: float, b: float, higher_is_better: bool, margin: float = 0.0) -> b
 
 
 def best_of(values: Sequence[float], higher_is_better: bool) -> float:
+    """The best value in the task's direction (NaN when there is none)."""
     vals = [v for v in values if not math.isnan(v)]
     if not vals:
         return float("nan")
@@ -208,16 +213,19 @@ def best_of(values: Sequence[float], higher_is_better: bool) -> float:
 
 
 def mean(values: Sequence[float]) -> float:
+    """Mean of the non-NaN values (NaN when there is none)."""
     vals = [v for v in values if not math.isnan(v)]
     return float(statistics.fmean(vals)) if vals else float("nan")
 
 
 def stdev(values: Sequence[float]) -> float:
+    """Sample standard deviation of the non-NaN values (0 for fewer than two)."""
     vals = [v for v in values if not math.isnan(v)]
     return float(statistics.stdev(vals)) if len(vals) > 1 else 0.0
 
 
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Pearson correlation (NaN when either side is constant or too short)."""
     if len(xs) < 2:
         return float("nan")
     mx, my = mean(xs), mean(ys)
@@ -262,6 +270,7 @@ def _spread(items: list, n: int) -> list:
 
 
 def _play_passages(plays: list[dict], chars: int) -> list[str]:
+    """Every play cut into passages of about `chars` characters, title pages left out."""
     from souplm.evaluate.builtin import passages
 
     out: list[str] = []
@@ -283,6 +292,7 @@ def collect_rows(s: Settings) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
 
     def vqa(r: dict) -> dict:
+        """A test/dev row of the vqa task."""
         return {"image": r["image"], "question": r["question"], "answer": r["answer"]}
 
     out["easy-vqa"] = [vqa(r) for r in sources.easy_vqa_rows("test", limit=t["easy-vqa"], seed=0)]
@@ -295,6 +305,7 @@ def collect_rows(s: Settings) -> dict[str, list[dict]]:
     ]
 
     def qa(r: dict) -> dict:
+        """A test/dev row of the math task."""
         return {"question": r["question"], "answer": str(r["answer"])}
 
     out["math"] = [qa(r) for r in sources.math_problems("test", limit=t["math"])]
@@ -318,6 +329,7 @@ def collect_rows(s: Settings) -> dict[str, list[dict]]:
                                dev_passages[d["shakespeare-ppl"] : d["shakespeare-ppl"] + pool]]
 
     def instr(r: dict) -> dict:
+        """A test/dev row of the instruction perplexity task."""
         return {"prompt": r["prompt"], "response": r["response"]}
 
     test = sources.instruction_texts("test")
@@ -426,17 +438,17 @@ class Context:
 
     @property
     def pair_paths(self) -> list[str]:
+        """(LLaVA, Vicuna) folders: the vanilla and learnable soups' models, LLaVA first (its architecture)."""
         return [str(self.family["llava"]), str(self.family["smollm2"])]
 
     @property
     def test_tasks(self) -> list[Any]:
+        """The test tasks in the table order."""
         return [self.data.tasks[n] for n in TASKS]
-
-    def task_info(self, name: str) -> dict[str, Any]:
-        return next(t for t in self.data.info["tasks"] if t["name"] == name)
 
 
 def _role_of(ctx: Context, path: str) -> str:
+    """A model folder's name in the study (LLaVA, Vicuna, Math, Shakespeare)."""
     for stage, role in ROLES.items():
         if Path(path) == Path(ctx.family[stage]):
             return role
@@ -458,10 +470,12 @@ class LearnSpec:
 
     @property
     def meta_label(self) -> str:
+        """The meta sets as one label, e.g. `vqa+instruct`."""
         return "+".join(self.metas)
 
 
 def learn_config(ctx: Context, spec: LearnSpec, output: Path) -> dict[str, Any]:
+    """The `souplm learn` config of one learnable soup (no merged model: it is scored in memory)."""
     s = ctx.settings
     llava, vicuna = ctx.pair_paths
     return {
@@ -484,6 +498,7 @@ def learn_config(ctx: Context, spec: LearnSpec, output: Path) -> dict[str, Any]:
 
 
 def _data_digest(ctx: Context, spec: LearnSpec) -> list[str]:
+    """Content hashes of a soup's meta-set files: new data means a new soup folder."""
     return [hashlib.sha256(ctx.data.meta_sets[m].read_bytes()).hexdigest()[:16] for m in spec.metas]
 
 
@@ -867,6 +882,7 @@ def run_experiment(
 
 
 def _torch_threads() -> int:
+    """Threads torch computes on (recorded beside the wall times)."""
     import torch
 
     return int(torch.get_num_threads())
@@ -887,19 +903,23 @@ def fmt(v: Any, digits: int = 4) -> str:
 
 
 def _arrow(info: dict[str, Any]) -> str:
+    """↑ for higher-is-better metrics, ↓ for lower-is-better."""
     return "↑" if info["higher_is_better"] else "↓"
 
 
 def _header(doc: dict[str, Any], first: str) -> list[str]:
+    """Header and alignment rows of a table with one column per test task."""
     cells = [f"{t['name']} ({t['metric']} {_arrow(t)})" for t in doc["tasks"]]
     return [f"| {first} | " + " | ".join(cells) + " |", "|---|" + "---:|" * len(cells)]
 
 
 def _row(label: str, values: Sequence[str]) -> str:
+    """One markdown table row."""
     return f"| {label} | " + " | ".join(values) + " |"
 
 
 def _holds(flag: bool) -> str:
+    """The verdict of a claim, in bold."""
     return "**holds**" if flag else "**does not hold**"
 
 
@@ -1169,10 +1189,12 @@ def render_markdown(doc: dict[str, Any]) -> str:
 
 
 def default_out(quick: bool) -> Path:
+    """docs/ for the full run; the quick run goes to a scratch folder, never over docs/RESULTS.md."""
     return Path("scratch/experiment-quick") if quick else Path("docs")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line: check packages, find the family, run every step; 2 and a message on a SoupError."""
     parser = argparse.ArgumentParser(prog="python -m souplm.experiment.run", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="a few rows per task and a few learning steps, on the quick family")
