@@ -121,7 +121,12 @@ class session:
     def __enter__(self) -> bool:
         return init()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type, *exc: object) -> None:
+        # On success, wait for everyone before leaving: rank 0 may still be writing (a merged model)
+        # when the others finish, and a peer that tears gloo down first makes rank 0 abort at exit.
+        # Not after an error: a rank that failed never reaches the barrier and it would hang.
+        if exc_type is None and is_distributed():
+            dist.barrier()
         shutdown()
 
 
