@@ -121,7 +121,7 @@ class Settings:
 
 
 # Sized for about two hours on the 2-core machine, measured there with nothing else running: one soup
-# scored on every test task takes ~70 s (41 of them), learning one soup ~1-4 min (27 of them).
+# scored on every test task takes ~70 s (41 of them), learning one soup ~1-3 min (25 of them).
 FULL = Settings(
     mode="full",
     test_rows={"easy-vqa": 80, "math": 80, "shakespeare-ppl": 12, "shakespeare-mc": 80, "instruct-ppl": 20},
