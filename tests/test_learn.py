@@ -478,7 +478,17 @@ def test_fixed_units_are_not_learned(pair, tmp_path):
 # a LLaVA-style model: image rows, frozen vision tower, a vocabulary one row larger
 
 
-def test_llava_image_rows_soup_only_the_language_model(pair, tmp_path):
+# A text-only template that concatenates strings, as SmolLM2's and Vicuna's do: list content breaks it.
+STRING_ONLY_TEMPLATE = (
+    "{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] + '</s>' }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template_on", ["processor", "tokenizer_only"])
+def test_llava_image_rows_soup_only_the_language_model(pair, tmp_path, template_on):
+    import copy
+
     from PIL import Image
     from transformers import (
         CLIPImageProcessor,
@@ -496,9 +506,14 @@ def test_llava_image_rows_soup_only_the_language_model(pair, tmp_path):
         text_config=text_cfg, image_token_index=4, vision_feature_layer=-1))
     llava_dir = tmp_path / "llava"
     llava.save_pretrained(llava_dir)
+    tok = TOK
+    if template_on == "tokenizer_only":
+        tok = copy.deepcopy(TOK)
+        tok.chat_template = STRING_ONLY_TEMPLATE
     LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
-                   tokenizer=TOK, patch_size=8, vision_feature_select_strategy="default",
-                   chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1).save_pretrained(llava_dir)
+                   tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                   chat_template=CHAT_TEMPLATE if template_on == "processor" else None,
+                   num_additional_image_tokens=1).save_pretrained(llava_dir)
     Image.new("RGB", (20, 20), (200, 10, 10)).save(tmp_path / "red.png")
     rows = [{"image": "red.png", "messages": [{"role": "user", "content": "<image>\ncolour?"},
                                               {"role": "assistant", "content": "red"}]}] * 3

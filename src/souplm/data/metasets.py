@@ -314,7 +314,14 @@ class RowEncoder:
         image_token = getattr(self.processor, "image_token", "<image>")
         messages = _image_messages(_normalize_messages(row, where), image_token, where)
         owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
-        full, spans = _assistant_spans(_chat_renderer(owner, where), messages, where)
+        render = _chat_renderer(owner, where)
+        try:
+            full, spans = _assistant_spans(render, messages, where)
+        except TypeError:
+            # A text-only template (SmolLM2's, Vicuna's; a processor may inherit one) concatenates
+            # string content: give it strings, with the image token where the image part was.
+            flat = [{"role": m["role"], "content": _flatten_parts(m["content"], image_token)} for m in messages]
+            full, spans = _assistant_spans(render, flat, where)
         if full.count(image_token) != 1:
             raise SoupError(f"{where}: the rendered chat holds {full.count(image_token)} image tokens; one image per row is supported")
         ids, labels = _tokenize_spans(self.tokenizer, full, spans, add_special_tokens=False)
@@ -335,6 +342,10 @@ class RowEncoder:
         if ex.loss_tokens == 0:
             raise SoupError(f"{ex.source}: no tokens to take the loss on (after truncation to max_length {self.max_length})")
         return ex
+
+
+def _flatten_parts(parts: list[dict], image_token: str) -> str:
+    return "".join(image_token if p.get("type") == "image" else p.get("text", "") for p in parts)
 
 
 def _image_messages(messages: list[dict], image_token: str, where: str) -> list[dict]:
