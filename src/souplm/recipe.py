@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import SoupError
 from .methods import get_method
+from .yamlfile import read_mapping
 
 # mergekit keys we read but that change nothing for souplm (documented, not silently ignored).
 MERGEKIT_NOOP_KEYS = {"int8_mask"}
@@ -81,15 +82,7 @@ class Recipe(BaseModel):
             data, where = dict(source), "recipe"
         else:
             path = Path(source)
-            if not path.is_file():
-                raise SoupError(f"recipe not found: {path}")
-            try:
-                data = yaml.safe_load(path.read_text())
-            except yaml.YAMLError as e:
-                raise SoupError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-            where = str(path)
-            if not isinstance(data, dict):
-                raise SoupError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
+            data, where = read_mapping(path, "recipe"), str(path)
             data = _resolve_relative_paths(data, path.parent)
         data = _from_mergekit(data, where)
         try:

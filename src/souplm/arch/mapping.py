@@ -52,6 +52,7 @@ import torch
 import yaml
 
 from ..errors import SoupError
+from ..yamlfile import parse_mapping as yaml_mapping
 
 BUILTIN_DIR = Path(__file__).with_name("mappings")
 RULE_KEYS = {"target", "source", "concat", "split", "into", "axis", "optional"}
@@ -125,12 +126,7 @@ def load_mapping(ref: str | os.PathLike | dict | MappingSpec) -> MappingSpec:
     else:
         origin = str(path)
     text = path.read_text()
-    try:
-        data = yaml.safe_load(text)  # JSON is YAML too
-    except yaml.YAMLError as e:
-        raise SoupError(f"mapping {path} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise SoupError(f"mapping {path}: a spec is a mapping of keys (name, map, keep, ignore_source)")
+    data = yaml_mapping(text, f"mapping {path}", "mapping spec (keys: name, map, keep, ignore_source)")
     data.setdefault("name", path.stem)
     return parse_mapping(data, origin=origin, text=text)
 

@@ -249,17 +249,10 @@ def task_from_dict(spec: dict[str, Any], base_dir: Path, source: str = "") -> Ta
 
 def load_task_file(path: str | Path) -> Task:
     """Read a task YAML or JSON file."""
-    import yaml  # YAML is a superset of JSON, so one parser reads both
+    from ..yamlfile import read_mapping
 
     path = Path(path)
-    if not path.is_file():
-        raise SoupError(f"task file not found: {path}")
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise SoupError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
-    if not isinstance(spec, dict):
-        raise SoupError(f"{path}: a task file must hold a mapping")
+    spec = read_mapping(path, "task file")
     spec.setdefault("name", path.stem)
     return task_from_dict(spec, path.parent, source=str(path))
 

@@ -26,10 +26,10 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import SoupError
+from ..yamlfile import read_mapping
 from .activations import ACTIVATIONS
 from .granularity import GRANULARITIES
 
@@ -162,14 +162,7 @@ def load_config(source: str | os.PathLike | dict | LearnConfig, **overrides: Any
         data, where = dict(source), "config"
     else:
         path = Path(source)
-        if not path.is_file():
-            raise SoupError(f"config not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise SoupError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise SoupError(f"{path}: a learn config is a mapping of keys, got {type(data).__name__}")
+        data = read_mapping(path, "learn config")
         data, where = _resolve_paths(data, path.parent), str(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
