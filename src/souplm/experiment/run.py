@@ -382,42 +382,6 @@ def prepare_data(work: Path, s: Settings) -> Data:
     return Data(tasks, dev_tasks, meta_sets, meta_rows, info)
 
 
-def learn_tokenizer_dir(llava: Path, work: Path) -> Path:
-    """The LLaVA's tokenizer and processor with a chat template that also reads typed content parts.
-
-    The learnable soup's image meta-set rows reach the chat template as typed parts
-    (`[{"type": "image"}, {"type": "text", ...}]`), which SmolLM2's string-only template cannot join. This
-    copy renders an image part as `<image>` and a text part as its text, so a row renders exactly as the
-    plain string `<image>\\n{question}` the LLaVA was trained on and is evaluated with.
-    """
-    files = [p for p in llava.iterdir() if p.is_file() and (
-        p.name.startswith(("tokenizer", "special_tokens", "processor", "preprocessor", "chat_template"))
-        or p.name in ("config.json", "vocab.json", "merges.txt"))]
-    digest = stable_digest([[p.name, hashlib.sha256(p.read_bytes()).hexdigest()] for p in sorted(files)])
-    out = work / f"tokenizer-{digest}"
-    if (out / ".complete").is_file():
-        return out
-    tmp = work / f".tokenizer-{digest}.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for p in files:
-        shutil.copyfile(p, tmp / p.name)
-    parts = ("(message['content'] if message['content'] is string else "
-             "(message['content'] | map(attribute='text', default='<image>') | join('')))")
-    for p in tmp.iterdir():
-        if p.name == "chat_template.jinja":
-            p.write_text(p.read_text().replace("message['content']", parts))
-        elif p.suffix == ".json":
-            data = json.loads(p.read_text())
-            if isinstance(data, dict) and isinstance(data.get("chat_template"), str):
-                data["chat_template"] = data["chat_template"].replace("message['content']", parts)
-                p.write_text(json.dumps(data, indent=2))
-    (tmp / ".complete").write_text("ok\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
-
-
 # --------------------------------------------------------------------------------------- the context
 
 
@@ -431,7 +395,6 @@ class Context:
     settings: Settings
     data: Data
     store: Any  # ResultCache
-    tokenizer_dir: Path
     progress: bool = True
     soup: Any = None  # SoupModel over (LLaVA, Vicuna) for learned tables, built lazily
     hashes: list[str] = field(default_factory=list)
@@ -484,7 +447,6 @@ def learn_config(ctx: Context, spec: LearnSpec, output: Path) -> dict[str, Any]:
         "models": [llava, vicuna],
         "output_model": llava,
         "vocab_policy": "extend",
-        "tokenizer": str(ctx.tokenizer_dir),
         "granularity": spec.granularity,
         "activation": spec.activation,
         "regularization": {"kind": "l1", "lambda": spec.lam} if spec.lam > 0 else {"kind": "none"},
@@ -845,10 +807,9 @@ def run_experiment(
     timings: dict[str, Any] = {}
     family = {k: Path(v) for k, v in family.items()}
     ctx = Context(family=family, work=work, out=out, settings=settings, data=None, store=store,  # type: ignore[arg-type]
-                  tokenizer_dir=work, progress=progress)
+                  progress=progress)
     with timed(ctx, timings, "data"):
         ctx.data = prepare_data(work, settings)
-        ctx.tokenizer_dir = learn_tokenizer_dir(family["llava"], work)
         ctx.hashes = [model_hash(p) for p in ctx.pair_paths]
     results: dict[str, Any] = {}
     with timed(ctx, timings, "vanilla"):
