@@ -287,7 +287,12 @@ def load_model(model_dir: str | Path, *, device: str | None = None, dtype: str =
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     processor = None
     try:
-        if is_multimodal(config):
+        if config.get("model_type") == "souplm_cogvlm":  # souplm's own CogVLM-style class
+            from ..models.cogvlm import load_pretrained
+
+            model, processor = load_pretrained(model_dir, torch_dtype)
+            tokenizer = processor.tokenizer
+        elif is_multimodal(config):
             model = transformers.LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype)
             processor = transformers.AutoProcessor.from_pretrained(model_dir)
             tokenizer = processor.tokenizer
