@@ -96,6 +96,7 @@ def stand_in(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from souplm.experiment.multimodal import build_llava
+    from souplm.models.cogvlm import from_llava
 
     root = tmp_path_factory.mktemp("stand_in")
     tok = make_tokenizer()
@@ -125,6 +126,15 @@ def stand_in(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths["llava"] = root / "llava"
     llava.save_pretrained(paths["llava"])
     processor.save_pretrained(paths["llava"])
+    # The CogVLM-style variant of the AdaMMS step: Vicuna in both experts, the visual one nudged as if trained.
+    cog = from_llava(llava, vicuna)
+    with torch.no_grad():
+        for name, p in cog.named_parameters():
+            if "vision_expert" in name or "vision_mlp" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    paths["cogvlm"] = root / "cogvlm"
+    cog.save_pretrained(paths["cogvlm"])
+    processor.save_pretrained(paths["cogvlm"])
     return paths
 
 
@@ -183,7 +193,7 @@ def test_pipeline_on_a_tiny_stand_in_family(
     assert md == X.render_markdown(stored)  # the document is a function of results.json alone
     for heading in ("## 1. Vanilla soup sweep", "## 2. Learnable soup", "## 3. Regularized soup",
                     "## 4. Greedy and uniform soups", "## 5. Robustness", "## 6. Which of the paper's claims",
-                    "## Wall time"):
+                    "## 7. AdaMMS", "## Wall time"):
         assert heading in md
     for claim in ("Vanilla soup beats both base models", "Learnable soup beats vanilla soup",
                   "Alpha patterns are stable under regularization"):
@@ -213,6 +223,10 @@ def test_pipeline_on_a_tiny_stand_in_family(
         assert (out / p).is_file()
     for step, rec in stored["timings"]["steps"].items():
         assert rec["this_run"]["wall_s"] >= 0, step
+    ad = stored["adamms"]
+    assert ad["alphas"] == list(TINY.adamms_alphas) and ad["chosen"] in ad["alphas"][1:-1]
+    assert set(ad["check"]["scores"]) == {str(a) for a in TINY.adamms_alphas}
+    assert (out / ad["figure"]).is_file()
 
     # A rerun resumes from the caches: nothing is learned or evaluated again, and the numbers agree.
     again = X.run_experiment(stand_in, work, out, TINY, progress=False)

