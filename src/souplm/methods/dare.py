@@ -12,7 +12,7 @@ import torch
 
 from .linear import normalized, weighted_sum
 from .registry import register
-from .task_arithmetic import task_vectors
+from .task_arithmetic import add_to_base, task_vectors
 from .ties import elect_and_merge
 
 # The keep/drop draw uses 16 random bits per entry: four entries from one 64-bit draw of the generator,
@@ -60,7 +60,7 @@ def _sparse_deltas(tensors, base, density, generators):
 def dare_linear(tensors, base, weight, density, generators, normalize=False, **g):
     """base + lambda * sum_i w_i * dare(theta_i - base)."""
     w = normalized(weight) if normalize else weight
-    return base + g.get("lambda", 1.0) * weighted_sum(_sparse_deltas(tensors, base, density, generators), w)
+    return add_to_base(weighted_sum(_sparse_deltas(tensors, base, density, generators), w), base, g.get("lambda", 1.0))
 
 
 @register(
@@ -76,4 +76,4 @@ def dare_linear(tensors, base, weight, density, generators, normalize=False, **g
 def dare_ties(tensors, base, weight, density, generators, normalize=True, **g):
     """base + lambda * disjoint_mean(elect_sign(dare(theta_i - base)))."""
     deltas = _sparse_deltas(tensors, base, density, generators)
-    return base + g.get("lambda", 1.0) * elect_and_merge(deltas, weight, normalize)
+    return add_to_base(elect_and_merge(deltas, weight, normalize), base, g.get("lambda", 1.0))

@@ -8,14 +8,15 @@ from .registry import broadcast, register
 
 
 def weighted_sum(tensors: list[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
-    """sum_i weight_i * tensors_i, with weight [N] or [N, rows]; accumulates in place."""
+    """sum_i weight_i * tensors_i, with weight [N] or [N, rows]; accumulates in place, into tensors[0]
+    (the engine hands methods fresh copies they may overwrite): no new buffer of the tensor's size."""
     if weight.dim() == 1:  # the common case: scalars, no stacked copy of the inputs
-        out = tensors[0] * float(weight[0])
+        out = tensors[0].mul_(float(weight[0]))
         for t, w in zip(tensors[1:], weight[1:].tolist()):
             out.add_(t, alpha=w)
         return out
     w = broadcast(weight, tensors[0])
-    out = tensors[0] * w[0]
+    out = tensors[0].mul_(w[0])
     for t, wi in zip(tensors[1:], w[1:]):
         out.addcmul_(t, wi)
     return out

@@ -11,6 +11,13 @@ def task_vectors(tensors, base):
     return [t.sub_(base) for t in tensors]
 
 
+def add_to_base(merged, base, lam):
+    """base + lam * merged, written into `merged` (the method's own buffer): no fresh temporaries."""
+    if lam != 1.0:
+        merged.mul_(lam)
+    return merged.add_(base)
+
+
 @register(
     "task_arithmetic",
     needs_base=True,
@@ -23,4 +30,4 @@ def task_vectors(tensors, base):
 def task_arithmetic(tensors, base, weight, normalize=False, **g):
     """theta_base + lambda * sum_i w_i (theta_i - theta_base)."""
     w = normalized(weight) if normalize else weight
-    return base + g.get("lambda", 1.0) * weighted_sum(task_vectors(tensors, base), w)
+    return add_to_base(weighted_sum(task_vectors(tensors, base), w), base, g.get("lambda", 1.0))

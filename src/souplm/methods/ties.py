@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .registry import broadcast, register
-from .task_arithmetic import task_vectors
+from .task_arithmetic import add_to_base, task_vectors
 
 
 def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
@@ -75,18 +75,24 @@ def elect_and_merge(deltas: list[torch.Tensor], weight: torch.Tensor, normalize:
     for d, wi in zip(deltas[1:], w[1:]):
         sign.addcmul_(d, wi)
     sign.sign_()
-    merged = torch.zeros_like(sign)
-    mass = torch.zeros_like(sign) if normalize else None
     agree = torch.empty_like(sign)
-    for d, wi in zip(deltas, w):
+    mass = torch.empty_like(sign) if normalize else None
+    merged = deltas[0]  # the running sum lives in the first task vector's storage: one buffer fewer
+    for i, (d, wi) in enumerate(zip(deltas, w)):
         d.mul_(wi)  # w_i d_i
         torch.mul(d, sign, out=agree).gt_(0.0)  # 1.0 where it has the elected sign (and is non-zero)
-        merged.addcmul_(d, agree)
-        if mass is not None:
-            mass.addcmul_(agree, wi)
+        if i == 0:
+            merged.mul_(agree)
+            if mass is not None:
+                torch.mul(agree, wi, out=mass)
+        else:
+            merged.addcmul_(d, agree)
+            if mass is not None:
+                mass.addcmul_(agree, wi)
     if mass is not None:
         merged.div_(mass.masked_fill_(mass == 0, 1.0))
     return merged
+
 
 
 @register(
@@ -101,4 +107,4 @@ def elect_and_merge(deltas: list[torch.Tensor], weight: torch.Tensor, normalize:
 def ties(tensors, base, weight, density, normalize=True, **g):
     """base + lambda * disjoint_mean(elect_sign(trim(theta_i - base, density_i)))."""
     deltas = trim_all(task_vectors(tensors, base), density)
-    return base + g.get("lambda", 1.0) * elect_and_merge(deltas, weight, normalize)
+    return add_to_base(elect_and_merge(deltas, weight, normalize), base, g.get("lambda", 1.0))
