@@ -1242,7 +1242,8 @@ def _render_adamms(ad: dict[str, Any]) -> list[str]:
     out.append("|---:" * (len(metrics) + 2) + "|")
     for a in ad["alphas"]:
         label = f"**{a:g}** (chosen)" if a == ad["chosen"] else f"{a:g}"
-        cells = [fmt(ad["differences"][m].get(str(a))) for m in metrics]
+        # Endpoints have one neighbour only: no D.
+        cells = ["–" if str(a) not in ad["differences"][m] else fmt(ad["differences"][m][str(a)]) for m in metrics]
         out.append(f"| {label} | " + " | ".join(cells) + f" | {fmt(c['scores'][str(a)])} |")
     out.append("")
     agree = "the same alpha" if c["agree"] else f"alpha {c['best_interior_alpha']:g}"
