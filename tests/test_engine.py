@@ -356,3 +356,28 @@ def test_dare_is_reproducible_by_seed(family, tmp_path):
     one, two, other = run(1, "x"), run(1, "y"), run(2, "z")
     assert all(torch.equal(one[k], two[k]) for k in one)
     assert any(not torch.equal(one[k], other[k]) for k in one)
+
+
+def test_buffer_pool_lends_best_fit_and_spares_an_output_in_flight():
+    from souplm.io import pool as P
+
+    p = P.BufferPool()
+    a, b = p.empty((10,), torch.float32), p.empty((100,), torch.float32)
+    p.give(a)
+    p.give(b)
+    c = p.empty((5,), torch.float32)  # the smallest free buffer that fits: a's 40 bytes, not b's 400
+    assert c.data_ptr() == a.data_ptr() and c.shape == (5,)
+    d = p.empty((10, 10), torch.float32)
+    assert d.data_ptr() == b.data_ptr() and p.allocated_bytes == 440  # nothing new was allocated
+    p.give(d, keep_alive=d.view(-1))  # an output still to be written is forgotten, never lent again
+    e = p.empty((100,), torch.float32)
+    assert e.data_ptr() != d.data_ptr() and p.allocated_bytes == 840
+    p.give(torch.zeros(3))  # not lent by the pool: ignored
+    # Outside the engine, methods' temporaries are plain tensors; inside a scope they come from the pool.
+    t = torch.ones(4)
+    assert P.empty_like(t).shape == (4,)
+    with p.scope() as taken:
+        x = P.empty_like(t)
+        P.release(x)
+        y = P.empty_like(t)
+    assert y.data_ptr() == x.data_ptr() and taken == [y]

@@ -97,10 +97,10 @@ def ties_reference(base, models, weights, densities, lam=1.0, normalize=True):
 
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.2])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_ties_matches_reference(density, normalize):
+@pytest.mark.parametrize("w", [[1.0, 0.5, 2.0], [1.0, -0.5, 0.5]])  # positive weights; one negative
+def test_ties_matches_reference(density, normalize, w):
     base = rand(8, 9)
     models = [base + rand(8, 9) for _ in range(3)]
-    w = [1.0, 0.5, 2.0]
     got = run("ties", models, base, weight=w, density=[density] * 3, normalize=normalize, **{"lambda": 0.8})
     expect = ties_reference(base, models, w, [density] * 3, 0.8, normalize)
     np.testing.assert_allclose(got, expect, atol=1e-5)

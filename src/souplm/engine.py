@@ -32,6 +32,7 @@ from .arch.layouts import GENERIC, detect_layout
 from .coefficients import CoefficientTable
 from .errors import SoupError
 from .io.checkpoint import Checkpoint, content_hash, open_checkpoint
+from .io.pool import BufferPool
 from .io.safetensors_file import SafetensorsWriter
 from .plan import Item, Plan, build_plan
 from .recipe import Recipe
@@ -79,11 +80,17 @@ class Sources:
         if in_memory:
             self._memory = {(k, n): c.get(n) for k, c in enumerate(self.checkpoints) for n in c.names}
 
-    def get(self, k: int, name: str) -> torch.Tensor:
-        """A fresh fp32 copy (methods may work in place on it)."""
+    def get(self, k: int, name: str, pool: BufferPool | None = None) -> torch.Tensor:
+        """A fresh fp32 copy (methods may work in place on it), on a pooled buffer when `pool` is given."""
+        ck = self.checkpoints[k]
+        if pool is not None and (self._memory is not None or isinstance(ck, Checkpoint)):
+            out = pool.empty(ck.shape(name), torch.float32)
+            if self._memory is not None:
+                return out.copy_(self._memory[(k, name)])
+            return ck.read_into(name, out)
         if self._memory is not None:
             return self._memory[(k, name)].clone()
-        return self.checkpoints[k].get(name)
+        return ck.get(name)
 
     def index_for(self, recipe: Recipe) -> list[Checkpoint]:
         paths = recipe.all_paths()
@@ -131,14 +138,14 @@ def _generators(plan: Plan, item: Item) -> list[torch.Generator]:
     return gens
 
 
-def _load_inputs(plan: Plan, sources: Sources, item: Item):
+def _load_inputs(plan: Plan, sources: Sources, item: Item, pool: BufferPool | None = None):
     if item.copy_from is not None:
         return None
     ck = plan.checkpoints
-    tensors = [_finite(sources.get(k, n), n, ck[k].path) for k, n in enumerate(item.inputs)]
+    tensors = [_finite(sources.get(k, n, pool), n, ck[k].path) for k, n in enumerate(item.inputs)]
     base = None
     if item.base is not None:
-        base = _finite(sources.get(plan.base_index, item.base), item.base, ck[plan.base_index].path)
+        base = _finite(sources.get(plan.base_index, item.base, pool), item.base, ck[plan.base_index].path)
     if item.common_rows is not None:
         tensors = [t[: item.common_rows] for t in tensors]
         base = base[: item.common_rows] if base is not None else None
@@ -173,13 +180,22 @@ def merged_tensors(
     """Yield (plan item, merged tensor) in plan order; the next item's inputs load in a thread meanwhile."""
     if plan is None:
         plan, sources = prepare(recipe, coefficients, sources)
+    # Input copies and the methods' temporaries live on reused buffers (io/pool.py): fresh pages for
+    # every tensor cost about as much CPU time as the merge arithmetic itself.
+    buffers = BufferPool()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="souplm-read") as pool:
         pending: Future | None = None
         items = plan.items
         for idx, item in enumerate(items):
-            loaded = pending.result() if pending is not None else _load_inputs(plan, sources, item)
-            pending = pool.submit(_load_inputs, plan, sources, items[idx + 1]) if idx + 1 < len(items) else None
-            out = _compute(plan, sources, item, loaded)
+            loaded = pending.result() if pending is not None else _load_inputs(plan, sources, item, buffers)
+            pending = (pool.submit(_load_inputs, plan, sources, items[idx + 1], buffers)
+                       if idx + 1 < len(items) else None)
+            with buffers.scope() as temporaries:
+                out = _compute(plan, sources, item, loaded)
+            if loaded is not None:
+                for t in [*loaded[0], loaded[1], *temporaries]:
+                    if t is not None:
+                        buffers.give(t, keep_alive=out)
             if progress is not None:
                 progress.update(item.read_bytes)
             yield item, out

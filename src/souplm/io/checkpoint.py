@@ -167,6 +167,15 @@ class Checkpoint:
         t = self._raw(name)  # a pickled state dict's tensor is shared: hand out a copy
         return t.clone() if dtype is None or t.dtype == dtype else t.to(dtype)
 
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Fill `out` (shaped like tensor `name`) with its values, converted to out's dtype."""
+        src = self._files[self._where[name]] if name in self._where else None
+        if src is None:
+            raise SoupError(f"{self.path}: has no tensor {name}")
+        if isinstance(src, SafetensorsFile):
+            return src.read_into(name, out)
+        return out.copy_(src[name])
+
     def get_canonical(self, canonical: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         return self.get(self.stored_name(canonical), dtype)
 

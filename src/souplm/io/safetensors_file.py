@@ -76,6 +76,16 @@ class SafetensorsFile:
         self._read_into(name, scratch)
         return scratch.view(info.dtype).view(info.shape).to(dtype)
 
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Fill `out` (the tensor's shape, any dtype) with the stored values, converting on the way."""
+        info = self.tensors[name]
+        if out.dtype == info.dtype or not info.nbytes:
+            self._read_into(name, out)
+            return out
+        scratch = _scratch(info.nbytes)[: info.nbytes]
+        self._read_into(name, scratch)
+        return out.copy_(scratch.view(info.dtype).view(info.shape))
+
     def _read_into(self, name: str, out: torch.Tensor) -> None:
         info = self.tensors[name]
         if not info.nbytes:

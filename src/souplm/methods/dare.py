@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..io import pool
 from .linear import normalized, weighted_sum
 from .registry import register
 from .task_arithmetic import add_to_base, task_vectors
@@ -28,23 +29,41 @@ def keep_probability(density: float) -> float:
     return max(1, round(density * levels)) / levels
 
 
-def drop_and_rescale(delta: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
+def drop_and_rescale(delta: torch.Tensor, density: float, gen: torch.Generator,
+                     buf: torch.Tensor | None = None) -> torch.Tensor:
+    """Zero each entry with probability 1 - q and scale the survivors by 1/q, in place.
+
+    `buf` (delta's shape and dtype) holds the 0/1 keep mask; callers sparsifying several deltas pass one
+    buffer for all (a fresh buffer costs a round of page faults; a float mask multiplies ~15x faster
+    than `masked_fill_` with a boolean one).
+    """
     if density >= 1.0:
         return delta
     if density <= 0.0:
-        return torch.zeros_like(delta)
+        return delta.zero_()
     levels = 1 << DRAW_BITS
     q = keep_probability(density)
     n = delta.numel()
     # (random_() without bounds leaves the sign bit clear; the full signed range gives 64 random bits.)
-    words = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64, generator=gen)
+    words = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64, generator=gen,
+                          out=pool.empty(((n + 3) // 4,), torch.int64))
     draws = words.view(torch.int16)[:n].view(delta.shape)  # uniform over [-2**15, 2**15)
-    drop = draws.ge(round(q * levels) - levels // 2)  # P(draw < threshold) = q
-    return delta.masked_fill_(drop, 0.0).mul_(1.0 / q)
+    keep = buf if buf is not None else pool.empty_like(delta)
+    keep.copy_(draws).lt_(round(q * levels) - levels // 2)  # 1.0 with probability q, else 0.0
+    pool.release(words)
+    delta.mul_(keep).mul_(1.0 / q)
+    if buf is None:
+        pool.release(keep)
+    return delta
 
 
 def _sparse_deltas(tensors, base, density, generators):
-    return [drop_and_rescale(d, float(p), g) for d, p, g in zip(task_vectors(tensors, base), density, generators)]
+    deltas = task_vectors(tensors, base)
+    buf = pool.empty_like(deltas[0]) if any(0.0 < float(p) < 1.0 for p in density) else None
+    out = [drop_and_rescale(d, float(p), g, buf) for d, p, g in zip(deltas, density, generators)]
+    if buf is not None:
+        pool.release(buf)
+    return out
 
 
 @register(
