@@ -397,10 +397,16 @@ def is_cogvlm(config: dict[str, Any]) -> bool:
 def load_pretrained(folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[CogVLMForCausalLM, Any]:
     """The model and its LlavaProcessor (tokenizer with `<image>`, CLIP image processor)."""
     from transformers import LlavaProcessor
+    from transformers.utils import logging as hf_logging
 
     model = CogVLMForCausalLM.from_pretrained(folder, dtype)
+    # The processor reads config.json too and warns that souplm_cogvlm is not a transformers model type.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         processor = LlavaProcessor.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise SoupError(f"{folder}: cannot load the processor ({str(e).splitlines()[0]})") from None
+    finally:
+        hf_logging.set_verbosity(level)
     return model, processor
