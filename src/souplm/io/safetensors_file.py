@@ -68,13 +68,7 @@ class SafetensorsFile:
         the converted tensor is a new allocation (fresh pages cost page faults, a third of a merge's
         system time)."""
         info = self.tensors[name]
-        if dtype is None or dtype == info.dtype or not info.nbytes:
-            out = torch.empty(info.shape, dtype=info.dtype)
-            self._read_into(name, out)
-            return out if dtype is None else out.to(dtype)
-        scratch = _scratch(info.nbytes)[: info.nbytes]
-        self._read_into(name, scratch)
-        return scratch.view(info.dtype).view(info.shape).to(dtype)
+        return self.read_into(name, torch.empty(info.shape, dtype=dtype or info.dtype))
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Fill `out` (the tensor's shape, any dtype) with the stored values, converting on the way."""
