@@ -803,14 +803,9 @@ def step_adamms(ctx: Context, llava_score: float) -> dict[str, Any]:
                       cache=ctx.store, batch_size=s.eval_batch, out_dir=folder, write_model=False, force=True,
                       progress=ctx.progress)
     found = json.loads(record.read_text())
-    figure = ctx.out / "results" / "adamms_search"
-    alphas = [float(a) for a in found["alphas"]]
-    plot_search(SearchResult(
-        target=ROLES_EXTRA["cogvlm"], source=ROLES["llava"], mapping=found["mapping"], alphas=alphas,
-        metric=found["metric"], smooth=found["smooth"],
-        differences={m: {float(a): d for a, d in c.items()} for m, c in found["differences"].items()},
-        chosen=float(found["chosen"]), responses={}, prompts=[],
-        check={**found["check"], "scores": {float(a): v for a, v in found["check"]["scores"].items()}}), figure)
+    # Plotted again with the study's names for the two models (the search's own plot names folders).
+    plot_search(replace(SearchResult.from_json(found), target=ROLES_EXTRA["cogvlm"], source=ROLES["llava"]),
+                ctx.out / "results" / "adamms_search")
     _drop_svg(ctx.out / "results")
     built = target / "stage.json"  # the family build's record (dev accuracy before and after training)
     stage = json.loads(built.read_text())["metrics"] if built.is_file() else {}

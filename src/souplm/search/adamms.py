@@ -260,6 +260,18 @@ class SearchResult:
             "model_dir": self.model_dir, "n_inputs": len(self.prompts), "timings": self.timings,
         }
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SearchResult:
+        """The result `to_json` wrote (answers and prompts are kept in responses.jsonl, not here)."""
+        check = d.get("check")
+        if check is not None:
+            check = {**check, "scores": {float(a): v for a, v in check["scores"].items()}}
+        return cls(target=d["target"], source=d["source"], mapping=d["mapping"],
+                   alphas=[float(a) for a in d["alphas"]], metric=d["metric"], smooth=d["smooth"],
+                   differences={m: {float(a): v for a, v in c.items()} for m, c in d["differences"].items()},
+                   chosen=float(d["chosen"]), responses={}, prompts=[], check=check,
+                   model_dir=d.get("model_dir"), timings=d.get("timings", {}))
+
 
 def _spec_name(mapping: str | dict) -> str:
     return str(mapping.get("name", "inline spec")) if isinstance(mapping, dict) else str(mapping)
