@@ -22,7 +22,7 @@ def run(name, tensors, base=None, **params):
         kwargs[key] = torch.tensor(v if isinstance(v, list) else [v] * n, dtype=torch.float32)
     kwargs.update(params)
     if m.random:
-        kwargs["generators"] = [torch.Generator().manual_seed(100 + i) for i in range(n)]
+        kwargs["keys"] = [100 + i for i in range(n)]
     tt = [torch.tensor(t, dtype=torch.float32) for t in tensors]
     b = None if base is None else torch.tensor(base, dtype=torch.float32)
     return m.fn(tt, b, **kwargs).numpy()
@@ -133,8 +133,35 @@ def test_dare_linear_drops_and_rescales():
     q = round(density * 2**16) / 2**16
     np.testing.assert_allclose(got[changed], (base + delta / q)[changed], rtol=1e-6, atol=1e-6)
     assert abs(changed.mean() - density) < 0.02  # drop rate p = 1 - density
-    # reproducible: same generator seeds, same output
+    # reproducible: same keys, same output
     np.testing.assert_array_equal(got, run("dare_linear", [ft], base, weight=[1.0], density=[density]))
+
+
+def splitmix64_draws(key, n):
+    """The DARE draw stream from its definition, in Python integers: entry j takes bits 16*(j%4).. of
+    SplitMix64's output for state key + (j//4 + 1) * gamma (Steele et al. 2014)."""
+    mask = (1 << 64) - 1
+    out = []
+    for j in range(n):
+        z = (key + (j // 4 + 1) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z ^= z >> 31
+        out.append((z >> (16 * (j % 4))) & 0xFFFF)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("key", [0, 7, 2**63 + 5, 2**64 - 1])
+def test_dare_keeps_exactly_the_entries_whose_draw_is_below_the_level(key):
+    from souplm.methods.dare import drop_and_rescale
+
+    delta = rand(13, 7) + 3.0  # no zero entries, so every zero in the result was dropped
+    density = 0.4
+    level = round(density * 2**16)
+    got = drop_and_rescale(torch.tensor(delta), density, key).numpy()
+    keep = (splitmix64_draws(key, delta.size) < level).reshape(delta.shape)
+    np.testing.assert_array_equal(got != 0, keep)
+    np.testing.assert_allclose(got[keep], delta[keep] * np.float32(2**16 / level), rtol=1e-7)
 
 
 def test_dare_is_unbiased_in_expectation():

@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from .arch.units import parse_unit_key, unit_of
 from .errors import SoupError
@@ -62,11 +62,11 @@ class CoefficientTable:
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in flat):
             raise SoupError(f"coefficient table: entry {key!r} has a non-finite or non-numeric weight")
 
-    def lookup(self, canonical: str) -> torch.Tensor | None:
-        """Weights for one canonical tensor: shape [N] or [N, rows]; None when the table is silent."""
+    def lookup(self, canonical: str) -> np.ndarray | None:
+        """Weights for one canonical tensor: float32, shape [N] or [N, rows]; None when the table is silent."""
         for key in (canonical, unit_of(canonical).key, "default"):
             if key in self.coefficients:
-                return torch.tensor(self.coefficients[key], dtype=torch.float32)
+                return np.asarray(self.coefficients[key], dtype=np.float32)
         return None
 
     def to_dict(self) -> dict:

@@ -13,7 +13,6 @@ independent of model size.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,8 +23,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .arch.layouts import GENERIC, detect_layout
@@ -34,8 +32,12 @@ from .errors import SoupError
 from .io.checkpoint import Checkpoint, content_hash, open_checkpoint
 from .io.pool import BufferPool
 from .io.safetensors_file import SafetensorsWriter
+from .methods.dare import draw_key
 from .plan import Item, Plan, build_plan
 from .recipe import Recipe
+
+if TYPE_CHECKING:
+    import torch
 
 # Files copied from the output model besides the weights (those present).
 SIDE_FILES = (
@@ -82,6 +84,8 @@ class Sources:
 
     def get(self, k: int, name: str, pool: BufferPool | None = None) -> torch.Tensor:
         """A fresh fp32 copy (methods may work in place on it), on a pooled buffer when `pool` is given."""
+        import torch
+
         ck = self.checkpoints[k]
         if pool is not None and (self._memory is not None or isinstance(ck, Checkpoint)):
             out = pool.empty(ck.shape(name), torch.float32)
@@ -124,18 +128,16 @@ def prepare(recipe: Recipe | str | os.PathLike | dict, coefficients=None, source
 # -- computing one output tensor ------------------------------------------------------------------
 def _finite(t: torch.Tensor, name: str, where: Path) -> torch.Tensor:
     # A finite sum proves every entry finite; only a non-finite sum pays for the exact check.
+    import torch
+
     if t.is_floating_point() and not torch.isfinite(t.sum()) and not bool(torch.isfinite(t).all()):
         raise SoupError(f"tensor {name} of model {where} contains NaN or Inf")
     return t
 
 
-def _generators(plan: Plan, item: Item) -> list[torch.Generator]:
-    """One generator per model, seeded by (seed, tensor, model index): order-independent and reproducible."""
-    gens = []
-    for i in range(len(item.inputs)):
-        h = hashlib.sha256(f"{plan.recipe.seed}|{item.canonical}|{i}".encode()).digest()
-        gens.append(torch.Generator().manual_seed(int.from_bytes(h[:8], "little")))
-    return gens
+def draw_keys(plan: Plan, item: Item) -> list[int]:
+    """One random-draw key per model, from (seed, tensor, model index): order-independent and reproducible."""
+    return [draw_key(plan.recipe.seed, item.canonical, i) for i in range(len(item.inputs))]
 
 
 def _load_inputs(plan: Plan, sources: Sources, item: Item, pool: BufferPool | None = None):
@@ -156,17 +158,19 @@ def _compute(plan: Plan, sources: Sources, item: Item, loaded) -> torch.Tensor:
     if item.copy_from is not None:
         k, name = item.copy_from
         return plan.checkpoints[k].get(name, dtype=None)
+    import torch
+
     tensors, base = loaded
-    kwargs = dict(item.model_params)
+    kwargs = {k: torch.tensor(v) for k, v in item.model_params.items()}
     kwargs.update({k: v for k, v in item.global_params.items() if v is not None})
     if plan.method.random:
-        kwargs["generators"] = _generators(plan, item)
+        kwargs["keys"] = draw_keys(plan, item)
     out = plan.method.fn(tensors, base, **kwargs)
     if item.extra_from is not None:
         k, name = item.extra_from
         extra = sources.get(k, name)[item.common_rows :]
         out = torch.cat([out, extra.to(out.dtype)])
-    return out.to(item.dtype)
+    return out.to(item.dtype.torch)
 
 
 def merged_tensors(
@@ -362,6 +366,8 @@ def soup_into(model: torch.nn.Module, recipe, *, coefficients=None, sources: Sou
     Names are matched through layouts, so the LM of a transformers-5 LLaVA in memory
     (`model.language_model.*`) receives the tensors the plan names in the checkpoint's own layout.
     """
+    import torch
+
     state = model.state_dict(keep_vars=True)
     plan, sources = prepare(recipe, coefficients, sources)
     # A mapped merge may target a custom architecture: its parameters carry the checkpoint's names.

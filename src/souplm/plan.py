@@ -11,29 +11,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from .arch.units import layer_count, unit_of
 from .coefficients import CoefficientTable
 from .errors import SoupError
 from .io.checkpoint import EMBED, LM_HEAD, Checkpoint
+from .io.dtypes import BY_NAME, DType
 from .methods import Method
 from .recipe import Recipe
 
 VOCAB_TENSORS = (EMBED, LM_HEAD)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: BY_NAME[name] for name in ("float32", "float16", "bfloat16")}
 
 
 @dataclass
 class Item:
     out_name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
     canonical: str | None = None  # None: copied unchanged (`copy_from` holds the source)
     copy_from: tuple[int, str] | None = None  # (checkpoint index, stored name)
     inputs: list[str] = field(default_factory=list)  # stored names, one per model (recipe order)
     base: str | None = None  # stored name in the base checkpoint
-    model_params: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [N] (or [N, rows])
+    model_params: dict[str, np.ndarray] = field(default_factory=dict)  # name -> float32 [N] (or [N, rows])
     global_params: dict[str, object] = field(default_factory=dict)
     common_rows: int | None = None  # vocab mismatch: rows merged; the rest come from `extra_from`
     extra_from: tuple[int, str] | None = None
@@ -216,8 +216,8 @@ def _check_shapes(item, c, shapes, checkpoints, policy, output_index, notes) -> 
         notes.append(f"{c}: truncated to the {lo} rows all models share")
 
 
-def _model_params(recipe, method, c, n_layers, coefficients, item) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
+def _model_params(recipe, method, c, n_layers, coefficients, item) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
     for key, default in method.model_params.items():
         vals = []
         for i, spec in enumerate(recipe.models):
@@ -226,11 +226,11 @@ def _model_params(recipe, method, c, n_layers, coefficients, item) -> dict[str, 
             if not isinstance(v, (int, float)):
                 raise SoupError(f"models[{i}].parameters.{key} must be a number, got {v!r}")
             vals.append(float(v))
-        out[key] = torch.tensor(vals, dtype=torch.float32)
+        out[key] = np.asarray(vals, dtype=np.float32)
     if coefficients is not None and "weight" in out:
         w = coefficients.lookup(c)
         if w is not None:
-            if w.dim() == 2:
+            if w.ndim == 2:
                 rows = item.common_rows or item.shape[0]
                 if not method.row_weights:
                     raise SoupError(f"coefficient table: method {method.name} does not take per-row weights ({c})")

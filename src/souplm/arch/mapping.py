@@ -46,13 +46,16 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from ..errors import SoupError
+from ..io.dtypes import FLOAT32, DType
 from ..yamlfile import parse_mapping as yaml_mapping
+
+if TYPE_CHECKING:
+    import torch
 
 BUILTIN_DIR = Path(__file__).with_name("mappings")
 RULE_KEYS = {"target", "source", "concat", "split", "into", "axis", "optional"}
@@ -224,8 +227,10 @@ class Piece:
     start: int = 0  # split: the slice [start, start + length) along axis
     length: int = 0
 
-    def read(self, ckpt: Any, dtype: torch.dtype | None) -> torch.Tensor:
+    def read(self, ckpt: Any, dtype) -> torch.Tensor:
         if self.op == "concat":
+            import torch
+
             return torch.cat([ckpt.get(s, dtype) for s in self.sources], dim=self.axis)
         t = ckpt.get(self.sources[0], dtype)
         if self.op == "split":
@@ -450,7 +455,7 @@ class MappedSource:
             return shapes[0][: p.axis] + (p.length,) + shapes[0][p.axis + 1 :]
         return shapes[0]
 
-    def dtype(self, name: str) -> torch.dtype:
+    def dtype(self, name: str) -> DType:
         return self._ckpt.dtype(self._piece(name).sources[0])
 
     def nbytes(self, name: str) -> int:
@@ -459,10 +464,10 @@ class MappedSource:
             n *= d
         return n * self.dtype(name).itemsize
 
-    def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    def get(self, name: str, dtype=FLOAT32) -> torch.Tensor:
         return self._piece(name).read(self._ckpt, dtype)
 
-    def get_canonical(self, canonical: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    def get_canonical(self, canonical: str, dtype=FLOAT32) -> torch.Tensor:
         return self.get(self.stored_name(canonical), dtype)
 
     def weight_files(self) -> list[Path]:

@@ -11,12 +11,15 @@ import json
 import os
 from functools import cached_property
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..arch.layouts import GENERIC, Layout, detect_layout
 from ..errors import SoupError
+from .dtypes import FLOAT32, DType, dtype_of, torch_dtype
 from .safetensors_file import SafetensorsFile
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 EMBED = "model.embed_tokens.weight"
@@ -90,6 +93,8 @@ class Checkpoint:
                 f"{f} is a pickled checkpoint; pickles can run code when loaded. "
                 "Pass --allow-pickle (allow_pickle: true) to load it with weights_only=True"
             )
+        import torch
+
         try:
             sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # noqa: BLE001  (torch raises many types for bad pickles)
@@ -138,7 +143,7 @@ class Checkpoint:
             raise SoupError(f"{self.path}: has no tensor {canonical}") from None
 
     # -- tensors -----------------------------------------------------------------------------
-    def _raw(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def _raw(self, name: str, dtype=None) -> torch.Tensor:
         try:
             f = self._where[name]
         except KeyError:
@@ -150,9 +155,9 @@ class Checkpoint:
         src = self._files[self._where[name]]
         return tuple(src.tensors[name].shape) if isinstance(src, SafetensorsFile) else tuple(src[name].shape)
 
-    def dtype(self, name: str) -> torch.dtype:
+    def dtype(self, name: str) -> DType:
         src = self._files[self._where[name]]
-        return src.tensors[name].dtype if isinstance(src, SafetensorsFile) else src[name].dtype
+        return src.tensors[name].dtype if isinstance(src, SafetensorsFile) else dtype_of(src[name].dtype)
 
     def nbytes(self, name: str) -> int:
         n = 1
@@ -160,10 +165,11 @@ class Checkpoint:
             n *= d
         return n * self.dtype(name).itemsize
 
-    def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    def get(self, name: str, dtype=FLOAT32) -> torch.Tensor:
         """A fresh tensor by stored name, converted to `dtype` (None: as stored)."""
         if isinstance(self._files.get(self._where.get(name)), SafetensorsFile):
             return self._raw(name, dtype)  # read and converted in one go, always a fresh tensor
+        dtype = torch_dtype(dtype)
         t = self._raw(name)  # a pickled state dict's tensor is shared: hand out a copy
         return t.clone() if dtype is None or t.dtype == dtype else t.to(dtype)
 
@@ -176,16 +182,28 @@ class Checkpoint:
             return src.read_into(name, out)
         return out.copy_(src[name])
 
-    def get_canonical(self, canonical: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    def read_bytes_into(self, name: str, view: memoryview) -> None:
+        """The stored bytes of tensor `name` (safetensors only) into `view`, a buffer of exactly its size."""
+        src = self._files[self._where[name]] if name in self._where else None
+        if not isinstance(src, SafetensorsFile):
+            raise SoupError(f"{self.path}: tensor {name} is not stored in safetensors")
+        src.read_bytes_into(name, view)
+
+    @property
+    def is_safetensors(self) -> bool:
+        return all(isinstance(src, SafetensorsFile) for src in self._files.values())
+
+    def get_canonical(self, canonical: str, dtype=FLOAT32) -> torch.Tensor:
         return self.get(self.stored_name(canonical), dtype)
 
-    def get_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    def get_rows(self, name: str, start: int, stop: int, dtype=FLOAT32) -> torch.Tensor:
         """Rows [start, stop) of dim 0 of a stored tensor; from safetensors only those bytes are read."""
         try:
             src = self._files[self._where[name]]
         except KeyError:
             raise SoupError(f"{self.path}: has no tensor {name}") from None
         t = src.get_rows(name, start, stop) if isinstance(src, SafetensorsFile) else src[name][start:stop].clone()
+        dtype = torch_dtype(dtype)
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
     def weight_files(self) -> list[Path]:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _active = threading.local()
 T = TypeVar("T")
@@ -36,6 +37,8 @@ class BufferPool:
 
     def empty(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor of `shape` and `dtype` on a pooled buffer (give it back with `give`)."""
+        import torch
+
         numel = 1
         for d in shape:
             numel *= int(d)
@@ -78,6 +81,8 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
     """`torch.empty(shape, dtype=dtype)` on the CPU, from the active pool when the engine is computing an item."""
     frame = getattr(_active, "frame", None)
     if frame is None:
+        import torch
+
         return torch.empty(tuple(shape), dtype=dtype)
     pool, taken = frame
     out = pool.empty(shape, dtype)
@@ -88,6 +93,8 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
 def empty_like(t: torch.Tensor) -> torch.Tensor:
     """`torch.empty_like(t)` (contiguous), from the active pool when the engine is computing an item."""
     if t.device.type != "cpu":
+        import torch
+
         return torch.empty(t.shape, dtype=t.dtype, device=t.device)
     return empty(t.shape, t.dtype)
 

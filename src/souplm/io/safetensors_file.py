@@ -15,30 +15,20 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import SoupError
+from .dtypes import BY_CODE, DType, dtype_of
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
 _MAX_HEADER = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     start: int  # absolute file offset of the first byte
     end: int
@@ -61,30 +51,37 @@ class SafetensorsFile:
         size = os.fstat(self._fh.fileno()).st_size
         self.tensors, self.metadata = _parse_header(self._fh, size, self.path)
 
-    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def get(self, name: str, dtype=None) -> torch.Tensor:
         """A fresh tensor holding the stored values, converted to `dtype` when given.
 
         A conversion reads into a per-thread scratch buffer that is reused across tensors, so only
         the converted tensor is a new allocation (fresh pages cost page faults, a third of a merge's
         system time)."""
+        import torch
+
         info = self.tensors[name]
-        return self.read_into(name, torch.empty(info.shape, dtype=dtype or info.dtype))
+        return self.read_into(name, torch.empty(info.shape, dtype=dtype_of(dtype or info.dtype).torch))
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Fill `out` (the tensor's shape, any dtype) with the stored values, converting on the way."""
         info = self.tensors[name]
-        if out.dtype == info.dtype or not info.nbytes:
+        if out.dtype == info.dtype.torch or not info.nbytes:
             self._read_into(name, out)
             return out
         scratch = _scratch(info.nbytes)[: info.nbytes]
         self._read_into(name, scratch)
-        return out.copy_(scratch.view(info.dtype).view(info.shape))
+        return out.copy_(scratch.view(info.dtype.torch).view(info.shape))
 
     def _read_into(self, name: str, out: torch.Tensor) -> None:
+        import torch
+
+        self.read_bytes_into(name, memoryview(out.view(torch.uint8).reshape(-1).numpy()))
+
+    def read_bytes_into(self, name: str, view: memoryview) -> None:
+        """The stored bytes of tensor `name` into the writable buffer `view` (exactly its size)."""
         info = self.tensors[name]
         if not info.nbytes:
             return
-        view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
         got = os.preadv(self._fh.fileno(), [view], info.start)
         if got != info.nbytes:
             raise SoupError(f"{self.path}: short read of tensor {name} ({got} of {info.nbytes} bytes)")
@@ -92,12 +89,14 @@ class SafetensorsFile:
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of dim 0 as a fresh tensor: one contiguous byte range, so a process
         that holds a shard of a tensor (FSDP, issue 7) reads only its part of the file."""
+        import torch
+
         info = self.tensors[name]
         if not info.shape:
             return self.get(name)
         rows = info.shape[0]
         start, stop = min(max(start, 0), rows), min(max(stop, start), rows)
-        out = torch.empty((stop - start, *info.shape[1:]), dtype=info.dtype)
+        out = torch.empty((stop - start, *info.shape[1:]), dtype=info.dtype.torch)
         row_bytes = info.nbytes // rows if rows else 0
         want = (stop - start) * row_bytes
         if want:
@@ -116,6 +115,8 @@ _local = threading.local()
 
 def _scratch(nbytes: int) -> torch.Tensor:
     """This thread's reusable byte buffer, grown to the largest tensor it has read."""
+    import torch
+
     buf = getattr(_local, "buf", None)
     if buf is None or buf.numel() < nbytes:
         buf = _local.buf = torch.empty(nbytes, dtype=torch.uint8)
@@ -139,7 +140,7 @@ def _parse_header(fh, size: int, path: Path) -> tuple[dict[str, TensorInfo], dic
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         try:
-            dtype = DTYPES[entry["dtype"]]
+            dtype = BY_CODE[entry["dtype"]]
             shape = tuple(int(d) for d in entry["shape"])
             lo, hi = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
@@ -161,17 +162,18 @@ class SafetensorsWriter:
     """Writes one shard: the header (all names, dtypes and shapes known up front), then each
     tensor's bytes in header order, one at a time."""
 
-    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata=None):
+    def __init__(self, path: Path, entries: list[tuple[str, DType, tuple[int, ...]]], metadata=None):
         self.path = path
         header: dict = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
         self._order: list[tuple[str, int]] = []
         for name, dtype, shape in entries:
+            dtype = dtype_of(dtype)
             numel = 1
             for d in shape:
                 numel *= d
             nbytes = numel * dtype.itemsize
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {"dtype": dtype.code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._order.append((name, nbytes))
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -182,13 +184,18 @@ class SafetensorsWriter:
         self.total_bytes = offset
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        import torch
+
+        t = tensor.contiguous()
+        self.write_bytes(name, t.view(torch.uint8).reshape(-1).numpy() if t.numel() else b"")
+
+    def write_bytes(self, name: str, data) -> None:
+        """The next tensor's stored bytes (any buffer of exactly its size), in header order."""
         expect, nbytes = self._order[self._next]
         if name != expect:  # the planner fixes the order; a mismatch is a bug, not bad input
             raise RuntimeError(f"writer expected tensor {expect}, got {name}")
-        t = tensor.contiguous()
-        data = t.view(torch.uint8).reshape(-1).numpy() if t.numel() else b""
-        if len(data) != nbytes:
-            raise RuntimeError(f"tensor {name}: {len(data)} bytes, header says {nbytes}")
+        if memoryview(data).nbytes != nbytes:
+            raise RuntimeError(f"tensor {name}: {memoryview(data).nbytes} bytes, header says {nbytes}")
         self._fh.write(data)
         self._next += 1
 

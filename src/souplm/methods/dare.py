@@ -1,69 +1,87 @@
 """DARE: drop each task-vector entry with probability p = 1 - density and rescale survivors by 1/(1-p).
 
 `dare_linear` then adds the weighted sum of the sparsified task vectors; `dare_ties` runs TIES sign
-election and disjoint mean on them instead (no magnitude trim). The random mask is drawn from a
-generator seeded by (seed, tensor name, model index), so a merge is reproducible and independent of
-the order in which tensors are processed.
+election and disjoint mean on them instead (no magnitude trim).
+
+The keep/drop draws come from a counter-based stream: entry j of a tensor gets 16 bits of the SplitMix64
+output for counter j // 4 (four entries per 64-bit word), under a key hashed from (seed, tensor name,
+model index). Any entry's draw can be computed on its own, so the merge is reproducible, independent of
+the order in which tensors are processed, and identical between this torch implementation and the
+fused kernels (`souplm.fused`), which split a tensor across threads. The keep probability is density
+rounded to a multiple of 2**-16, and survivors are rescaled by the inverse of that exact probability,
+so the merge stays unbiased.
 """
 
 from __future__ import annotations
 
-import torch
+import hashlib
+from typing import TYPE_CHECKING
 
-from ..io import pool
 from .linear import normalized, weighted_sum
 from .registry import register
 from .task_arithmetic import add_to_base, task_vectors
 from .ties import elect_and_merge
 
-# The keep/drop draw uses 16 random bits per entry: four entries from one 64-bit draw of the generator,
-# about 2.5x faster than a float32 `torch.rand` per entry (the mask was most of DARE's time). The keep
-# probability is therefore density rounded to a multiple of 2**-16, and survivors are rescaled by the
-# inverse of that exact probability, so the merge stays unbiased.
+if TYPE_CHECKING:
+    import torch
+
 DRAW_BITS = 16
+LEVELS = 1 << DRAW_BITS
+# SplitMix64 (Steele, Lea and Flood 2014): the state advances by GAMMA, the output mixes it.
+GAMMA, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_U64 = (1 << 64) - 1
+
+
+def draw_key(seed: int, canonical: str, model_index: int) -> int:
+    """The 64-bit key of one model's draws for one tensor."""
+    h = hashlib.sha256(f"{seed}|{canonical}|{model_index}".encode()).digest()
+    return int.from_bytes(h[:8], "little")
+
+
+def keep_level(density: float) -> int:
+    """An entry survives when its 16-bit draw is below this level: density rounded to a multiple of
+    2**-16, never 0 for density > 0."""
+    return min(LEVELS, max(1, round(density * LEVELS)))
 
 
 def keep_probability(density: float) -> float:
-    """The probability an entry survives: `density` rounded to a multiple of 2**-16 (never 0 for density > 0)."""
-    levels = 1 << DRAW_BITS
-    return max(1, round(density * levels)) / levels
+    return keep_level(density) / LEVELS
 
 
-def drop_and_rescale(delta: torch.Tensor, density: float, gen: torch.Generator,
-                     buf: torch.Tensor | None = None) -> torch.Tensor:
-    """Zero each entry with probability 1 - q and scale the survivors by 1/q, in place.
+def _signed(x: int) -> int:
+    """A uint64 as the int64 with the same bits (torch has no full uint64 arithmetic)."""
+    x &= _U64
+    return x - (1 << 64) if x >> 63 else x
 
-    `buf` (delta's shape and dtype) holds the 0/1 keep mask; callers sparsifying several deltas pass one
-    buffer for all (a fresh buffer costs a round of page faults; a float mask multiplies ~15x faster
-    than `masked_fill_` with a boolean one).
-    """
+
+def draws(key: int, n: int):
+    """The 16-bit draws of entries 0..n-1 under `key`, as an int32 tensor of values in [0, 65536)."""
+    import torch
+
+    def shr(z, s):  # logical shift right of int64 bits
+        return (z >> s) & ((1 << (64 - s)) - 1)
+
+    # int64 products wrap around like uint64 ones: the bits are SplitMix64's.
+    z = torch.arange(1, (n + 3) // 4 + 1, dtype=torch.int64).mul_(_signed(GAMMA)).add_(_signed(key))
+    z = (z ^ shr(z, 30)).mul_(_signed(MIX1))
+    z = (z ^ shr(z, 27)).mul_(_signed(MIX2))
+    z ^= shr(z, 31)
+    return z.view(torch.int16)[:n].to(torch.int32).bitwise_and_(0xFFFF)  # little-endian: lane j % 4
+
+
+def drop_and_rescale(delta: torch.Tensor, density: float, key: int) -> torch.Tensor:
+    """Zero each entry whose draw is not below the keep level, and scale the survivors by 1/q, in place."""
     if density >= 1.0:
         return delta
     if density <= 0.0:
         return delta.zero_()
-    levels = 1 << DRAW_BITS
-    q = keep_probability(density)
-    n = delta.numel()
-    # (random_() without bounds leaves the sign bit clear; the full signed range gives 64 random bits.)
-    words = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64, generator=gen,
-                          out=pool.empty(((n + 3) // 4,), torch.int64))
-    draws = words.view(torch.int16)[:n].view(delta.shape)  # uniform over [-2**15, 2**15)
-    keep = buf if buf is not None else pool.empty_like(delta)
-    keep.copy_(draws).lt_(round(q * levels) - levels // 2)  # 1.0 with probability q, else 0.0
-    pool.release(words)
-    delta.mul_(keep).mul_(1.0 / q)
-    if buf is None:
-        pool.release(keep)
-    return delta
+    level = keep_level(density)
+    keep = draws(key, delta.numel()).lt_(level).view(delta.shape)
+    return delta.mul_(keep).mul_(LEVELS / level)
 
 
-def _sparse_deltas(tensors, base, density, generators):
-    deltas = task_vectors(tensors, base)
-    buf = pool.empty_like(deltas[0]) if any(0.0 < float(p) < 1.0 for p in density) else None
-    out = [drop_and_rescale(d, float(p), g, buf) for d, p, g in zip(deltas, density, generators)]
-    if buf is not None:
-        pool.release(buf)
-    return out
+def _sparse_deltas(tensors, base, density, keys):
+    return [drop_and_rescale(d, float(p), k) for d, p, k in zip(task_vectors(tensors, base), density, keys)]
 
 
 @register(
@@ -76,10 +94,10 @@ def _sparse_deltas(tensors, base, density, generators):
     random=True,
     reference="https://arxiv.org/abs/2311.03099",
 )
-def dare_linear(tensors, base, weight, density, generators, normalize=False, **g):
+def dare_linear(tensors, base, weight, density, keys, normalize=False, **g):
     """base + lambda * sum_i w_i * dare(theta_i - base)."""
     w = normalized(weight) if normalize else weight
-    return add_to_base(weighted_sum(_sparse_deltas(tensors, base, density, generators), w), base, g.get("lambda", 1.0))
+    return add_to_base(weighted_sum(_sparse_deltas(tensors, base, density, keys), w), base, g.get("lambda", 1.0))
 
 
 @register(
@@ -92,7 +110,7 @@ def dare_linear(tensors, base, weight, density, generators, normalize=False, **g
     random=True,
     reference="https://arxiv.org/abs/2311.03099",
 )
-def dare_ties(tensors, base, weight, density, generators, normalize=True, **g):
+def dare_ties(tensors, base, weight, density, keys, normalize=True, **g):
     """base + lambda * disjoint_mean(elect_sign(dare(theta_i - base)))."""
-    deltas = _sparse_deltas(tensors, base, density, generators)
+    deltas = _sparse_deltas(tensors, base, density, keys)
     return add_to_base(elect_and_merge(deltas, weight, normalize), base, g.get("lambda", 1.0))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .registry import broadcast, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 def weighted_sum(tensors: list[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:

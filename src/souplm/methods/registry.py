@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import SoupError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class Method:
     max_models: int | None
     model_params: dict[str, float] = field(default_factory=dict)  # per-model, with defaults
     global_params: dict[str, object] = field(default_factory=dict)
-    random: bool = False  # takes a torch.Generator (DARE)
+    random: bool = False  # takes `keys`, one 64-bit draw key per model (DARE)
     row_weights: bool = True  # accepts [N, rows] weights from a row-granularity table
     reference: str = ""
     summary: str = ""

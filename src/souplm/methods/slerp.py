@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from ..errors import SoupError
 from .linear import weighted_sum
 from .registry import register
@@ -23,6 +21,8 @@ from .registry import register
 )
 def slerp(tensors, base, weight, t=None, epsilon=1e-8):
     """sin((1-t)O)/sin(O) a + sin(tO)/sin(O) b, O the angle between a and b; t = share of model 2."""
+    import torch
+
     if weight.dim() != 1:
         raise SoupError("slerp takes one weight per model, not per row")
     if t is None:  # from per-model weights (a coefficient table): t is model 2's share

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..io import pool
 from .registry import broadcast, register
 from .task_arithmetic import add_to_base, task_vectors
+
+if TYPE_CHECKING:
+    import torch
 
 
 def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
@@ -20,6 +22,8 @@ def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
     The count proves the bracket right; if the sample misled us, a full `kthvalue` answers instead.
     About twice as fast as `kthvalue` on the whole tensor, which is most of TIES's time.
     """
+    import torch
+
     flat = mag.reshape(-1)
     n = flat.numel()
     if n <= 65536:
@@ -50,6 +54,8 @@ def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
     A k-th value threshold (selection, O(n)) replaces a full sort; entries tied with the threshold
     are all kept.
     """
+    import torch
+
     if density >= 1.0:
         return delta
     n = delta.numel()
@@ -78,6 +84,8 @@ def elect_and_merge(deltas: list[torch.Tensor], weight: torch.Tensor, normalize:
     the result is sum over agreeing i of w_i d_i, divided by the agreeing weight mass when normalizing.
     Written as running sums over a few reused buffers: no [N, ...] stack, no temporary per model.
     """
+    import torch
+
     w = broadcast(weight, deltas[0])
     sign = torch.mul(deltas[0], w[0], out=pool.empty_like(deltas[0]))
     for d, wi in zip(deltas[1:], w[1:]):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from .linear import weighted_sum
 from .registry import register
 
@@ -17,4 +15,6 @@ from .registry import register
 )
 def uniform(tensors, base):
     """Plain mean (1/N) sum_i theta_i."""
+    import torch
+
     return weighted_sum(tensors, torch.full((len(tensors),), 1.0 / len(tensors)))
