@@ -203,7 +203,8 @@ def test_llava_truncate_policy_patches_vocab(family, tmp_path):
     assert weights(out)["language_model.model.embed_tokens.weight"].shape[0] == 64
 
 
-def test_soup_into_matches_the_written_merge(family, tmp_path):
+def test_soup_into_matches_the_written_merge(family, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOUPLM_EXECUTOR", "torch")  # the same executor, so the same bits (test_fused: the other)
     recipe = Recipe.vanilla(family["a"], family["llava_same_vocab"], 0.3)
     out = tmp_path / "disk"
     souplm.merge(recipe, out, progress=False)
@@ -307,19 +308,21 @@ def test_existing_output_needs_force(family, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 
 
-def test_interrupt_mid_merge_cleans_up(family, tmp_path, monkeypatch):
-    from souplm import engine
+@pytest.mark.parametrize("executor", ["fused", "torch"])
+def test_interrupt_mid_merge_cleans_up(family, tmp_path, monkeypatch, executor):
+    from souplm.io.safetensors_file import SafetensorsWriter
 
+    monkeypatch.setenv("SOUPLM_EXECUTOR", executor)
     calls = {"n": 0}
-    real = engine._compute
+    real = SafetensorsWriter.write_bytes
 
-    def flaky(*args, **kwargs):
+    def flaky(*args, **kwargs):  # both executors write through here
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_compute", flaky)
+    monkeypatch.setattr(SafetensorsWriter, "write_bytes", flaky)
     with pytest.raises(KeyboardInterrupt):
         souplm.merge(Recipe.vanilla(family["a"], family["b"], 0.5), tmp_path / "out", progress=False)
     assert_nothing_left(tmp_path, "out")

@@ -54,11 +54,13 @@ class MergeReport:
     seconds: float
     bytes_read: int
     bytes_written: int
+    executor: str = ""  # "fused" (C kernels) or "torch"
 
     def __str__(self) -> str:
         where = self.out_dir if self.out_dir else "(dry run: nothing written)"
+        how = f", {self.executor} executor" if self.executor else ""
         return (f"merged {len(self.plan.items)} tensors in {self.seconds:.1f}s "
-                f"({self.bytes_read / 1e9:.2f} GB read, {self.bytes_written / 1e9:.2f} GB written) -> {where}")
+                f"({self.bytes_read / 1e9:.2f} GB read, {self.bytes_written / 1e9:.2f} GB written{how}) -> {where}")
 
 
 class Sources:
@@ -233,7 +235,7 @@ def merge(
     hashes = {p: hasher.submit(content_hash, p) for p in dict.fromkeys(plan.recipe.all_paths())} if hasher else {}
     previous = _sigterm_as_interrupt()
     try:
-        written = _write_shards(plan, sources, tmp, progress)
+        written, executor = _write_shards(plan, sources, tmp, progress)
         _write_side_files(plan, tmp, {p: f.result() for p, f in hashes.items()})
         _swap_into_place(tmp, out_dir)
     except BaseException:
@@ -246,7 +248,7 @@ def merge(
             hasher.shutdown(cancel_futures=True)
         for c in sources.checkpoints:
             c.close()
-    return MergeReport(out_dir, plan, time.perf_counter() - t0, plan.read_bytes, written)
+    return MergeReport(out_dir, plan, time.perf_counter() - t0, plan.read_bytes, written, executor)
 
 
 def _sigterm_as_interrupt():
@@ -264,8 +266,11 @@ def _shard_name(i: int, n: int) -> str:
     return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def _write_shards(plan: Plan, sources: Sources, tmp: Path, progress: bool) -> int:
+def _write_shards(plan: Plan, sources: Sources, tmp: Path, progress: bool) -> tuple[int, str]:
+    """Stream the merged tensors into shards; returns the bytes written and the executor that ran."""
     from tqdm.auto import tqdm
+
+    from . import fused
 
     by_shard: dict[int, list[Item]] = {}
     for it in plan.items:
@@ -276,9 +281,15 @@ def _write_shards(plan: Plan, sources: Sources, tmp: Path, progress: bool) -> in
         for s, items in by_shard.items()
     }
     bar = tqdm(total=plan.read_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress, leave=False)
+    # The fused kernels when they cover the plan (no torch import at all), else the torch executor.
+    executor = "torch" if fused.covers(plan) else "fused"
     try:
-        for item, tensor in merged_tensors(plan.recipe, plan=plan, sources=sources, progress=bar):
-            writers[item.shard].write(item.out_name, tensor)
+        if executor == "fused":
+            for item, data in fused.merged_buffers(plan, progress=bar):
+                writers[item.shard].write_bytes(item.out_name, data)
+        else:
+            for item, tensor in merged_tensors(plan.recipe, plan=plan, sources=sources, progress=bar):
+                writers[item.shard].write(item.out_name, tensor)
     finally:
         bar.close()
         for w in writers.values():
@@ -289,7 +300,7 @@ def _write_shards(plan: Plan, sources: Sources, tmp: Path, progress: bool) -> in
             "weight_map": {i.out_name: _shard_name(i.shard, plan.n_shards) for i in plan.items},
         }
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return sum(w.total_bytes for w in writers.values())
+    return sum(w.total_bytes for w in writers.values()), executor
 
 
 def _write_side_files(plan: Plan, tmp: Path, hashes: dict[str, str]) -> None:

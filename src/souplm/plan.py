@@ -82,6 +82,10 @@ class Plan:
         ]
         if self.coefficients:
             lines.append(f"coefficients {len(self.coefficients.coefficients)} table entries override per-model weights")
+        from .fused import covers  # (fused imports this module)
+
+        why_not = covers(self)
+        lines.append("executor    " + ("fused C kernels" if why_not is None else f"torch ({why_not})"))
         lines += [f"note        {n}" for n in self.notes]
         return "\n".join(lines)
 

@@ -1,0 +1,294 @@
+"""The fused CPU executor: a plan's tensors computed by one-pass C kernels (`souplm._kernels`), without torch.
+
+The engine has two executors for the same plan. The torch executor (`engine.merged_tensors`) runs any
+method on fp32 copies of the inputs, one element-wise pass per operation. This one covers the methods
+that are a weighted combination of (optionally trimmed or randomly dropped) task vectors: `linear`,
+`uniform`, `wise_ft`, `task_arithmetic`, `ties`, `dare_linear` and `dare_ties`. It reads the stored
+bytes (bf16, fp16 or fp32) and computes each output element in a single pass that converts, subtracts
+the base, masks, weighs, elects the sign, divides, adds the base, rounds to the output dtype and checks
+the inputs for NaN/Inf, split across the CPU's cores. Merging with it never imports torch.
+
+Both executors state the same formula (each method's docstring and `methods/`), in fp32 with the same
+operation order; the tests hold them to each other and to NumPy references. DARE draws its random bits
+from the same counter-based stream in both (`methods/dare.py`). `engine.merge` picks this executor when
+it covers the whole plan and the kernels are built (`covers`); `SOUPLM_EXECUTOR=torch` forces the other.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import SoupError
+from .io.checkpoint import Checkpoint
+from .methods.dare import LEVELS, draw_key, keep_level
+from .plan import Item, Plan
+
+try:
+    from . import _kernels
+except ImportError:  # the extension is optional: without a C compiler the torch executor does everything
+    _kernels = None
+
+KERNEL_DTYPES = {"F32": 0, "F16": 1, "BF16": 2}
+METHODS = ("linear", "uniform", "wise_ft", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+SUM, ELECT = 0, 1
+MIN_SPLIT = 1 << 18  # elements below which a tensor is not worth splitting across threads
+
+
+def covers(plan: Plan) -> str | None:
+    """None when this executor can run the whole plan, else why not (the engine then uses torch)."""
+    if _kernels is None:
+        return "the C kernels are not built (souplm._kernels)"
+    if os.environ.get("SOUPLM_EXECUTOR", "").lower() == "torch":
+        return "SOUPLM_EXECUTOR=torch"
+    if plan.method.name not in METHODS:
+        return f"method {plan.method.name} has no fused kernel"
+    if not all(isinstance(c, Checkpoint) and c.is_safetensors for c in plan.checkpoints):
+        return "an input is not a plain safetensors checkpoint (pickle or mapped)"
+    for item in plan.items:
+        if item.copy_from is not None:
+            continue
+        names = [(k, n) for k, n in enumerate(item.inputs)]
+        if item.base is not None:
+            names.append((plan.base_index, item.base))
+        if item.extra_from is not None:
+            names.append(item.extra_from)
+        codes = {plan.checkpoints[k].dtype(n).code for k, n in names} | {item.dtype.code}
+        if not codes <= KERNEL_DTYPES.keys():
+            return f"tensor {item.out_name} has dtype {min(codes - KERNEL_DTYPES.keys())}"
+    return None
+
+
+# -- byte buffers -----------------------------------------------------------------------------------
+class Buffers:
+    """Reusable byte buffers, best fit; the same few sizes come back layer after layer, and a fresh
+    buffer costs a round of page faults (the same reasoning as `io.pool` for the torch executor)."""
+
+    def __init__(self) -> None:
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> np.ndarray:
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if b.size >= nbytes]
+            if fits:
+                buf = self._free.pop(min(fits, key=lambda i: self._free[i].size))
+                return buf[:nbytes] if buf.size > nbytes else buf
+        return np.empty(max(nbytes, 1), dtype=np.uint8)[:nbytes]
+
+    def give(self, buf: np.ndarray) -> None:
+        with self._lock:
+            self._free.append(buf.base if buf.base is not None else buf)
+
+
+@dataclass
+class Tensor:
+    """The stored bytes of one input tensor and their kernel dtype code."""
+
+    data: np.ndarray
+    code: int
+
+
+def _read_bytes(buffers: Buffers, ck: Checkpoint, name: str) -> np.ndarray:
+    buf = buffers.take(ck.nbytes(name))
+    ck.read_bytes_into(name, memoryview(buf))
+    return buf
+
+
+def _read(buffers: Buffers, ck: Checkpoint, name: str) -> Tensor:
+    return Tensor(_read_bytes(buffers, ck, name), KERNEL_DTYPES[ck.dtype(name).code])
+
+
+def _load(plan: Plan, buffers: Buffers, item: Item) -> list[Tensor] | None:
+    """The item's inputs (models in order, then the base, then the extra-rows source)."""
+    if item.copy_from is not None:
+        return None
+    ck = plan.checkpoints
+    out = [_read(buffers, ck[k], n) for k, n in enumerate(item.inputs)]
+    if item.base is not None:
+        out.append(_read(buffers, ck[plan.base_index], item.base))
+    if item.extra_from is not None:
+        out.append(_read(buffers, ck[item.extra_from[0]], item.extra_from[1]))
+    return out
+
+
+# -- one item -------------------------------------------------------------------------------------------
+def _ranges(n: int, parts: int) -> list[tuple[int, int]]:
+    if n <= 0:
+        return []
+    parts = max(1, min(parts, n // MIN_SPLIT))
+    edges = [n * i // parts for i in range(parts + 1)]
+    return [(a, b) for a, b in itertools.pairwise(edges) if b > a]
+
+
+def _itemsize(code: int) -> int:
+    return 4 if code == KERNEL_DTYPES["F32"] else 2
+
+
+def _head(t: Tensor, numel: int) -> np.ndarray:
+    """The first `numel` elements of a tensor's bytes (the rows all models share)."""
+    return t.data[: numel * _itemsize(t.code)]
+
+
+def _f32(values) -> bytes:
+    return np.ascontiguousarray(values, dtype=np.float32).tobytes()
+
+
+class Executor:
+    """Runs plan items on the kernels with a fixed pool of worker threads (the kernels release the GIL)."""
+
+    def __init__(self, plan: Plan, threads: int | None = None):
+        self.plan = plan
+        self.threads = threads or os.cpu_count() or 1
+        self.workers = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="souplm-fused")
+
+    def close(self) -> None:
+        self.workers.shutdown()
+
+    def _parallel(self, fn, n: int) -> list:
+        ranges = _ranges(n, self.threads)
+        if len(ranges) <= 1:
+            return [fn(*r) for r in ranges]
+        return list(self.workers.map(lambda r: fn(*r), ranges))
+
+    def compute(self, item: Item, inputs: list[Tensor], out: np.ndarray) -> None:
+        plan, method = self.plan, self.plan.method
+        n_models = len(item.inputs)
+        models = inputs[:n_models]
+        base = inputs[n_models] if item.base is not None else None
+        numel = 1
+        for d in item.shape:
+            numel *= d
+        rows = item.common_rows if item.common_rows is not None else (item.shape[0] if item.shape else 1)
+        row_len = numel // item.shape[0] if item.shape and item.shape[0] else max(numel, 1)
+        merged = rows * row_len if item.shape else numel
+        out_code = KERNEL_DTYPES[item.dtype.code]
+        out_view = out[: merged * item.dtype.itemsize]
+        xs = [_head(t, merged) for t in models]
+        b = _head(base, merged) if base is not None else None
+
+        name = method.name
+        params = item.model_params
+        g = item.global_params
+        weight = np.asarray(params.get("weight", np.ones(n_models, np.float32)), dtype=np.float32)
+        if name == "uniform":
+            weight = np.full(n_models, 1.0 / n_models, dtype=np.float32)
+        normalize = bool(g.get("normalize", False))
+        if normalize and name in ("linear", "task_arithmetic", "dare_linear"):
+            weight = _normalized(weight)
+        if weight.ndim == 2:
+            weight = weight[:, :rows]
+        lam = float(g["lambda"]) if g.get("lambda") is not None else 1.0
+        use_base = name in ("wise_ft", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+        mode = ELECT if name in ("ties", "dare_ties") else SUM
+        thresholds = keys = levels = scales = None
+        if name in ("dare_linear", "dare_ties"):
+            density = [float(p) for p in params["density"]]
+            keys = np.array([draw_key(plan.recipe.seed, item.canonical, i) for i in range(n_models)], np.uint64)
+            levels = np.array([LEVELS if p >= 1.0 else (0 if p <= 0.0 else keep_level(p)) for p in density], np.uint32)
+            scales = np.array([1.0 if lv in (0, LEVELS) else LEVELS / lv for lv in levels], np.float32)
+            keys, levels, scales = keys.tobytes(), levels.tobytes(), scales.tobytes()
+        if name == "ties":
+            thresholds = _f32([self._threshold(x, t.code, b, base.code, merged, float(p))
+                               for x, t, p in zip(xs, models, params["density"])])
+
+        def run(start: int, stop: int) -> int:
+            return _kernels.combine(
+                out_view, out_code, xs, [t.code for t in models], b if use_base else None,
+                base.code if (use_base and base is not None) else 0, _f32(weight), row_len, start, stop, mode, lam,
+                normalize, thresholds, keys, levels, scales)
+
+        bad = [r for r in self._parallel(run, merged) if r >= 0]
+        if bad:
+            k = min(bad)
+            where = plan.checkpoints[k if k < n_models else plan.base_index]
+            tensor = item.inputs[k] if k < n_models else item.base
+            raise SoupError(f"tensor {tensor} of model {where.path} contains NaN or Inf")
+        if item.extra_from is not None:  # rows only the larger vocabulary has: converted, not merged
+            extra = inputs[-1]
+            isz, osz = _itemsize(extra.code), item.dtype.itemsize
+            src, dst = extra.data[merged * isz:], out[merged * osz: numel * osz]
+            count = numel - merged
+            results = self._parallel(lambda a, z: _kernels.combine(
+                dst, out_code, [src], [extra.code], None, 0, _f32([1.0]), 1, a, z, SUM, 1.0, False,
+                None, None, None, None), count)
+            if any(r >= 0 for r in results):
+                ck, nm = plan.checkpoints[item.extra_from[0]], item.extra_from[1]
+                raise SoupError(f"tensor {nm} of model {ck.path} contains NaN or Inf")
+
+    def _threshold(self, x: np.ndarray, code: int, base: np.ndarray, base_code: int, n: int, density: float) -> float:
+        """TIES's trim threshold: the exact k-th largest |x - base|, k = round(density * n), by a two-pass
+        radix select over the float bits (the top 16 bits, then the low 16 within the chosen bin)."""
+        if density >= 1.0:
+            return 0.0  # |d| >= 0 keeps every entry
+        k = round(density * n)
+        if k <= 0:
+            return float("inf")  # keeps none (inputs are finite)
+
+        def histogram(prefix: int) -> np.ndarray:
+            def part(start: int, stop: int) -> np.ndarray:
+                hist = np.zeros(1 << 16, dtype=np.uint32)
+                _kernels.abs_delta_histogram(x, code, base, base_code, start, stop, hist, prefix)
+                return hist
+            return np.sum([h.astype(np.int64) for h in self._parallel(part, n)], axis=0)
+
+        hi, above = _select(histogram(-1), k)
+        lo, _ = _select(histogram(hi), k - above)
+        return float(np.array([(hi << 16) | lo], dtype=np.uint32).view(np.float32)[0])
+
+
+def _select(hist: np.ndarray, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest key, and how many keys lie in bins above it."""
+    from_top = np.cumsum(hist[::-1])
+    m = int(np.searchsorted(from_top, k))
+    b = len(hist) - 1 - m
+    return b, int(from_top[m] - hist[b])
+
+
+def _normalized(weight: np.ndarray) -> np.ndarray:
+    total = weight.sum(axis=0, dtype=np.float32)
+    if bool((np.abs(total) < 1e-12).any()):
+        raise SoupError("weights sum to zero and cannot be normalized (set normalize: false)")
+    return (weight / total).astype(np.float32)
+
+
+# -- the stream ---------------------------------------------------------------------------------------
+def merged_buffers(plan: Plan, progress=None) -> Iterator[tuple[Item, np.ndarray]]:
+    """Yield (item, stored bytes of the output tensor) in plan order; the next item's inputs are read in
+    a thread meanwhile. A yielded buffer is valid until the next one is asked for."""
+    buffers = Buffers()
+    executor = Executor(plan)
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="souplm-read") as reader:
+            pending: Future | None = None
+            items = plan.items
+            for idx, item in enumerate(items):
+                inputs = pending.result() if pending is not None else _load(plan, buffers, item)
+                pending = reader.submit(_load, plan, buffers, items[idx + 1]) if idx + 1 < len(items) else None
+                if inputs is None:  # copied unchanged, in its stored bytes
+                    k, name = item.copy_from
+                    out = _read_bytes(buffers, plan.checkpoints[k], name)
+                else:
+                    out = buffers.take(_nbytes(item))
+                    executor.compute(item, inputs, out)
+                    for t in inputs:
+                        buffers.give(t.data)
+                if progress is not None:
+                    progress.update(item.read_bytes)
+                yield item, out
+                buffers.give(out)
+    finally:
+        executor.close()
+
+
+def _nbytes(item: Item) -> int:
+    n = item.dtype.itemsize
+    for d in item.shape:
+        n *= d
+    return n

@@ -1,0 +1,149 @@
+"""The fused executor (C kernels) against the torch executor, on whole merges of the tiny test family.
+
+The torch executor's methods are checked against NumPy statements of each formula (test_methods.py)
+and the kernels against their own NumPy statement (test_kernels.py); here the two executors must give
+the same checkpoint for every method they share, up to the rounding of the output dtype (torch fuses
+some multiply-adds; the kernels never do).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import souplm
+from souplm import fused
+from souplm.errors import SoupError
+from souplm.recipe import Recipe
+
+pytestmark = pytest.mark.skipif(fused._kernels is None, reason="souplm._kernels is not built")
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def merge_both(recipe: Recipe, tmp_path: Path, monkeypatch, name: str = "m", **kwargs):
+    """The same recipe through each executor; returns both checkpoints' tensors."""
+    out = {}
+    for executor in ("fused", "torch"):
+        monkeypatch.setenv("SOUPLM_EXECUTOR", executor)
+        report = souplm.merge(recipe, tmp_path / f"{name}-{executor}", progress=False, hash_inputs=False, **kwargs)
+        assert report.executor == executor
+        out[executor] = weights(tmp_path / f"{name}-{executor}")
+    return out["fused"], out["torch"]
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k, t in a.items():
+        assert t.dtype == b[k].dtype, k
+        # one unit in the last place of the output dtype (torch's fused multiply-add may round differently)
+        eps = torch.finfo(t.dtype).eps if t.is_floating_point() else 0
+        torch.testing.assert_close(t, b[k], rtol=2 * eps, atol=1e-6, msg=k)
+
+
+METHODS = [
+    ("linear", {"weight": [0.3, 0.7]}),
+    ("linear", {"weight": [1.0, 2.0], "normalize": False}),
+    ("uniform", {}),
+    ("task_arithmetic", dict(weight=[0.7, 0.4], **{"lambda": 0.8})),
+    ("ties", {"weight": [1.0, 0.5], "density": [0.5, 0.3]}),
+    ("ties", {"weight": [1.0, -0.5], "density": [0.7, 1.0], "normalize": True}),
+    ("ties", dict(weight=[1.0, 1.0], density=[0.5, 0.5], normalize=False, **{"lambda": 0.6})),
+    ("dare_linear", {"weight": [0.6, 0.6], "density": [0.5, 0.2]}),
+    ("dare_ties", {"weight": [1.0, 1.0], "density": [0.5, 0.9]}),
+]
+
+
+def recipe_for(family, method: str, params: dict, dtype: str | None = None) -> Recipe:
+    per_model = {k: v for k, v in params.items() if isinstance(v, list)}
+    models = [{"model": str(family[m]), "parameters": {k: v[i] for k, v in per_model.items()}}
+              for i, m in enumerate(("a", "b"))]
+    data = {"merge_method": method, "models": models, "seed": 3,
+            "parameters": {k: v for k, v in params.items() if not isinstance(v, list)}}
+    if method not in ("linear", "uniform"):
+        data["base_model"] = str(family["base"])
+    if dtype:
+        data["dtype"] = dtype
+    return Recipe.load(data)
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16", "float16"])
+@pytest.mark.parametrize(("method", "params"), METHODS, ids=[f"{m}{i}" for i, (m, _) in enumerate(METHODS)])
+def test_fused_equals_torch_for_every_method(family, tmp_path, monkeypatch, method, params, dtype):
+    a, b = merge_both(recipe_for(family, method, params, dtype), tmp_path, monkeypatch)
+    assert_same(a, b)
+
+
+def test_fused_wise_ft_and_bf16_inputs(family, tmp_path, monkeypatch):
+    # bf16 inputs: the kernels read the stored bf16 bits directly
+    for name in ("a", "base"):
+        sd = {k: v.to(torch.bfloat16) for k, v in weights(family[name]).items()}
+        (tmp_path / f"{name}16").mkdir()
+        save_file(sd, tmp_path / f"{name}16" / "model.safetensors", metadata={"format": "pt"})
+        (tmp_path / f"{name}16" / "config.json").write_text((family[name] / "config.json").read_text())
+    r = Recipe.load({"merge_method": "wise_ft", "base_model": str(tmp_path / "base16"),
+                     "models": [{"model": str(tmp_path / "a16"), "parameters": {"weight": 0.35}}]})
+    a, b = merge_both(r, tmp_path, monkeypatch)
+    assert_same(a, b)
+    assert all(t.dtype == torch.bfloat16 for t in a.values())
+
+
+def test_fused_row_table_and_vocab_extension(family, tmp_path, monkeypatch):
+    # per-row weights on the embedding; LLaVA's extra embedding row copied from the model that has it
+    rows = torch.linspace(0, 1, 64).tolist()
+    table = souplm.CoefficientTable([str(family["a"]), str(family["llava"])],
+                                    {"embed": [rows, [1 - r for r in rows]], "layers.1.up": [0.2, 0.8]})
+    r = Recipe.vanilla(family["a"], family["llava"], 0.4).model_copy(update={"vocab_policy": "extend"})
+    a, b = merge_both(r, tmp_path, monkeypatch, coefficients=table)
+    assert_same(a, b)
+    t = Recipe.vanilla(family["a"], family["llava"], 0.4).model_copy(update={"vocab_policy": "truncate"})
+    a, b = merge_both(t, tmp_path, monkeypatch, name="t")
+    assert_same(a, b)
+
+
+def test_fused_names_a_nan_and_writes_nothing(family, tmp_path, monkeypatch):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    sd = weights(family["b"])
+    sd["model.layers.1.self_attn.o_proj.weight"][2, 5] = float("inf")
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    (bad / "config.json").write_text((family["b"] / "config.json").read_text())
+    monkeypatch.setenv("SOUPLM_EXECUTOR", "fused")
+    r = Recipe.load({"merge_method": "ties", "base_model": str(family["base"]),
+                     "models": [{"model": str(family["a"])}, {"model": str(bad)}]})
+    with pytest.raises(SoupError, match=r"tensor model.layers.1.self_attn.o_proj.weight of model .*bad contains NaN or Inf"):
+        souplm.merge(r, tmp_path / "out", progress=False, hash_inputs=False)
+    assert not any(p.name.startswith((".out", "out")) for p in tmp_path.iterdir())
+
+
+def test_a_fused_merge_never_imports_torch(family, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"merge_method": "dare_ties", "base_model": str(family["base"]),
+                                  "models": [{"model": str(family["a"]), "parameters": {"density": 0.5}},
+                                             {"model": str(family["b"]), "parameters": {"density": 0.5}}]}))
+    code = ("import sys; from souplm.cli import main; rc = main(['merge', sys.argv[1], '-o', sys.argv[2], '--quiet']); "
+            "assert rc == 0, rc; assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code, str(recipe), str(tmp_path / "out")], check=True,
+                   env={"SOUPLM_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"})
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_covers_names_why_not(family):
+    from souplm.engine import prepare
+
+    plan, _ = prepare(Recipe.load({"merge_method": "slerp", "parameters": {"t": 0.5},
+                                   "models": [{"model": str(family["a"])}, {"model": str(family["b"])}]}))
+    assert fused.covers(plan) == "method slerp has no fused kernel"
+    plan, _ = prepare(Recipe.vanilla(family["a"], family["b"], 0.5))
+    assert fused.covers(plan) is None
