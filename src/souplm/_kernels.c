@@ -1,0 +1,1116 @@
+/*
+ * souplm._kernels: fused one-pass CPU kernels for weight merging (CPython C API only, no NumPy C API).
+ *
+ * Every element of a merged tensor is computed in a single pass over the stored bytes: convert the
+ * inputs (float32, float16 or bfloat16) to float32, subtract the base, trim (TIES), drop and rescale
+ * (DARE), weigh, elect the sign, divide, add the base, round to the output dtype, and check every value
+ * read for NaN/Inf. The work is done in blocks of a few hundred elements: each block is converted into
+ * float32 scratch arrays that stay in L1, then a handful of simple loops the compiler vectorizes run
+ * over them. Arithmetic is plain float32, one rounding per operation, in a fixed order (the module is
+ * built with -ffp-contract=off, so no multiply-add is fused), which makes the result bit-identical to a
+ * NumPy statement of the same formula, and independent of how a tensor is split into ranges.
+ *
+ * Every function releases the GIL while it computes, so Python threads can run disjoint ranges of one
+ * tensor in parallel.
+ *
+ * On x86-64 compiled by GCC or Clang a second copy of the kernels is built for AVX2 + F16C and chosen at
+ * import when the CPU has both; otherwise (and on other compilers or CPUs) the portable copy runs.
+ * Both compute the same bits.
+ *
+ * Dtype codes: 0 = float32, 1 = float16 (IEEE binary16), 2 = bfloat16.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__GNUC__) || defined(__clang__)
+#define SOUP_INLINE static inline __attribute__((always_inline))
+#define SOUP_RESTRICT __restrict__
+#define SOUP_NOINLINE __attribute__((noinline))
+#elif defined(_MSC_VER)
+#define SOUP_INLINE static __forceinline
+#define SOUP_RESTRICT __restrict
+#define SOUP_NOINLINE __declspec(noinline)
+#else
+#define SOUP_INLINE static inline
+#define SOUP_RESTRICT
+#define SOUP_NOINLINE
+#endif
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(SOUP_NO_X86)
+#define SOUP_X86 1
+#include <immintrin.h>
+#define SOUP_TARGET_AVX2 __attribute__((target("avx2,f16c")))
+#else
+#define SOUP_X86 0
+#endif
+
+enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
+enum { MODE_SUM = 0, MODE_ELECT = 1 };
+#define N_LEVELS 65536u
+
+static const char *const DTYPE_NAMES[3] = {"float32", "float16", "bfloat16"};
+
+static int dtype_size(int code) { return code == DT_F32 ? 4 : 2; }
+
+/* 1 when the AVX2 + F16C copy of the kernels runs (chosen at import; tests may force the portable one). */
+static int use_avx2 = 0;
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Scalar conversions (exact; round-to-nearest-even on the way down)                                */
+/* ------------------------------------------------------------------------------------------------ */
+
+SOUP_INLINE float bits_to_f32(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+SOUP_INLINE uint32_t f32_to_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+SOUP_INLINE uint16_t load_u16(const unsigned char *p)
+{
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return h;
+}
+
+SOUP_INLINE uint32_t load_u32(const unsigned char *p)
+{
+    uint32_t u;
+    memcpy(&u, p, 4);
+    return u;
+}
+
+/* All ones where cond holds, else 0. */
+SOUP_INLINE uint32_t mask_if(int cond) { return 0u - (uint32_t)(cond != 0); }
+
+/* float16 bits -> float32 bits. Normal numbers rebias the exponent (+112), Inf/NaN get an all-ones
+ * exponent (+112 twice), subnormals (m * 2^-24, m < 1024) are an exact int-to-float conversion times a
+ * power of two. Written with masks instead of branches so that it vectorizes. */
+SOUP_INLINE uint32_t f16_to_f32_bits(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    int32_t em = h & 0x7FFF;
+    uint32_t shifted = (uint32_t)em << 13;
+    uint32_t normal = shifted + 0x38000000u + (0x38000000u & mask_if(em >= 0x7C00));
+    uint32_t sub = f32_to_bits((float)em * 5.9604644775390625e-8f); /* em * 2^-24 */
+    uint32_t is_sub = mask_if(em < 0x0400);
+    return sign | (sub & is_sub) | (normal & ~is_sub);
+}
+
+/* float32 bits -> float16 bits, round to nearest even; overflow gives Inf, NaN stays a (quiet) NaN. */
+SOUP_INLINE uint16_t f32_bits_to_f16(uint32_t u)
+{
+    uint32_t sign = (u >> 16) & 0x8000u;
+    int32_t a = (int32_t)(u & 0x7FFFFFFFu);
+    /* normal results (|x| >= 2^-14): drop 13 mantissa bits with RNE, carries run into the exponent */
+    uint32_t normal = ((uint32_t)a + 0x0FFFu + (((uint32_t)a >> 13) & 1u) - 0x38000000u) >> 13;
+    /* subnormal results: 0.5 + |x| rounds |x| to a multiple of 2^-24 (the float32 ulp at 0.5), RNE */
+    uint32_t sub = f32_to_bits(bits_to_f32((uint32_t)a) + 0.5f) - 0x3F000000u;
+    uint32_t is_nan = mask_if(a > 0x7F800000);
+    uint32_t is_big = mask_if(a >= 0x477FF000); /* >= 65520 rounds to Inf */
+    uint32_t is_normal = mask_if(a >= 0x38800000);
+    uint32_t mag = (sub & ~is_normal) | (normal & is_normal & ~is_big) | (0x7C00u & is_big & ~is_nan) |
+                   (0x7E00u & is_nan);
+    return (uint16_t)(sign | mag);
+}
+
+/* float32 bits -> bfloat16 bits, round to nearest even (Inf stays Inf, NaN becomes the quiet NaN). */
+SOUP_INLINE uint16_t f32_bits_to_bf16(uint32_t u)
+{
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    uint32_t is_nan = mask_if((int32_t)(u & 0x7FFFFFFFu) > 0x7F800000);
+    return (uint16_t)((r & ~is_nan) | (0x7FC0u & is_nan));
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Block conversions                                                                                 */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* n values of dtype `code` at p -> float32 dst; returns nonzero when any of them is NaN or Inf. */
+SOUP_INLINE uint32_t load_f32_block(const unsigned char *SOUP_RESTRICT p, float *SOUP_RESTRICT dst, int n)
+{
+    uint32_t bad = 0;
+    for (int k = 0; k < n; k++) {
+        uint32_t u = load_u32(p + 4 * (size_t)k);
+        bad |= (u & 0x7F800000u) == 0x7F800000u;
+        dst[k] = bits_to_f32(u);
+    }
+    return bad;
+}
+
+SOUP_INLINE uint32_t load_bf16_block(const unsigned char *SOUP_RESTRICT p, float *SOUP_RESTRICT dst, int n)
+{
+    uint32_t bad = 0;
+    for (int k = 0; k < n; k++) {
+        uint32_t h = load_u16(p + 2 * (size_t)k);
+        bad |= (h & 0x7F80u) == 0x7F80u;
+        dst[k] = bits_to_f32(h << 16);
+    }
+    return bad;
+}
+
+SOUP_INLINE uint32_t load_f16_block_soft(const unsigned char *SOUP_RESTRICT p, float *SOUP_RESTRICT dst, int n)
+{
+    uint32_t bad = 0;
+    for (int k = 0; k < n; k++) {
+        uint16_t h = load_u16(p + 2 * (size_t)k);
+        bad |= (h & 0x7C00u) == 0x7C00u;
+        dst[k] = bits_to_f32(f16_to_f32_bits(h));
+    }
+    return bad;
+}
+
+SOUP_INLINE void store_f32_block(const float *SOUP_RESTRICT src, unsigned char *SOUP_RESTRICT p, int n)
+{
+    for (int k = 0; k < n; k++) {
+        uint32_t u = f32_to_bits(src[k]);
+        memcpy(p + 4 * (size_t)k, &u, 4);
+    }
+}
+
+SOUP_INLINE void store_bf16_block(const float *SOUP_RESTRICT src, unsigned char *SOUP_RESTRICT p, int n)
+{
+    for (int k = 0; k < n; k++) {
+        uint16_t h = f32_bits_to_bf16(f32_to_bits(src[k]));
+        memcpy(p + 2 * (size_t)k, &h, 2);
+    }
+}
+
+SOUP_INLINE void store_f16_block_soft(const float *SOUP_RESTRICT src, unsigned char *SOUP_RESTRICT p, int n)
+{
+    for (int k = 0; k < n; k++) {
+        uint16_t h = f32_bits_to_f16(f32_to_bits(src[k]));
+        memcpy(p + 2 * (size_t)k, &h, 2);
+    }
+}
+
+#if SOUP_X86
+/* float16 with the F16C instructions (8 at a time; the tail uses the exact software conversion). */
+SOUP_TARGET_AVX2 static uint32_t load_f16_block_f16c(const unsigned char *SOUP_RESTRICT p,
+                                                     float *SOUP_RESTRICT dst, int n)
+{
+    const __m128i expo = _mm_set1_epi16(0x7C00);
+    __m128i bad8 = _mm_setzero_si128();
+    int k = 0;
+    for (; k + 8 <= n; k += 8) {
+        __m128i h = _mm_loadu_si128((const __m128i *)(const void *)(p + 2 * (size_t)k));
+        bad8 = _mm_or_si128(bad8, _mm_cmpeq_epi16(_mm_and_si128(h, expo), expo));
+        _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(h));
+    }
+    uint32_t bad = !_mm_testz_si128(bad8, bad8);
+    if (k < n)
+        bad |= load_f16_block_soft(p + 2 * (size_t)k, dst + k, n - k);
+    return bad;
+}
+
+SOUP_TARGET_AVX2 static void store_f16_block_f16c(const float *SOUP_RESTRICT src, unsigned char *SOUP_RESTRICT p,
+                                                  int n)
+{
+    int k = 0;
+    for (; k + 8 <= n; k += 8) {
+        __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + k), _MM_FROUND_TO_NEAREST_INT);
+        _mm_storeu_si128((__m128i *)(void *)(p + 2 * (size_t)k), h);
+    }
+    if (k < n)
+        store_f16_block_soft(src + k, p + 2 * (size_t)k, n - k);
+}
+#endif
+
+SOUP_INLINE uint32_t load_block(int code, const unsigned char *p, float *dst, int n, int f16c)
+{
+    if (code == DT_BF16)
+        return load_bf16_block(p, dst, n);
+    if (code == DT_F32)
+        return load_f32_block(p, dst, n);
+#if SOUP_X86
+    if (f16c)
+        return load_f16_block_f16c(p, dst, n);
+#endif
+    (void)f16c;
+    return load_f16_block_soft(p, dst, n);
+}
+
+SOUP_INLINE void store_block(int code, const float *src, unsigned char *p, int n, int f16c)
+{
+    if (code == DT_BF16) {
+        store_bf16_block(src, p, n);
+        return;
+    }
+    if (code == DT_F32) {
+        store_f32_block(src, p, n);
+        return;
+    }
+#if SOUP_X86
+    if (f16c) {
+        store_f16_block_f16c(src, p, n);
+        return;
+    }
+#endif
+    (void)f16c;
+    store_f16_block_soft(src, p, n);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* x where cond holds, else +0 (a bit mask rather than a branch: vectorizes under any FP flags) */
+SOUP_INLINE float keep_if(int cond, float x)
+{
+    return bits_to_f32(f32_to_bits(x) & mask_if(cond));
+}
+
+/* The DARE stream: SplitMix64 output for counter j >> 2, 16 bits per element                      */
+/* ------------------------------------------------------------------------------------------------ */
+
+#define SM_GAMMA 0x9E3779B97F4A7C15ull
+#define SM_MIX1 0xBF58476D1CE4E5B9ull
+#define SM_MIX2 0x94D049BB133111EBull
+
+SOUP_INLINE uint64_t sm_mix(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * SM_MIX1;
+    z = (z ^ (z >> 27)) * SM_MIX2;
+    return z ^ (z >> 31);
+}
+
+/* The draws of elements j0 .. j0+n-1 into buf (which holds n + 3 values); returns where j0's draw is. */
+SOUP_INLINE const uint16_t *gen_draws(uint64_t key, uint64_t j0, int n, uint16_t *SOUP_RESTRICT buf)
+{
+    int off = (int)(j0 & 3u);
+    int words = (off + n + 3) >> 2;
+    uint64_t z = key + ((j0 >> 2) + 1u) * SM_GAMMA;
+    for (int q = 0; q < words; q++, z += SM_GAMMA) {
+        uint64_t r = sm_mix(z);
+        buf[4 * q + 0] = (uint16_t)r;
+        buf[4 * q + 1] = (uint16_t)(r >> 16);
+        buf[4 * q + 2] = (uint16_t)(r >> 32);
+        buf[4 * q + 3] = (uint16_t)(r >> 48);
+    }
+    return buf + off;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* combine                                                                                          */
+/* ------------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    unsigned char *out;
+    int out_code;
+    int n; /* number of models */
+    const unsigned char **in;
+    const int *in_code;
+    const unsigned char *base; /* NULL: no base */
+    int base_code;
+    const float *w; /* [n][R] */
+    Py_ssize_t R, row_len;
+    Py_ssize_t start, stop;
+    int mode;
+    float lam;
+    int normalize;
+    const float *thr;        /* NULL or [n] */
+    const uint64_t *keys;    /* NULL or [n] (with levels and scales) */
+    const uint32_t *levels;  /* [n] */
+    const float *scales;     /* [n] */
+    int block;               /* elements per block */
+    float *scratch;          /* block * (2n + 4) floats */
+    uint16_t *draw_buf;      /* block + 8 */
+    unsigned char *bad;      /* n + 1 flags: which sources held a NaN/Inf */
+} combine_args;
+
+SOUP_INLINE void combine_impl(const combine_args *a, int f16c)
+{
+    const int N = a->n, B = a->block;
+    float *SOUP_RESTRICT bb = a->scratch;  /* base block */
+    float *SOUP_RESTRICT acc = bb + B;     /* sum / t, then the result */
+    float *SOUP_RESTRICT sgn = acc + B;    /* elected sign */
+    float *SOUP_RESTRICT mass = sgn + B;   /* agreeing weight mass */
+    float *dd = mass + B;                  /* [N][B] deltas, then products */
+    float *ww = dd + (size_t)N * B;        /* [N][B] weights */
+    const int osz = dtype_size(a->out_code), bsz = dtype_size(a->base_code);
+
+    if (a->R == 1) { /* one weight per model: fill the weight rows once */
+        for (int i = 0; i < N; i++) {
+            float wi = a->w[i];
+            float *SOUP_RESTRICT wr = ww + (size_t)i * B;
+            for (int k = 0; k < B; k++)
+                wr[k] = wi;
+        }
+    }
+
+    for (Py_ssize_t j0 = a->start; j0 < a->stop; j0 += B) {
+        const int n = (int)(a->stop - j0 < B ? a->stop - j0 : B);
+
+        if (a->R > 1) { /* one weight per output row: runs of row_len elements */
+            Py_ssize_t row = j0 / a->row_len, left = a->row_len - j0 % a->row_len;
+            int k = 0;
+            while (k < n) {
+                int len = (int)(left < n - k ? left : n - k);
+                for (int i = 0; i < N; i++) {
+                    float wi = a->w[(size_t)i * a->R + row];
+                    float *SOUP_RESTRICT wr = ww + (size_t)i * B + k;
+                    for (int q = 0; q < len; q++)
+                        wr[q] = wi;
+                }
+                k += len;
+                row++;
+                left = a->row_len;
+            }
+        }
+
+        if (a->base)
+            a->bad[N] |= (unsigned char)(load_block(a->base_code, a->base + (size_t)j0 * bsz, bb, n, f16c) != 0);
+
+        for (int i = 0; i < N; i++) {
+            float *SOUP_RESTRICT d = dd + (size_t)i * B;
+            const float *SOUP_RESTRICT w = ww + (size_t)i * B;
+            const int isz = dtype_size(a->in_code[i]);
+            a->bad[i] |= (unsigned char)(load_block(a->in_code[i], a->in[i] + (size_t)j0 * isz, d, n, f16c) != 0);
+            if (a->base)
+                for (int k = 0; k < n; k++)
+                    d[k] = d[k] - bb[k];
+            if (a->thr) {
+                const float th = a->thr[i];
+                for (int k = 0; k < n; k++)
+                    d[k] = keep_if(fabsf(d[k]) >= th, d[k]);
+            }
+            if (a->keys) {
+                const uint16_t *SOUP_RESTRICT r = gen_draws(a->keys[i], (uint64_t)j0, n, a->draw_buf);
+                const uint32_t level = a->levels[i];
+                const float scale = a->scales[i];
+                for (int k = 0; k < n; k++)
+                    d[k] = keep_if((uint32_t)r[k] < level, d[k] * scale);
+            }
+            if (a->mode == MODE_SUM) {
+                if (i == 0)
+                    for (int k = 0; k < n; k++)
+                        acc[k] = d[k] * w[k];
+                else
+                    for (int k = 0; k < n; k++)
+                        acc[k] = acc[k] + d[k] * w[k];
+            } else { /* keep the products for the second pass; acc holds t */
+                if (i == 0)
+                    for (int k = 0; k < n; k++) {
+                        d[k] = d[k] * w[k];
+                        acc[k] = d[k];
+                    }
+                else
+                    for (int k = 0; k < n; k++) {
+                        d[k] = d[k] * w[k];
+                        acc[k] = acc[k] + d[k];
+                    }
+            }
+        }
+
+        if (a->mode == MODE_ELECT) {
+            for (int k = 0; k < n; k++) { /* +1, -1 or +0 */
+                sgn[k] = keep_if(acc[k] > 0.0f, 1.0f) - keep_if(acc[k] < 0.0f, 1.0f);
+            }
+            for (int i = 0; i < N; i++) {
+                const float *SOUP_RESTRICT p = dd + (size_t)i * B;
+                const float *SOUP_RESTRICT w = ww + (size_t)i * B;
+                if (i == 0)
+                    for (int k = 0; k < n; k++) {
+                        float x = p[k] * sgn[k];
+                        float v = keep_if(x > 0.0f, x);
+                        acc[k] = v * sgn[k];
+                        mass[k] = keep_if(v > 0.0f, w[k]);
+                    }
+                else
+                    for (int k = 0; k < n; k++) {
+                        float x = p[k] * sgn[k];
+                        float v = keep_if(x > 0.0f, x);
+                        acc[k] = acc[k] + v * sgn[k];
+                        mass[k] = mass[k] + keep_if(v > 0.0f, w[k]);
+                    }
+            }
+            if (a->normalize)
+                for (int k = 0; k < n; k++) {
+                    float m = mass[k];
+                    float one = keep_if(m == 0.0f, 1.0f); /* divide by 1 where the mass is 0 */
+                    acc[k] = keep_if(m != 0.0f, acc[k] / (m + one));
+                }
+        }
+
+        if (a->base) {
+            const float lam = a->lam;
+            for (int k = 0; k < n; k++)
+                acc[k] = acc[k] * lam + bb[k];
+        }
+        store_block(a->out_code, acc, a->out + (size_t)j0 * osz, n, f16c);
+    }
+}
+
+SOUP_NOINLINE static void combine_generic(const combine_args *a) { combine_impl(a, 0); }
+
+#if SOUP_X86
+SOUP_TARGET_AVX2 SOUP_NOINLINE static void combine_avx2(const combine_args *a) { combine_impl(a, 1); }
+#endif
+
+static void combine_run(const combine_args *a)
+{
+#if SOUP_X86
+    if (use_avx2) {
+        combine_avx2(a);
+        return;
+    }
+#endif
+    combine_generic(a);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* abs_delta_histogram                                                                              */
+/* ------------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    const unsigned char *x;
+    int x_code;
+    const unsigned char *base;
+    int base_code;
+    Py_ssize_t start, stop;
+    uint32_t *hist;
+    long prefix;
+    int block;
+    float *scratch; /* 2 * block floats */
+    uint32_t *keys; /* block */
+} hist_args;
+
+SOUP_INLINE void hist_impl(const hist_args *a, int f16c)
+{
+    const int B = a->block;
+    float *SOUP_RESTRICT xs = a->scratch;
+    float *SOUP_RESTRICT bs = xs + B;
+    uint32_t *SOUP_RESTRICT keys = a->keys;
+    uint32_t *SOUP_RESTRICT hist = a->hist;
+    const int xsz = dtype_size(a->x_code), bsz = dtype_size(a->base_code);
+    for (Py_ssize_t j0 = a->start; j0 < a->stop; j0 += B) {
+        const int n = (int)(a->stop - j0 < B ? a->stop - j0 : B);
+        load_block(a->x_code, a->x + (size_t)j0 * xsz, xs, n, f16c);
+        if (a->base) {
+            load_block(a->base_code, a->base + (size_t)j0 * bsz, bs, n, f16c);
+            for (int k = 0; k < n; k++)
+                keys[k] = f32_to_bits(fabsf(xs[k] - bs[k]));
+        } else {
+            for (int k = 0; k < n; k++)
+                keys[k] = f32_to_bits(fabsf(xs[k]));
+        }
+        if (a->prefix < 0) {
+            for (int k = 0; k < n; k++)
+                hist[keys[k] >> 16]++;
+        } else {
+            const uint32_t pre = (uint32_t)a->prefix;
+            for (int k = 0; k < n; k++)
+                if ((keys[k] >> 16) == pre)
+                    hist[keys[k] & 0xFFFFu]++;
+        }
+    }
+}
+
+SOUP_NOINLINE static void hist_generic(const hist_args *a) { hist_impl(a, 0); }
+
+#if SOUP_X86
+SOUP_TARGET_AVX2 SOUP_NOINLINE static void hist_avx2(const hist_args *a) { hist_impl(a, 1); }
+#endif
+
+static void hist_run(const hist_args *a)
+{
+#if SOUP_X86
+    if (use_avx2) {
+        hist_avx2(a);
+        return;
+    }
+#endif
+    hist_generic(a);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Argument handling                                                                                */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* A C-contiguous buffer of obj (writable when asked); on failure a TypeError/ValueError naming `what`. */
+static int get_buffer(PyObject *obj, Py_buffer *view, const char *fn, const char *what, int writable)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_RECORDS_RO) < 0) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError) || PyErr_ExceptionMatches(PyExc_BufferError)) {
+            PyErr_Clear();
+            if (!PyObject_CheckBuffer(obj)) {
+                PyErr_Format(PyExc_TypeError, "%s: %s must be a bytes-like object (buffer protocol), not %.100s",
+                             fn, what, Py_TYPE(obj)->tp_name);
+                return -1;
+            }
+            PyErr_Format(PyExc_ValueError, "%s: %s does not export a plain buffer", fn, what);
+        }
+        return -1;
+    }
+    if (!PyBuffer_IsContiguous(view, 'C')) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_ValueError, "%s: %s must be C-contiguous", fn, what);
+        return -1;
+    }
+    if (writable && view->readonly) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_TypeError, "%s: %s must be writable (got a read-only buffer)", fn, what);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_dtype(long code, const char *fn, const char *what)
+{
+    if (code < 0 || code > 2) {
+        PyErr_Format(PyExc_ValueError, "%s: %s must be 0 (float32), 1 (float16) or 2 (bfloat16), got %ld", fn, what,
+                     code);
+        return -1;
+    }
+    return 0;
+}
+
+/* The buffer holds at least `stop` elements of dtype code. */
+static int check_length(const Py_buffer *view, int code, Py_ssize_t stop, const char *fn, const char *what)
+{
+    Py_ssize_t elems = view->len / dtype_size(code);
+    if (elems < stop) {
+        PyErr_Format(PyExc_ValueError, "%s: %s holds %zd %s elements (%zd bytes), fewer than stop=%zd", fn, what,
+                     elems, DTYPE_NAMES[code], view->len, stop);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_range(Py_ssize_t start, Py_ssize_t stop, const char *fn)
+{
+    if (start < 0 || stop < start) {
+        PyErr_Format(PyExc_ValueError, "%s: need 0 <= start <= stop, got start=%zd stop=%zd", fn, start, stop);
+        return -1;
+    }
+    return 0;
+}
+
+/* A small per-model parameter buffer of exactly n items of `itemsize` bytes, copied into dst (aligned). */
+static int get_params(PyObject *obj, void *dst, Py_ssize_t n, int itemsize, const char *fn, const char *what,
+                      const char *type)
+{
+    Py_buffer view;
+    if (get_buffer(obj, &view, fn, what, 0) < 0)
+        return -1;
+    if (view.len != n * itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s: %s must hold %zd %s values (%zd bytes), got %zd bytes", fn, what, n, type,
+                     n * itemsize, view.len);
+        PyBuffer_Release(&view);
+        return -1;
+    }
+    memcpy(dst, view.buf, (size_t)n * itemsize);
+    PyBuffer_Release(&view);
+    return 0;
+}
+
+static int block_for(int n_models)
+{
+    /* the scratch of one block (2N + 4 float rows) around 12 KiB: it stays in L1 beside the streams
+     * (measured: 12 KiB beat 6, 8, 16, 24 and 48 KiB on a Zen 4 core) */
+    int b = 3072 / (2 * n_models + 4);
+    b &= ~63;
+    if (b < 64)
+        b = 64;
+    if (b > 1024)
+        b = 1024;
+    return b;
+}
+
+PyDoc_STRVAR(combine_doc,
+"combine(out, out_dtype, inputs, in_dtypes, base, base_dtype, weights, row_len, start, stop, mode, lam,\n"
+"        normalize, thresholds, dare_keys, keep_levels, scales) -> int\n"
+"\n"
+"Write elements [start, stop) of the merge of `inputs` into `out` (float32 arithmetic, fixed order):\n"
+"  d_i = x_i - base (or x_i); trimmed to 0 where |d_i| < thresholds[i]; DARE: kept (times scales[i])\n"
+"  where draw(dare_keys[i], j) < keep_levels[i], else 0; mode 0 (sum): acc = sum_i d_i * w_i;\n"
+"  mode 1 (elect): s = sign(sum_i d_i w_i), v_i = max(d_i w_i s, 0), acc = sum_i v_i s, divided by\n"
+"  the mass sum_i [v_i > 0] w_i when normalize (0 where the mass is 0); result = acc * lam + base (or acc).\n"
+"Dtype codes: 0 float32, 1 float16, 2 bfloat16. weights: float32 [N][R]; R == 1 one weight per model,\n"
+"else element j uses row j // row_len. thresholds: float32 [N] or None; dare_keys uint64 [N], keep_levels\n"
+"uint32 [N] (0..65536), scales float32 [N]: all three or none.\n"
+"Returns -1 when every value read was finite, else the lowest index of an input holding a NaN/Inf in the\n"
+"range (N for the base); `out` is then unspecified.");
+
+static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"out", "out_dtype", "inputs", "in_dtypes", "base", "base_dtype", "weights",
+                             "row_len", "start", "stop", "mode", "lam", "normalize", "thresholds",
+                             "dare_keys", "keep_levels", "scales", NULL};
+    static const char *fn = "combine";
+    PyObject *out_obj, *inputs_obj, *in_dtypes_obj, *base_obj, *weights_obj, *thr_obj, *keys_obj, *levels_obj,
+        *scales_obj;
+    int out_code, base_code, mode, normalize;
+    Py_ssize_t row_len, start, stop;
+    double lam;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOOOiOnnnidpOOOO:combine", kwlist, &out_obj, &out_code,
+                                     &inputs_obj, &in_dtypes_obj, &base_obj, &base_code, &weights_obj, &row_len,
+                                     &start, &stop, &mode, &lam, &normalize, &thr_obj, &keys_obj, &levels_obj,
+                                     &scales_obj))
+        return NULL;
+
+    PyObject *result = NULL, *inputs_fast = NULL, *codes_fast = NULL;
+    Py_buffer out_view, base_view, w_view;
+    Py_buffer *in_views = NULL;
+    int have_out = 0, have_base = 0, have_w = 0;
+    Py_ssize_t n_views = 0;
+    const unsigned char **in_ptrs = NULL;
+    int *in_codes = NULL;
+    float *thr = NULL, *scales = NULL, *wcopy = NULL, *scratch = NULL;
+    uint64_t *keys = NULL;
+    uint32_t *levels = NULL;
+    uint16_t *draw_buf = NULL;
+    unsigned char *bad = NULL;
+
+    if (check_dtype(out_code, fn, "out_dtype") < 0 || check_range(start, stop, fn) < 0)
+        return NULL;
+    if (mode != MODE_SUM && mode != MODE_ELECT) {
+        PyErr_Format(PyExc_ValueError, "%s: mode must be 0 (sum) or 1 (elect), got %d", fn, mode);
+        return NULL;
+    }
+    if (row_len < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: row_len must be >= 1, got %zd", fn, row_len);
+        return NULL;
+    }
+
+    inputs_fast = PySequence_Fast(inputs_obj, "combine: inputs must be a sequence of buffers");
+    if (!inputs_fast)
+        goto done;
+    codes_fast = PySequence_Fast(in_dtypes_obj, "combine: in_dtypes must be a sequence of ints");
+    if (!codes_fast)
+        goto done;
+    const Py_ssize_t N = PySequence_Fast_GET_SIZE(inputs_fast);
+    if (N < 1) {
+        PyErr_SetString(PyExc_ValueError, "combine: inputs must hold at least one buffer");
+        goto done;
+    }
+    if (N > 1000000) {
+        PyErr_SetString(PyExc_ValueError, "combine: too many inputs");
+        goto done;
+    }
+    if (PySequence_Fast_GET_SIZE(codes_fast) != N) {
+        PyErr_Format(PyExc_ValueError, "combine: in_dtypes has %zd codes for %zd inputs",
+                     PySequence_Fast_GET_SIZE(codes_fast), N);
+        goto done;
+    }
+
+    in_views = PyMem_Calloc((size_t)N, sizeof(Py_buffer));
+    in_ptrs = PyMem_Calloc((size_t)N, sizeof(*in_ptrs));
+    in_codes = PyMem_Calloc((size_t)N, sizeof(int));
+    thr = PyMem_Calloc((size_t)N, sizeof(float));
+    scales = PyMem_Calloc((size_t)N, sizeof(float));
+    keys = PyMem_Calloc((size_t)N, sizeof(uint64_t));
+    levels = PyMem_Calloc((size_t)N, sizeof(uint32_t));
+    bad = PyMem_Calloc((size_t)N + 1, 1);
+    if (!in_views || !in_ptrs || !in_codes || !thr || !scales || !keys || !levels || !bad) {
+        PyErr_NoMemory();
+        goto done;
+    }
+
+    if (get_buffer(out_obj, &out_view, fn, "out", 1) < 0)
+        goto done;
+    have_out = 1;
+    if (check_length(&out_view, out_code, stop, fn, "out") < 0)
+        goto done;
+
+    for (Py_ssize_t i = 0; i < N; i++) {
+        char what[64];
+        long code = PyLong_AsLong(PySequence_Fast_GET_ITEM(codes_fast, i));
+        if (code == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "combine: in_dtypes[%zd] must be an int", i);
+            goto done;
+        }
+        PyOS_snprintf(what, sizeof what, "in_dtypes[%zd]", i);
+        if (check_dtype(code, fn, what) < 0)
+            goto done;
+        in_codes[i] = (int)code;
+        PyOS_snprintf(what, sizeof what, "inputs[%zd]", i);
+        if (get_buffer(PySequence_Fast_GET_ITEM(inputs_fast, i), &in_views[i], fn, what, 0) < 0)
+            goto done;
+        n_views = i + 1;
+        if (check_length(&in_views[i], in_codes[i], stop, fn, what) < 0)
+            goto done;
+        in_ptrs[i] = in_views[i].buf;
+    }
+
+    if (base_obj != Py_None) {
+        if (check_dtype(base_code, fn, "base_dtype") < 0)
+            goto done;
+        if (get_buffer(base_obj, &base_view, fn, "base", 0) < 0)
+            goto done;
+        have_base = 1;
+        if (check_length(&base_view, base_code, stop, fn, "base") < 0)
+            goto done;
+    } else {
+        base_code = DT_F32;
+    }
+
+    if (get_buffer(weights_obj, &w_view, fn, "weights", 0) < 0)
+        goto done;
+    have_w = 1;
+    if (w_view.len % 4 != 0 || w_view.len / 4 < N || (w_view.len / 4) % N != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "combine: weights must be float32 [N][R] with N=%zd (a multiple of %zd values), got %zd bytes",
+                     N, N, w_view.len);
+        goto done;
+    }
+    const Py_ssize_t R = w_view.len / 4 / N;
+    if (R > 1 && stop > start && (stop - 1) / row_len >= R) {
+        PyErr_Format(PyExc_ValueError,
+                     "combine: weights has %zd rows per model, but element %zd lies in row %zd (row_len=%zd)", R,
+                     stop - 1, (stop - 1) / row_len, row_len);
+        goto done;
+    }
+    wcopy = PyMem_Malloc((size_t)w_view.len);
+    if (!wcopy) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    memcpy(wcopy, w_view.buf, (size_t)w_view.len);
+
+    int use_thr = thr_obj != Py_None;
+    if (use_thr && get_params(thr_obj, thr, N, 4, fn, "thresholds", "float32") < 0)
+        goto done;
+    int n_dare = (keys_obj != Py_None) + (levels_obj != Py_None) + (scales_obj != Py_None);
+    if (n_dare != 0 && n_dare != 3) {
+        PyErr_SetString(PyExc_ValueError, "combine: dare_keys, keep_levels and scales must all be given or all None");
+        goto done;
+    }
+    int use_dare = n_dare == 3;
+    if (use_dare) {
+        if (get_params(keys_obj, keys, N, 8, fn, "dare_keys", "uint64") < 0 ||
+            get_params(levels_obj, levels, N, 4, fn, "keep_levels", "uint32") < 0 ||
+            get_params(scales_obj, scales, N, 4, fn, "scales", "float32") < 0)
+            goto done;
+        for (Py_ssize_t i = 0; i < N; i++)
+            if (levels[i] > N_LEVELS) {
+                PyErr_Format(PyExc_ValueError, "combine: keep_levels[%zd] = %lu is above 65536", i,
+                             (unsigned long)levels[i]);
+                goto done;
+            }
+    }
+
+    const int B = block_for((int)(N < 100000 ? N : 100000));
+    scratch = PyMem_RawMalloc(sizeof(float) * (size_t)B * (2 * (size_t)N + 4));
+    draw_buf = PyMem_RawMalloc(sizeof(uint16_t) * ((size_t)B + 8));
+    if (!scratch || !draw_buf) {
+        PyErr_NoMemory();
+        goto done;
+    }
+
+    combine_args a;
+    a.out = out_view.buf;
+    a.out_code = out_code;
+    a.n = (int)N;
+    a.in = in_ptrs;
+    a.in_code = in_codes;
+    a.base = have_base ? base_view.buf : NULL;
+    a.base_code = base_code;
+    a.w = wcopy;
+    a.R = R;
+    a.row_len = row_len;
+    a.start = start;
+    a.stop = stop;
+    a.mode = mode;
+    a.lam = (float)lam;
+    a.normalize = normalize;
+    a.thr = use_thr ? thr : NULL;
+    a.keys = use_dare ? keys : NULL;
+    a.levels = levels;
+    a.scales = scales;
+    a.block = B;
+    a.scratch = scratch;
+    a.draw_buf = draw_buf;
+    a.bad = bad;
+
+    if (stop > start) {
+        Py_BEGIN_ALLOW_THREADS
+        combine_run(&a);
+        Py_END_ALLOW_THREADS
+    }
+
+    long first_bad = -1;
+    for (Py_ssize_t i = 0; i <= N; i++)
+        if (bad[i]) {
+            first_bad = (long)i;
+            break;
+        }
+    result = PyLong_FromLong(first_bad);
+
+done:
+    if (have_out)
+        PyBuffer_Release(&out_view);
+    if (have_base)
+        PyBuffer_Release(&base_view);
+    if (have_w)
+        PyBuffer_Release(&w_view);
+    for (Py_ssize_t i = 0; i < n_views; i++)
+        PyBuffer_Release(&in_views[i]);
+    PyMem_Free(in_views);
+    PyMem_Free(in_ptrs);
+    PyMem_Free(in_codes);
+    PyMem_Free(thr);
+    PyMem_Free(scales);
+    PyMem_Free(keys);
+    PyMem_Free(levels);
+    PyMem_Free(bad);
+    PyMem_Free(wcopy);
+    PyMem_RawFree(scratch);
+    PyMem_RawFree(draw_buf);
+    Py_XDECREF(inputs_fast);
+    Py_XDECREF(codes_fast);
+    return result;
+}
+
+PyDoc_STRVAR(hist_doc,
+"abs_delta_histogram(x, x_dtype, base, base_dtype, start, stop, hist, prefix) -> None\n"
+"\n"
+"Count key = bits of |x[j] - base[j]| (|x[j]| when base is None) as uint32, for j in [start, stop), into\n"
+"hist (65536 uint32 counters, accumulated, not zeroed): prefix < 0 counts key >> 16; prefix >= 0 counts\n"
+"key & 0xFFFF of the keys with key >> 16 == prefix. Needs stop - start < 2**32.");
+
+static PyObject *py_abs_delta_histogram(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"x", "x_dtype", "base", "base_dtype", "start", "stop", "hist", "prefix", NULL};
+    static const char *fn = "abs_delta_histogram";
+    PyObject *x_obj, *base_obj, *hist_obj;
+    int x_code, base_code;
+    Py_ssize_t start, stop;
+    long prefix;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOinnOl:abs_delta_histogram", kwlist, &x_obj, &x_code,
+                                     &base_obj, &base_code, &start, &stop, &hist_obj, &prefix))
+        return NULL;
+    if (check_dtype(x_code, fn, "x_dtype") < 0 || check_range(start, stop, fn) < 0)
+        return NULL;
+    if ((uint64_t)(stop - start) >= ((uint64_t)1 << 32)) {
+        PyErr_Format(PyExc_ValueError, "%s: the range must hold fewer than 2**32 elements, got %zd", fn,
+                     stop - start);
+        return NULL;
+    }
+    if (prefix > 0xFFFF) {
+        PyErr_Format(PyExc_ValueError, "%s: prefix must be < 0 or in [0, 65535], got %ld", fn, prefix);
+        return NULL;
+    }
+
+    PyObject *result = NULL;
+    Py_buffer x_view, base_view, hist_view;
+    int have_x = 0, have_base = 0, have_hist = 0;
+    float *scratch = NULL;
+    uint32_t *keys = NULL, *local = NULL;
+
+    if (get_buffer(x_obj, &x_view, fn, "x", 0) < 0)
+        goto done;
+    have_x = 1;
+    if (check_length(&x_view, x_code, stop, fn, "x") < 0)
+        goto done;
+    if (base_obj != Py_None) {
+        if (check_dtype(base_code, fn, "base_dtype") < 0)
+            goto done;
+        if (get_buffer(base_obj, &base_view, fn, "base", 0) < 0)
+            goto done;
+        have_base = 1;
+        if (check_length(&base_view, base_code, stop, fn, "base") < 0)
+            goto done;
+    } else {
+        base_code = DT_F32;
+    }
+    if (get_buffer(hist_obj, &hist_view, fn, "hist", 1) < 0)
+        goto done;
+    have_hist = 1;
+    if (hist_view.len != 65536 * 4) {
+        PyErr_Format(PyExc_ValueError, "%s: hist must hold 65536 uint32 counters (262144 bytes), got %zd bytes", fn,
+                     hist_view.len);
+        goto done;
+    }
+
+    const int B = 1024;
+    scratch = PyMem_RawMalloc(sizeof(float) * 2 * B);
+    keys = PyMem_RawMalloc(sizeof(uint32_t) * B);
+    int aligned = ((uintptr_t)hist_view.buf % sizeof(uint32_t)) == 0;
+    if (!aligned)
+        local = PyMem_RawCalloc(65536, sizeof(uint32_t));
+    if (!scratch || !keys || (!aligned && !local)) {
+        PyErr_NoMemory();
+        goto done;
+    }
+
+    hist_args a;
+    a.x = x_view.buf;
+    a.x_code = x_code;
+    a.base = have_base ? base_view.buf : NULL;
+    a.base_code = base_code;
+    a.start = start;
+    a.stop = stop;
+    a.hist = aligned ? (uint32_t *)hist_view.buf : local;
+    a.prefix = prefix;
+    a.block = B;
+    a.scratch = scratch;
+    a.keys = keys;
+
+    if (stop > start) {
+        Py_BEGIN_ALLOW_THREADS
+        hist_run(&a);
+        if (!aligned) {
+            unsigned char *h = hist_view.buf;
+            for (size_t i = 0; i < 65536; i++) {
+                uint32_t c;
+                memcpy(&c, h + 4 * i, 4);
+                c += local[i];
+                memcpy(h + 4 * i, &c, 4);
+            }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    result = Py_NewRef(Py_None);
+
+done:
+    if (have_x)
+        PyBuffer_Release(&x_view);
+    if (have_base)
+        PyBuffer_Release(&base_view);
+    if (have_hist)
+        PyBuffer_Release(&hist_view);
+    PyMem_RawFree(scratch);
+    PyMem_RawFree(keys);
+    PyMem_RawFree(local);
+    return result;
+}
+
+PyDoc_STRVAR(draws_doc,
+"dare_draws(key, start, stop, out) -> None\n"
+"\n"
+"Write the DARE draws of elements [start, stop) under `key` (an int in [0, 2**64)) into out, a writable\n"
+"uint16 buffer of at least stop - start values (out[0] is element start's draw). Draw j is bits\n"
+"16 * (j % 4) .. +15 of SplitMix64's output for the state key + (j // 4 + 1) * 0x9E3779B97F4A7C15.");
+
+static PyObject *py_dare_draws(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"key", "start", "stop", "out", NULL};
+    static const char *fn = "dare_draws";
+    PyObject *key_obj, *out_obj;
+    Py_ssize_t start, stop;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OnnO:dare_draws", kwlist, &key_obj, &start, &stop, &out_obj))
+        return NULL;
+    if (!PyLong_Check(key_obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: key must be an int, not %.100s", fn, Py_TYPE(key_obj)->tp_name);
+        return NULL;
+    }
+    unsigned long long key = PyLong_AsUnsignedLongLong(key_obj);
+    if (key == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: key must be in [0, 2**64)", fn);
+        return NULL;
+    }
+    if (check_range(start, stop, fn) < 0)
+        return NULL;
+    Py_buffer view;
+    if (get_buffer(out_obj, &view, fn, "out", 1) < 0)
+        return NULL;
+    if (view.len / 2 < stop - start) {
+        PyErr_Format(PyExc_ValueError, "%s: out holds %zd uint16 values, fewer than stop - start = %zd", fn,
+                     view.len / 2, stop - start);
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    const int B = 1024;
+    uint16_t *buf = PyMem_RawMalloc(sizeof(uint16_t) * (B + 8));
+    if (!buf) {
+        PyBuffer_Release(&view);
+        return PyErr_NoMemory();
+    }
+    unsigned char *dst = view.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t j0 = start; j0 < stop; j0 += B) {
+        int n = (int)(stop - j0 < B ? stop - j0 : B);
+        const uint16_t *r = gen_draws((uint64_t)key, (uint64_t)j0, n, buf);
+        memcpy(dst + 2 * (size_t)(j0 - start), r, 2 * (size_t)n);
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(buf);
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+/* Private, for the tests: which copy of the kernels runs ("avx2" or "generic"); _set_isa("generic")
+ * forces the portable copy, _set_isa("auto") returns to the choice made at import. */
+static int detect_avx2(void)
+{
+#if SOUP_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+static PyObject *py_isa(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyUnicode_FromString(use_avx2 ? "avx2" : "generic");
+}
+
+static PyObject *py_set_isa(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    const char *name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
+    if (name && strcmp(name, "generic") == 0)
+        use_avx2 = 0;
+    else if (name && strcmp(name, "auto") == 0)
+        use_avx2 = detect_avx2();
+    else {
+        PyErr_SetString(PyExc_ValueError, "_set_isa: expected 'generic' or 'auto'");
+        return NULL;
+    }
+    return PyUnicode_FromString(use_avx2 ? "avx2" : "generic");
+}
+
+static PyMethodDef kernel_methods[] = {
+    {"combine", (PyCFunction)(void (*)(void))py_combine, METH_VARARGS | METH_KEYWORDS, combine_doc},
+    {"abs_delta_histogram", (PyCFunction)(void (*)(void))py_abs_delta_histogram, METH_VARARGS | METH_KEYWORDS,
+     hist_doc},
+    {"dare_draws", (PyCFunction)(void (*)(void))py_dare_draws, METH_VARARGS | METH_KEYWORDS, draws_doc},
+    {"isa", py_isa, METH_NOARGS, "isa() -> str: which copy of the kernels runs, 'avx2' or 'generic'."},
+    {"_set_isa", py_set_isa, METH_O, "_set_isa(name): 'generic' forces the portable kernels, 'auto' re-detects."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef kernel_module = {
+    PyModuleDef_HEAD_INIT,
+    "souplm._kernels",
+    "Fused one-pass CPU kernels for weight merging (float32/float16/bfloat16, GIL released).",
+    -1,
+    kernel_methods,
+    NULL,
+    NULL,
+    NULL,
+    NULL,
+};
+
+PyMODINIT_FUNC PyInit__kernels(void)
+{
+    use_avx2 = detect_avx2();
+    PyObject *m = PyModule_Create(&kernel_module);
+    if (!m)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "F32", DT_F32) < 0 || PyModule_AddIntConstant(m, "F16", DT_F16) < 0 ||
+        PyModule_AddIntConstant(m, "BF16", DT_BF16) < 0 || PyModule_AddIntConstant(m, "SUM", MODE_SUM) < 0 ||
+        PyModule_AddIntConstant(m, "ELECT", MODE_ELECT) < 0 || PyModule_AddIntConstant(m, "LEVELS", N_LEVELS) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
