@@ -285,8 +285,16 @@ def _write_shards(plan: Plan, sources: Sources, tmp: Path, progress: bool) -> tu
     executor = "torch" if fused.covers(plan) else "fused"
     try:
         if executor == "fused":
-            for item, data in fused.merged_buffers(plan, progress=bar):
-                writers[item.shard].write_bytes(item.out_name, data)
+            # Each tensor is written in a thread while the next one is computed (the fused stream keeps a
+            # buffer valid for one more item); one write at a time keeps the shards in order.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="souplm-write") as writer:
+                written: Future | None = None
+                for item, data in fused.merged_buffers(plan, progress=bar):
+                    if written is not None:
+                        written.result()
+                    written = writer.submit(writers[item.shard].write_bytes, item.out_name, data)
+                if written is not None:
+                    written.result()
         else:
             for item, tensor in merged_tensors(plan.recipe, plan=plan, sources=sources, progress=bar):
                 writers[item.shard].write(item.out_name, tensor)

@@ -147,6 +147,8 @@ class Executor:
         self.plan = plan
         self.threads = threads or os.cpu_count() or 1
         self.workers = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="souplm-fused")
+        # One 65536-bin histogram per thread, reused: TIES asks for two per model and tensor.
+        self._hists = [np.zeros(1 << 16, dtype=np.uint32) for _ in range(self.threads)]
 
     def close(self) -> None:
         self.workers.shutdown()
@@ -173,36 +175,18 @@ class Executor:
         xs = [_head(t, merged) for t in models]
         b = _head(base, merged) if base is not None else None
 
-        name = method.name
-        params = item.model_params
-        g = item.global_params
-        weight = np.asarray(params.get("weight", np.ones(n_models, np.float32)), dtype=np.float32)
-        if name == "uniform":
-            weight = np.full(n_models, 1.0 / n_models, dtype=np.float32)
-        normalize = bool(g.get("normalize", False))
-        if normalize and name in ("linear", "task_arithmetic", "dare_linear"):
-            weight = _normalized(weight)
-        if weight.ndim == 2:
-            weight = weight[:, :rows]
-        lam = float(g["lambda"]) if g.get("lambda") is not None else 1.0
-        use_base = name in ("wise_ft", "task_arithmetic", "ties", "dare_linear", "dare_ties")
-        mode = ELECT if name in ("ties", "dare_ties") else SUM
-        thresholds = keys = levels = scales = None
-        if name in ("dare_linear", "dare_ties"):
-            density = [float(p) for p in params["density"]]
-            keys = np.array([draw_key(plan.recipe.seed, item.canonical, i) for i in range(n_models)], np.uint64)
-            levels = np.array([LEVELS if p >= 1.0 else (0 if p <= 0.0 else keep_level(p)) for p in density], np.uint32)
-            scales = np.array([1.0 if lv in (0, LEVELS) else LEVELS / lv for lv in levels], np.float32)
-            keys, levels, scales = keys.tobytes(), levels.tobytes(), scales.tobytes()
-        if name == "ties":
-            thresholds = _f32([self._threshold(x, t.code, b, base.code, merged, float(p))
-                               for x, t, p in zip(xs, models, params["density"])])
+        form = kernel_form(method.name, item, plan.recipe.seed, rows)
+        thresholds = None
+        if form.trim:
+            thresholds = _f32([self._threshold(x, t.code, b, base.code, merged, p)
+                               for x, t, p in zip(xs, models, form.trim)])
+        weights = _f32(form.weight)
+        in_codes = [t.code for t in models]
+        base_arg, base_code = (b, base.code) if form.use_base else (None, 0)
 
         def run(start: int, stop: int) -> int:
-            return _kernels.combine(
-                out_view, out_code, xs, [t.code for t in models], b if use_base else None,
-                base.code if (use_base and base is not None) else 0, _f32(weight), row_len, start, stop, mode, lam,
-                normalize, thresholds, keys, levels, scales)
+            return _kernels.combine(out_view, out_code, xs, in_codes, base_arg, base_code, weights, row_len, start,
+                                    stop, form.mode, form.lam, form.normalize, thresholds, *form.dare)
 
         bad = [r for r in self._parallel(run, merged) if r >= 0]
         if bad:
@@ -232,22 +216,66 @@ class Executor:
             return float("inf")  # keeps none (inputs are finite)
 
         def histogram(prefix: int) -> np.ndarray:
-            def part(start: int, stop: int) -> np.ndarray:
-                hist = np.zeros(1 << 16, dtype=np.uint32)
+            def part(i: int, start: int, stop: int) -> np.ndarray:
+                hist = self._hists[i]
+                hist.fill(0)
                 _kernels.abs_delta_histogram(x, code, base, base_code, start, stop, hist, prefix)
                 return hist
-            return np.sum([h.astype(np.int64) for h in self._parallel(part, n)], axis=0)
+            ranges = _ranges(n, self.threads)
+            parts = list(self.workers.map(part, range(len(ranges)), *zip(*ranges)))
+            for h in parts[1:]:  # counts of one tensor fit uint32 (the kernel takes ranges below 2**32)
+                parts[0] += h
+            return parts[0]
 
         hi, above = _select(histogram(-1), k)
         lo, _ = _select(histogram(hi), k - above)
         return float(np.array([(hi << 16) | lo], dtype=np.uint32).view(np.float32)[0])
 
 
+@dataclass
+class Form:
+    """A method as the `combine` kernel computes it (the formula in its docstring and in methods/)."""
+
+    weight: np.ndarray  # float32 [N] or [N, rows]
+    use_base: bool  # task vectors x_i - base, and base + lam * (...) at the end
+    mode: int  # SUM or ELECT (TIES sign election and disjoint merge)
+    normalize: bool  # ELECT: divide by the agreeing weight mass
+    lam: float
+    trim: list[float] | None = None  # TIES densities (magnitude trim)
+    dare: tuple = (None, None, None)  # DARE keys, keep levels, rescales (bytes) or Nones
+
+
+def kernel_form(name: str, item: Item, seed: int, rows: int) -> Form:
+    n = len(item.inputs)
+    params, g = item.model_params, item.global_params
+    weight = np.asarray(params.get("weight", np.ones(n, np.float32)), dtype=np.float32)
+    if name == "uniform":
+        weight = np.full(n, 1.0 / n, dtype=np.float32)
+    normalize = bool(g.get("normalize", False))
+    if normalize and name in ("linear", "task_arithmetic", "dare_linear"):  # (ties/dare_ties: the elect divide)
+        weight = _normalized(weight)
+    if weight.ndim == 2:
+        weight = weight[:, :rows]
+    form = Form(weight, use_base=name not in ("linear", "uniform"), mode=ELECT if name in ("ties", "dare_ties") else SUM,
+                normalize=normalize, lam=float(g["lambda"]) if g.get("lambda") is not None else 1.0)
+    if name == "ties":
+        form.trim = [float(p) for p in params["density"]]
+    if name in ("dare_linear", "dare_ties"):
+        density = [float(p) for p in params["density"]]
+        levels = [LEVELS if p >= 1.0 else (0 if p <= 0.0 else keep_level(p)) for p in density]
+        form.dare = (np.array([draw_key(seed, item.canonical, i) for i in range(n)], np.uint64).tobytes(),
+                     np.array(levels, np.uint32).tobytes(),
+                     _f32([1.0 if lv in (0, LEVELS) else LEVELS / lv for lv in levels]))
+    return form
+
+
 def _select(hist: np.ndarray, k: int) -> tuple[int, int]:
-    """The bin holding the k-th largest key, and how many keys lie in bins above it."""
-    from_top = np.cumsum(hist[::-1])
+    """The bin holding the k-th largest key, and how many keys lie in bins above it (over the populated
+    bins only: deltas fill a few hundred of the 65536)."""
+    filled = np.flatnonzero(hist)[::-1]
+    from_top = np.cumsum(hist[filled], dtype=np.int64)
     m = int(np.searchsorted(from_top, k))
-    b = len(hist) - 1 - m
+    b = int(filled[m])
     return b, int(from_top[m] - hist[b])
 
 
@@ -261,12 +289,14 @@ def _normalized(weight: np.ndarray) -> np.ndarray:
 # -- the stream ---------------------------------------------------------------------------------------
 def merged_buffers(plan: Plan, progress=None) -> Iterator[tuple[Item, np.ndarray]]:
     """Yield (item, stored bytes of the output tensor) in plan order; the next item's inputs are read in
-    a thread meanwhile. A yielded buffer is valid until the next one is asked for."""
+    a thread meanwhile. A yielded buffer stays valid until the one after the next is asked for, so a sink
+    may write it in a thread while the next tensor is computed."""
     buffers = Buffers()
     executor = Executor(plan)
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="souplm-read") as reader:
             pending: Future | None = None
+            previous: np.ndarray | None = None
             items = plan.items
             for idx, item in enumerate(items):
                 inputs = pending.result() if pending is not None else _load(plan, buffers, item)
@@ -282,7 +312,9 @@ def merged_buffers(plan: Plan, progress=None) -> Iterator[tuple[Item, np.ndarray
                 if progress is not None:
                     progress.update(item.read_bytes)
                 yield item, out
-                buffers.give(out)
+                if previous is not None:
+                    buffers.give(previous)
+                previous = out
     finally:
         executor.close()
 
