@@ -586,6 +586,20 @@ static int check_length(const Py_buffer *view, int code, Py_ssize_t stop, const 
     return 0;
 }
 
+/* The optional base tensor: None (base_code becomes float32, nothing held), or a buffer of at least `stop`
+ * elements of base_code (held: *have is set so the caller releases it). */
+static int get_base(PyObject *obj, int *code, Py_buffer *view, int *have, Py_ssize_t stop, const char *fn)
+{
+    if (obj == Py_None) {
+        *code = DT_F32;
+        return 0;
+    }
+    if (check_dtype(*code, fn, "base_dtype") < 0 || get_buffer(obj, view, fn, "base", 0) < 0)
+        return -1;
+    *have = 1;
+    return check_length(view, *code, stop, fn, "base");
+}
+
 static int check_range(Py_ssize_t start, Py_ssize_t stop, const char *fn)
 {
     if (start < 0 || stop < start) {
@@ -744,17 +758,8 @@ static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kwargs)
         in_ptrs[i] = in_views[i].buf;
     }
 
-    if (base_obj != Py_None) {
-        if (check_dtype(base_code, fn, "base_dtype") < 0)
-            goto done;
-        if (get_buffer(base_obj, &base_view, fn, "base", 0) < 0)
-            goto done;
-        have_base = 1;
-        if (check_length(&base_view, base_code, stop, fn, "base") < 0)
-            goto done;
-    } else {
-        base_code = DT_F32;
-    }
+    if (get_base(base_obj, &base_code, &base_view, &have_base, stop, fn) < 0)
+        goto done;
 
     if (get_buffer(weights_obj, &w_view, fn, "weights", 0) < 0)
         goto done;
@@ -915,17 +920,8 @@ static PyObject *py_abs_delta_histogram(PyObject *self, PyObject *args, PyObject
     have_x = 1;
     if (check_length(&x_view, x_code, stop, fn, "x") < 0)
         goto done;
-    if (base_obj != Py_None) {
-        if (check_dtype(base_code, fn, "base_dtype") < 0)
-            goto done;
-        if (get_buffer(base_obj, &base_view, fn, "base", 0) < 0)
-            goto done;
-        have_base = 1;
-        if (check_length(&base_view, base_code, stop, fn, "base") < 0)
-            goto done;
-    } else {
-        base_code = DT_F32;
-    }
+    if (get_base(base_obj, &base_code, &base_view, &have_base, stop, fn) < 0)
+        goto done;
     if (get_buffer(hist_obj, &hist_view, fn, "hist", 1) < 0)
         goto done;
     have_hist = 1;
