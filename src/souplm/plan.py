@@ -165,7 +165,7 @@ def build_plan(recipe: Recipe, checkpoints: list[Checkpoint], coefficients: Coef
             dtype=dtype or checkpoints[ref].dtype(stored[ref]),
             canonical=c,
             inputs=[stored[k] for k in range(n)],
-            base=stored[base_index] if base_index is not None else None,
+            base=stored[base_index] if base_index is not None and method.needs_base else None,
         )
         _check_shapes(item, c, shapes, checkpoints, recipe.vocab_policy, output_index, notes)
         item.model_params = _model_params(recipe, method, c, n_layers, coefficients, item)
@@ -173,7 +173,9 @@ def build_plan(recipe: Recipe, checkpoints: list[Checkpoint], coefficients: Coef
             k: resolve_param(recipe.parameters.get(k, d), c, n_layers, f"parameters.{k}")
             for k, d in method.global_params.items()
         }
-        item.read_bytes = sum(checkpoints[k].nbytes(stored[k]) for k in feeding)
+        # A base the method does not use (linear, uniform, slerp) shapes the checks above but is not read.
+        used = [k for k in feeding if k != base_index or item.base is not None]
+        item.read_bytes = sum(checkpoints[k].nbytes(stored[k]) for k in used)
         items.append(item)
 
     # Tensors outside the language model (vision tower, projector): copied from the output model.
