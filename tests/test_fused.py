@@ -139,11 +139,26 @@ def test_a_fused_merge_never_imports_torch(family, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def test_covers_names_why_not(family):
+@pytest.mark.parametrize("t", [0.0, 0.3, [0.2, 0.9]])
+def test_fused_slerp_equals_torch(family, tmp_path, monkeypatch, t):
+    # the angle is summed in float64 here and in float32 by torch: coefficients agree to ~1e-7
+    r = Recipe.load({"merge_method": "slerp", "parameters": {"t": t},
+                     "models": [{"model": str(family["a"])}, {"model": str(family["other"])}]})
+    a, b = merge_both(r, tmp_path, monkeypatch)
+    for k, v in a.items():
+        torch.testing.assert_close(v, b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_covers_names_why_not(family, tmp_path, monkeypatch):
     from souplm.engine import prepare
 
-    plan, _ = prepare(Recipe.load({"merge_method": "slerp", "parameters": {"t": 0.5},
-                                   "models": [{"model": str(family["a"])}, {"model": str(family["b"])}]}))
-    assert fused.covers(plan) == "method slerp has no fused kernel"
     plan, _ = prepare(Recipe.vanilla(family["a"], family["b"], 0.5))
     assert fused.covers(plan) is None
+    monkeypatch.setenv("SOUPLM_EXECUTOR", "torch")
+    assert fused.covers(plan) == "SOUPLM_EXECUTOR=torch"
+    monkeypatch.delenv("SOUPLM_EXECUTOR")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save(weights(family["b"]), pickled / "pytorch_model.bin")
+    plan, _ = prepare(Recipe.vanilla(family["a"], pickled, 0.5).model_copy(update={"allow_pickle": True}))
+    assert fused.covers(plan) == "an input is not a plain safetensors checkpoint (pickle or mapped)"

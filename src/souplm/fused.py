@@ -3,7 +3,8 @@
 The engine has two executors for the same plan. The torch executor (`engine.merged_tensors`) runs any
 method on fp32 copies of the inputs, one element-wise pass per operation. This one covers the methods
 that are a weighted combination of (optionally trimmed or randomly dropped) task vectors: `linear`,
-`uniform`, `wise_ft`, `task_arithmetic`, `ties`, `dare_linear` and `dare_ties`. It reads the stored
+`uniform`, `wise_ft`, `task_arithmetic`, `ties`, `dare_linear` and `dare_ties`, and `slerp` (a weighted
+sum whose two coefficients come from the angle between the tensors, one reduction pass). It reads the stored
 bytes (bf16, fp16 or fp32) and computes each output element in a single pass that converts, subtracts
 the base, masks, weighs, elects the sign, divides, adds the base, rounds to the output dtype and checks
 the inputs for NaN/Inf, split across the CPU's cores. Merging with it never imports torch.
@@ -17,6 +18,7 @@ it covers the whole plan and the kernels are built (`covers`); `SOUPLM_EXECUTOR=
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 from collections.abc import Iterator
@@ -36,7 +38,7 @@ except ImportError:  # the extension is optional: without a C compiler the torch
     _kernels = None
 
 KERNEL_DTYPES = {"F32": 0, "F16": 1, "BF16": 2}
-METHODS = ("linear", "uniform", "wise_ft", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+METHODS = ("linear", "uniform", "wise_ft", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
 SUM, ELECT = 0, 1
 MIN_SPLIT = 1 << 18  # elements below which a tensor is not worth splitting across threads
 
@@ -176,6 +178,8 @@ class Executor:
         b = _head(base, merged) if base is not None else None
 
         form = kernel_form(method.name, item, plan.recipe.seed, rows)
+        if method.name == "slerp":
+            form.weight = slerp_weights(xs, models, merged, item.global_params, form.weight)
         thresholds = None
         if form.trim:
             thresholds = _f32([self._threshold(x, t.code, b, base.code, merged, p)
@@ -256,7 +260,7 @@ def kernel_form(name: str, item: Item, seed: int, rows: int) -> Form:
         weight = _normalized(weight)
     if weight.ndim == 2:
         weight = weight[:, :rows]
-    form = Form(weight, use_base=name not in ("linear", "uniform"), mode=ELECT if name in ("ties", "dare_ties") else SUM,
+    form = Form(weight, use_base=name not in ("linear", "uniform", "slerp"), mode=ELECT if name in ("ties", "dare_ties") else SUM,
                 normalize=normalize, lam=float(g["lambda"]) if g.get("lambda") is not None else 1.0)
     if name == "ties":
         form.trim = [float(p) for p in params["density"]]
@@ -267,6 +271,40 @@ def kernel_form(name: str, item: Item, seed: int, rows: int) -> Form:
                      np.array(levels, np.uint32).tobytes(),
                      _f32([1.0 if lv in (0, LEVELS) else LEVELS / lv for lv in levels]))
     return form
+
+
+SLERP_CHUNK = 1 << 20
+
+
+def _as_float32(data: np.ndarray, code: int) -> np.ndarray:
+    if code == KERNEL_DTYPES["F32"]:
+        return data.view(np.float32)
+    if code == KERNEL_DTYPES["F16"]:
+        return data.view(np.float16).astype(np.float32)
+    return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def slerp_weights(xs: list[np.ndarray], models: list[Tensor], n: int, g: dict, weight: np.ndarray) -> np.ndarray:
+    """SLERP as a weighted sum (methods/slerp.py): the two coefficients from the angle between the
+    flattened tensors. Norms and dot product are float32 dot products (BLAS) over chunks, summed in float64
+    across chunks; memory stays bounded by a chunk."""
+    t = g.get("t")
+    if t is None:  # from per-model weights (a coefficient table): t is model 2's share
+        t = float(weight[1] / weight.sum())
+    eps = float(g.get("epsilon", 1e-8))
+    aa = bb = ab = 0.0
+    for lo in range(0, n, SLERP_CHUNK):
+        hi = min(n, lo + SLERP_CHUNK)
+        a, b = (_as_float32(x[lo * _itemsize(m.code): hi * _itemsize(m.code)], m.code) for x, m in zip(xs, models))
+        aa, bb, ab = aa + float(a @ a), bb + float(b @ b), ab + float(a @ b)
+    na, nb = math.sqrt(aa), math.sqrt(bb)
+    if na < eps or nb < eps:
+        return np.array([1 - t, t], np.float32)
+    omega = math.acos(min(1.0, max(-1.0, ab / (na * nb))))
+    if abs(math.sin(omega)) < 1e-6:  # (anti)parallel: the arc degenerates, fall back to lerp
+        return np.array([1 - t, t], np.float32)
+    s = math.sin(omega)
+    return np.array([math.sin((1 - t) * omega) / s, math.sin(t * omega) / s], np.float32)
 
 
 def _select(hist: np.ndarray, k: int) -> tuple[int, int]:
