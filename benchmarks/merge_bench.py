@@ -50,7 +50,8 @@ from safetensors.torch import save_file
 
 MERGEKIT_VERSION = "0.1.5"
 TORCH_PIN = "torch==2.13.0"
-METHODS = ("linear", "ties", "dare_ties")
+METHODS = ("linear", "ties", "dare_ties")  # issue 2's targets (the default)
+OPTIONAL_METHODS = ("slerp",)  # measured on request: --methods linear,slerp
 TOOLS = ("souplm", "mergekit")
 MODEL_NAMES = ("base", "ft_a", "ft_b")
 DEFAULT_CACHE = Path(os.path.expanduser("~/.cache/souplm"))
@@ -310,6 +311,16 @@ def write_recipe(method: str, dirs: dict[str, Path], path: Path, density: float 
             f"base_model: {base}\n"
             "dtype: bfloat16\n"
         )
+    elif method == "slerp":  # mergekit interpolates from base_model (t = 0) to the other model (t = 1)
+        text = (
+            "models:\n"
+            f"  - model: {a}\n"
+            f"  - model: {b}\n"
+            "merge_method: slerp\n"
+            f"base_model: {a}\n"
+            "parameters:\n  t: 0.4\n"
+            "dtype: bfloat16\n"
+        )
     else:
         raise ValueError(f"unknown method {method!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -319,7 +330,7 @@ def write_recipe(method: str, dirs: dict[str, Path], path: Path, density: float 
 
 def input_models(method: str) -> tuple[str, ...]:
     """Which of the trio a method reads."""
-    return ("ft_a", "ft_b") if method == "linear" else MODEL_NAMES
+    return ("ft_a", "ft_b") if method in ("linear", "slerp") else MODEL_NAMES
 
 
 # --------------------------------------------------------------------------------------------
@@ -726,7 +737,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="decoder layers (48 doubles the model)")
     p.add_argument("--hidden", type=int, default=None, help="hidden size")
     p.add_argument(
-        "--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
+        "--methods", default=",".join(METHODS),
+        help="comma-separated subset of " + ",".join(METHODS + OPTIONAL_METHODS)
     )
     p.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of souplm,mergekit")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per tool and method (median reported)")
@@ -753,8 +765,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     for m in args.methods:
-        if m not in METHODS:
-            p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m not in METHODS + OPTIONAL_METHODS:
+            p.error(f"unknown method {m!r}; choose from {', '.join(METHODS + OPTIONAL_METHODS)}")
     for t in args.tools:
         if t not in TOOLS:
             p.error(f"unknown tool {t!r}; choose from {', '.join(TOOLS)}")
@@ -809,7 +821,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
     )
     recipes = {
-        m: write_recipe(m, dirs, workdir / "recipes" / spec.tag / f"{m}.yaml", args.density) for m in METHODS
+        m: write_recipe(m, dirs, workdir / "recipes" / spec.tag / f"{m}.yaml", args.density)
+        for m in METHODS + OPTIONAL_METHODS
     }
     bench = Bench(dirs, workdir, find_souplm(), mk_exe, env, spec.tag)
 
@@ -819,7 +832,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     load_before = os.getloadavg()
-    input_bytes = {m: sum(safetensors_bytes(dirs[n]) for n in input_models(m)) for m in METHODS}
+    input_bytes = {m: sum(safetensors_bytes(dirs[n]) for n in input_models(m)) for m in METHODS + OPTIONAL_METHODS}
     all_inputs = [f for m in MODEL_NAMES for f in sorted(dirs[m].glob("*.safetensors"))]
     print(f"pre-reading {preread(all_inputs) / 1e9:.2f} GB of inputs into the page cache", flush=True)
 
