@@ -32,7 +32,7 @@ from .errors import SoupError
 from .io.checkpoint import Checkpoint, content_hash, open_checkpoint
 from .io.pool import BufferPool
 from .io.safetensors_file import SafetensorsWriter
-from .methods.dare import draw_key
+from .methods.dare import draw_keys
 from .plan import Item, Plan, build_plan
 from .recipe import Recipe
 
@@ -137,11 +137,6 @@ def _finite(t: torch.Tensor, name: str, where: Path) -> torch.Tensor:
     return t
 
 
-def draw_keys(plan: Plan, item: Item) -> list[int]:
-    """One random-draw key per model, from (seed, tensor, model index): order-independent and reproducible."""
-    return [draw_key(plan.recipe.seed, item.canonical, i) for i in range(len(item.inputs))]
-
-
 def _load_inputs(plan: Plan, sources: Sources, item: Item, pool: BufferPool | None = None):
     if item.copy_from is not None:
         return None
@@ -166,7 +161,7 @@ def _compute(plan: Plan, sources: Sources, item: Item, loaded) -> torch.Tensor:
     kwargs = {k: torch.tensor(v) for k, v in item.model_params.items()}
     kwargs.update({k: v for k, v in item.global_params.items() if v is not None})
     if plan.method.random:
-        kwargs["keys"] = draw_keys(plan, item)
+        kwargs["keys"] = draw_keys(plan.recipe.seed, item.canonical, len(item.inputs))
     out = plan.method.fn(tensors, base, **kwargs)
     if item.extra_from is not None:
         k, name = item.extra_from

@@ -29,7 +29,8 @@ import numpy as np
 
 from .errors import SoupError
 from .io.checkpoint import Checkpoint
-from .methods.dare import LEVELS, draw_key, keep_level
+from .io.dtypes import DType
+from .methods.dare import draw_keys, keep_level, survivor_scale
 from .plan import Item, Plan
 
 try:
@@ -91,10 +92,15 @@ class Buffers:
 
 @dataclass
 class Tensor:
-    """The stored bytes of one input tensor and their kernel dtype code."""
+    """The stored bytes of one input tensor and their dtype."""
 
     data: np.ndarray
-    code: int
+    dtype: DType
+
+    @property
+    def code(self) -> int:
+        """The kernels' code for the dtype."""
+        return KERNEL_DTYPES[self.dtype.code]
 
 
 def _read_bytes(buffers: Buffers, ck: Checkpoint, name: str) -> np.ndarray:
@@ -104,7 +110,7 @@ def _read_bytes(buffers: Buffers, ck: Checkpoint, name: str) -> np.ndarray:
 
 
 def _read(buffers: Buffers, ck: Checkpoint, name: str) -> Tensor:
-    return Tensor(_read_bytes(buffers, ck, name), KERNEL_DTYPES[ck.dtype(name).code])
+    return Tensor(_read_bytes(buffers, ck, name), ck.dtype(name))
 
 
 def _load(plan: Plan, buffers: Buffers, item: Item) -> list[Tensor] | None:
@@ -129,13 +135,9 @@ def _ranges(n: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in itertools.pairwise(edges) if b > a]
 
 
-def _itemsize(code: int) -> int:
-    return 4 if code == KERNEL_DTYPES["F32"] else 2
-
-
 def _head(t: Tensor, numel: int) -> np.ndarray:
     """The first `numel` elements of a tensor's bytes (the rows all models share)."""
-    return t.data[: numel * _itemsize(t.code)]
+    return t.data[: numel * t.dtype.itemsize]
 
 
 def _f32(values) -> bytes:
@@ -200,7 +202,7 @@ class Executor:
             raise SoupError(f"tensor {tensor} of model {where.path} contains NaN or Inf")
         if item.extra_from is not None:  # rows only the larger vocabulary has: converted, not merged
             extra = inputs[-1]
-            isz, osz = _itemsize(extra.code), item.dtype.itemsize
+            isz, osz = extra.dtype.itemsize, item.dtype.itemsize
             src, dst = extra.data[merged * isz:], out[merged * osz: numel * osz]
             count = numel - merged
             results = self._parallel(lambda a, z: _kernels.combine(
@@ -266,10 +268,9 @@ def kernel_form(name: str, item: Item, seed: int, rows: int) -> Form:
         form.trim = [float(p) for p in params["density"]]
     if name in ("dare_linear", "dare_ties"):
         density = [float(p) for p in params["density"]]
-        levels = [LEVELS if p >= 1.0 else (0 if p <= 0.0 else keep_level(p)) for p in density]
-        form.dare = (np.array([draw_key(seed, item.canonical, i) for i in range(n)], np.uint64).tobytes(),
-                     np.array(levels, np.uint32).tobytes(),
-                     _f32([1.0 if lv in (0, LEVELS) else LEVELS / lv for lv in levels]))
+        levels = [keep_level(p) for p in density]
+        form.dare = (np.array(draw_keys(seed, item.canonical, n), np.uint64).tobytes(),
+                     np.array(levels, np.uint32).tobytes(), _f32([survivor_scale(lv) for lv in levels]))
     return form
 
 
@@ -295,7 +296,7 @@ def slerp_weights(xs: list[np.ndarray], models: list[Tensor], n: int, g: dict, w
     aa = bb = ab = 0.0
     for lo in range(0, n, SLERP_CHUNK):
         hi = min(n, lo + SLERP_CHUNK)
-        a, b = (_as_float32(x[lo * _itemsize(m.code): hi * _itemsize(m.code)], m.code) for x, m in zip(xs, models))
+        a, b = (_as_float32(x[lo * m.dtype.itemsize: hi * m.dtype.itemsize], m.code) for x, m in zip(xs, models))
         aa, bb, ab = aa + float(a @ a), bb + float(b @ b), ab + float(a @ b)
     na, nb = math.sqrt(aa), math.sqrt(bb)
     if na < eps or nb < eps:
@@ -343,7 +344,7 @@ def merged_buffers(plan: Plan, progress=None) -> Iterator[tuple[Item, np.ndarray
                     k, name = item.copy_from
                     out = _read_bytes(buffers, plan.checkpoints[k], name)
                 else:
-                    out = buffers.take(_nbytes(item))
+                    out = buffers.take(item.nbytes)
                     executor.compute(item, inputs, out)
                     for t in inputs:
                         buffers.give(t.data)
@@ -356,9 +357,3 @@ def merged_buffers(plan: Plan, progress=None) -> Iterator[tuple[Item, np.ndarray
     finally:
         executor.close()
 
-
-def _nbytes(item: Item) -> int:
-    n = item.dtype.itemsize
-    for d in item.shape:
-        n *= d
-    return n

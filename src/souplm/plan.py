@@ -40,6 +40,11 @@ class Item:
     shard: int = 0
     read_bytes: int = 0
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the output tensor."""
+        return _nbytes(self.shape, self.dtype)
+
 
 @dataclass
 class Plan:
@@ -66,7 +71,7 @@ class Plan:
 
     @property
     def write_bytes(self) -> int:
-        return sum(_nbytes(i.shape, i.dtype) for i in self.items)
+        return sum(i.nbytes for i in self.items)
 
     def summary(self) -> str:
         merged = sum(1 for i in self.items if i.canonical)
@@ -250,7 +255,7 @@ def _model_params(recipe, method, c, n_layers, coefficients, item) -> dict[str, 
 def _assign_shards(items: list[Item], shard_size: int) -> int:
     shard, used = 0, 0
     for it in items:
-        size = _nbytes(it.shape, it.dtype)
+        size = it.nbytes
         if used and used + size > shard_size:
             shard, used = shard + 1, 0
         it.shard = shard

@@ -24,10 +24,6 @@ class DType:
 
         return getattr(torch, self.torch_name)
 
-    @property
-    def is_floating_point(self) -> bool:
-        return self.code in ("F64", "F32", "F16", "BF16")
-
     def __str__(self) -> str:
         return self.torch_name
 

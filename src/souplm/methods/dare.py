@@ -38,14 +38,20 @@ def draw_key(seed: int, canonical: str, model_index: int) -> int:
     return int.from_bytes(h[:8], "little")
 
 
+def draw_keys(seed: int, canonical: str, n_models: int) -> list[int]:
+    """One key per model, from (seed, tensor, model index): order-independent and reproducible."""
+    return [draw_key(seed, canonical, i) for i in range(n_models)]
+
+
 def keep_level(density: float) -> int:
     """An entry survives when its 16-bit draw is below this level: density rounded to a multiple of
-    2**-16, never 0 for density > 0."""
-    return min(LEVELS, max(1, round(density * LEVELS)))
+    2**-16, never 0 for density > 0 (0 for density <= 0, all of them from density 1 on)."""
+    return 0 if density <= 0.0 else min(LEVELS, max(1, round(density * LEVELS)))
 
 
-def keep_probability(density: float) -> float:
-    return keep_level(density) / LEVELS
+def survivor_scale(level: int) -> float:
+    """What a surviving entry is multiplied by: the inverse of its exact keep probability."""
+    return LEVELS / level if level else 1.0
 
 
 def _signed(x: int) -> int:
@@ -77,7 +83,7 @@ def drop_and_rescale(delta: torch.Tensor, density: float, key: int) -> torch.Ten
         return delta.zero_()
     level = keep_level(density)
     keep = draws(key, delta.numel()).lt_(level).view(delta.shape)
-    return delta.mul_(keep).mul_(LEVELS / level)
+    return delta.mul_(keep).mul_(survivor_scale(level))
 
 
 def _sparse_deltas(tensors, base, density, keys):
