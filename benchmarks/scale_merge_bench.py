@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import merge_bench as mb  # noqa: E402
+import merge_bench as mb
 
 GB = 1e9
 
@@ -85,7 +85,7 @@ def build_streaming(spec: Spec7B, root: Path) -> dict[str, Path]:
     total = spec.num_params()
     for fname, group in zip(files, groups):
         header = _header(group, shapes)
-        outs = {m: open(dirs[m] / fname, "wb") for m in mb.MODEL_NAMES}
+        outs = {m: open(dirs[m] / fname, "wb") for m in mb.MODEL_NAMES}  # noqa: SIM115 (closed below)
         try:
             for f in outs.values():
                 f.write(header)
@@ -213,11 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
     lines = [
-        f"7B-shaped bf16 merge ({spec.num_params() / 1e9:.2f}B params per model, {spec.shards} shards), cold cache, "
-        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} at the end",
+        (f"7B-shaped bf16 merge ({spec.num_params() / 1e9:.2f}B params per model, {spec.shards} shards), cold cache, "
+         f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} at the end"),
         "",
-        "| method | input GB | disk read s | disk write s | floor s (max / sum) | tool | wall s (incl. sync) "
-        "| x floor (max) | x floor (sum) | peak RSS GiB | CPU s |",
+        ("| method | input GB | disk read s | disk write s | floor s (max / sum) | tool | wall s (incl. sync) "
+         "| x floor (max) | x floor (sum) | peak RSS GiB | CPU s |"),
         "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for method, in_bytes, read_s, write_s, cells, agree in rows:

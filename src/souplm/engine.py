@@ -151,14 +151,24 @@ def _load_inputs(plan: Plan, sources: Sources, item: Item, pool: BufferPool | No
     return tensors, base
 
 
-def _compute(plan: Plan, sources: Sources, item: Item, loaded) -> torch.Tensor:
+def _compute(plan: Plan, sources: Sources, item: Item, loaded, device: torch.device | None = None) -> torch.Tensor:
     if item.copy_from is not None:
         k, name = item.copy_from
         return plan.checkpoints[k].get(name, dtype=None)
+    tensors, base = loaded
+    if device is not None:  # (on "cpu" the moves are no-ops, which is how CI runs this path)
+        # The inputs stay on the host's pooled buffers; the method runs on the device and its result comes back.
+        tensors = [t.to(device, non_blocking=True) for t in tensors]
+        base = base.to(device, non_blocking=True) if base is not None else None
+        return _compute_on(plan, sources, item, tensors, base).to("cpu")
+    return _compute_on(plan, sources, item, tensors, base)
+
+
+def _compute_on(plan: Plan, sources: Sources, item: Item, tensors, base) -> torch.Tensor:
     import torch
 
-    tensors, base = loaded
-    kwargs = {k: torch.tensor(v) for k, v in item.model_params.items()}
+    dev = tensors[0].device
+    kwargs = {k: torch.tensor(v, device=dev) for k, v in item.model_params.items()}
     kwargs.update({k: v for k, v in item.global_params.items() if v is not None})
     if plan.method.random:
         kwargs["keys"] = draw_keys(plan.recipe.seed, item.canonical, len(item.inputs))
@@ -166,7 +176,7 @@ def _compute(plan: Plan, sources: Sources, item: Item, loaded) -> torch.Tensor:
     if item.extra_from is not None:
         k, name = item.extra_from
         extra = sources.get(k, name)[item.common_rows :]
-        out = torch.cat([out, extra.to(out.dtype)])
+        out = torch.cat([out, extra.to(device=out.device, dtype=out.dtype)])
     return out.to(item.dtype.torch)
 
 
@@ -177,8 +187,13 @@ def merged_tensors(
     sources: Sources | None = None,
     plan: Plan | None = None,
     progress=None,
+    device: str | None = None,
 ) -> Iterator[tuple[Item, torch.Tensor]]:
-    """Yield (plan item, merged tensor) in plan order; the next item's inputs load in a thread meanwhile."""
+    """Yield (plan item, merged tensor) in plan order; the next item's inputs load in a thread meanwhile.
+
+    `device` (e.g. "cuda") runs each method on that device, one tensor at a time; the yielded tensors are on the CPU.
+    """
+    dev = resolve_device(device)
     if plan is None:
         plan, sources = prepare(recipe, coefficients, sources)
     # Input copies and the methods' temporaries live on reused buffers (io/pool.py): fresh pages for
@@ -192,7 +207,7 @@ def merged_tensors(
             pending = (pool.submit(_load_inputs, plan, sources, items[idx + 1], buffers)
                        if idx + 1 < len(items) else None)
             with buffers.scope() as temporaries:
-                out = _compute(plan, sources, item, loaded)
+                out = _compute(plan, sources, item, loaded, dev)
             if loaded is not None:
                 for t in [*loaded[0], loaded[1], *temporaries]:
                     if t is not None:
@@ -200,6 +215,25 @@ def merged_tensors(
             if progress is not None:
                 progress.update(item.read_bytes)
             yield item, out
+
+
+def resolve_device(device: str | None) -> torch.device | None:
+    """The torch device for `--device`, checked before any tensor is read (None: the host, any executor)."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise SoupError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SoupError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SoupError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise SoupError(f"--device {device}: only cpu and cuda are supported")
+    return dev
 
 
 # -- sink 1: a checkpoint directory ---------------------------------------------------------------
@@ -212,9 +246,15 @@ def merge(
     dry_run: bool = False,
     progress: bool = True,
     hash_inputs: bool = True,
+    device: str | None = None,
 ) -> MergeReport:
-    """Merge per `recipe` into `out_dir` (a model directory transformers loads)."""
+    """Merge per `recipe` into `out_dir` (a model directory transformers loads).
+
+    `device` ("cuda", "cuda:1", "cpu"): run the methods there with the torch executor, streaming one tensor at a
+    time as on the host (mergekit's `--cuda`); None picks the fused C kernels when they cover the plan.
+    """
     t0 = time.perf_counter()
+    dev = resolve_device(device)
     if not isinstance(recipe, Recipe):
         recipe = Recipe.load(recipe)
     out_dir = Path(out_dir)
@@ -230,7 +270,7 @@ def merge(
     hashes = {p: hasher.submit(content_hash, p) for p in dict.fromkeys(plan.recipe.all_paths())} if hasher else {}
     previous = _sigterm_as_interrupt()
     try:
-        written, executor = _write_shards(plan, sources, tmp, progress)
+        written, executor = _write_shards(plan, sources, tmp, progress, dev)
         _write_side_files(plan, tmp, {p: f.result() for p, f in hashes.items()})
         _swap_into_place(tmp, out_dir)
     except BaseException:
@@ -261,7 +301,8 @@ def _shard_name(i: int, n: int) -> str:
     return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def _write_shards(plan: Plan, sources: Sources, tmp: Path, progress: bool) -> tuple[int, str]:
+def _write_shards(plan: Plan, sources: Sources, tmp: Path, progress: bool,
+                  device: torch.device | None = None) -> tuple[int, str]:
     """Stream the merged tensors into shards; returns the bytes written and the executor that ran."""
     from tqdm.auto import tqdm
 
@@ -277,7 +318,7 @@ def _write_shards(plan: Plan, sources: Sources, tmp: Path, progress: bool) -> tu
     }
     bar = tqdm(total=plan.read_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress, leave=False)
     # The fused kernels when they cover the plan (no torch import at all), else the torch executor.
-    executor = "torch" if fused.covers(plan) else "fused"
+    executor = "torch" if device is not None or fused.covers(plan) else "fused"
     try:
         if executor == "fused":
             # Each tensor is written in a thread while the next one is computed (the fused stream keeps a
@@ -291,7 +332,8 @@ def _write_shards(plan: Plan, sources: Sources, tmp: Path, progress: bool) -> tu
                 if written is not None:
                     written.result()
         else:
-            for item, tensor in merged_tensors(plan.recipe, plan=plan, sources=sources, progress=bar):
+            for item, tensor in merged_tensors(plan.recipe, plan=plan, sources=sources, progress=bar,
+                                               device=None if device is None else str(device)):
                 writers[item.shard].write(item.out_name, tensor)
     finally:
         bar.close()

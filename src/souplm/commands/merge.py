@@ -32,6 +32,8 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit; writes nothing")
     p.add_argument("--no-hash", action="store_true", help="skip hashing inputs for the model card")
+    p.add_argument("--device", help="run the merge methods on this torch device, e.g. cuda or cuda:1 (mergekit's "
+                   "--cuda); tensors still stream one at a time. Default: the host's fused C kernels")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
 
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = _recipe(args)
     report = merge(recipe, args.out, coefficients=args.coefficients, force=args.force, dry_run=args.dry_run,
-                   progress=not args.quiet, hash_inputs=not args.no_hash)
+                   progress=not args.quiet, hash_inputs=not args.no_hash, device=args.device)
     if args.dry_run:
         print(report.plan.summary())
     else:

@@ -60,15 +60,15 @@ def _signed(x: int) -> int:
     return x - (1 << 64) if x >> 63 else x
 
 
-def draws(key: int, n: int):
-    """The 16-bit draws of entries 0..n-1 under `key`, as an int32 tensor of values in [0, 65536)."""
+def draws(key: int, n: int, device=None):
+    """The 16-bit draws of entries 0..n-1 under `key`, as an int32 tensor of values in [0, 65536) (on `device`)."""
     import torch
 
     def shr(z, s):  # logical shift right of int64 bits
         return (z >> s) & ((1 << (64 - s)) - 1)
 
     # int64 products wrap around like uint64 ones: the bits are SplitMix64's.
-    z = torch.arange(1, (n + 3) // 4 + 1, dtype=torch.int64).mul_(_signed(GAMMA)).add_(_signed(key))
+    z = torch.arange(1, (n + 3) // 4 + 1, dtype=torch.int64, device=device).mul_(_signed(GAMMA)).add_(_signed(key))
     z = (z ^ shr(z, 30)).mul_(_signed(MIX1))
     z = (z ^ shr(z, 27)).mul_(_signed(MIX2))
     z ^= shr(z, 31)
@@ -82,7 +82,7 @@ def drop_and_rescale(delta: torch.Tensor, density: float, key: int) -> torch.Ten
     if density <= 0.0:
         return delta.zero_()
     level = keep_level(density)
-    keep = draws(key, delta.numel()).lt_(level).view(delta.shape)
+    keep = draws(key, delta.numel(), delta.device).lt_(level).view(delta.shape)
     return delta.mul_(keep).mul_(survivor_scale(level))
 
 
