@@ -382,8 +382,7 @@ def _patch_config(config: dict, plan: Plan) -> None:
 
 def _model_card(plan: Plan, hashes: dict[str, str]) -> str:
     r = plan.recipe
-    lines = [
-        "---", "tags: [souplm, merge]", "---", "",
+    lines = [*_front_matter(plan), "",
         f"# Merged with souplm {__version__}", "",
         f"Method: `{r.merge_method}` ({plan.method.reference or 'souplm'}).", "",
         "| role | model | sha256 of weights |", "|---|---|---|",
@@ -399,6 +398,18 @@ def _model_card(plan: Plan, hashes: dict[str, str]) -> str:
     lines += ["", "Recipe (`souplm_recipe.yaml`), to reproduce: `souplm merge souplm_recipe.yaml -o OUT`", "",
               "```yaml", r.to_yaml().rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _front_matter(plan: Plan) -> list[str]:
+    """The Hub's model-card metadata: the inputs as `base_model`, souplm as the library, merge tags."""
+    import json
+
+    r = plan.recipe
+    inputs = list(dict.fromkeys([*(s.model for s in r.models), *([r.base_model] if r.base_model else [])]))
+    tags = list(dict.fromkeys(["merge", "souplm", r.merge_method]))
+    # JSON strings are YAML strings: paths and Hub ids with ':' or '#' stay one scalar each.
+    return ["---", "base_model:", *(f"- {json.dumps(str(m))}" for m in inputs), "library_name: souplm",
+            "tags:", *(f"- {json.dumps(t)}" for t in tags), "---"]
 
 
 def _params_text(params: dict) -> str:
