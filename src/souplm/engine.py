@@ -13,13 +13,14 @@ independent of model size.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import signal
-import tempfile
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,8 @@ from . import __version__
 from .arch.layouts import GENERIC, detect_layout
 from .coefficients import CoefficientTable
 from .errors import SoupError
-from .io.checkpoint import Checkpoint, content_hash, open_checkpoint
+from .io.checkpoint import WEIGHT_SUFFIXES, Checkpoint, open_checkpoint
+from .io.output import AtomicDir, check_output, fault, os_error
 from .io.pool import BufferPool
 from .io.safetensors_file import SafetensorsWriter
 from .methods.dare import draw_keys
@@ -247,34 +249,58 @@ def merge(
     progress: bool = True,
     hash_inputs: bool = True,
     device: str | None = None,
+    protect: Sequence[str | os.PathLike] = (),
 ) -> MergeReport:
     """Merge per `recipe` into `out_dir` (a model directory transformers loads).
 
     `device` ("cuda", "cuda:1", "cpu"): run the methods there with the torch executor, streaming one tensor at a
     time as on the host (mergekit's `--cuda`); None picks the fused C kernels when they cover the plan.
+
+    The output is built beside `out_dir` and put in place atomically (souplm/io/output.py); it may not be,
+    hold or lie inside an input (`protect`: more input files, e.g. the recipe file, whose folder is kept
+    too). `force` replaces a non-empty `out_dir` (exchanged, then the old one removed). Every input file's
+    sha256 goes into the model card, and an input that changes while the merge runs fails it.
     """
     t0 = time.perf_counter()
     dev = resolve_device(device)
     if not isinstance(recipe, Recipe):
+        if not isinstance(recipe, dict):
+            protect = [*protect, recipe]
         recipe = Recipe.load(recipe)
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force and not dry_run:
-        raise SoupError(f"output directory {out_dir} exists and is not empty (use --force to replace it)")
+    # No output may overwrite an input (with or without --force): models, tables, specs, the recipe's folder.
+    protected = [p for p in (coefficients, recipe.coefficients, recipe.mapping) if isinstance(p, (str, os.PathLike))
+                 and Path(p).exists()]
+    recipe_files = [Path(p) for p in protect]
+    check_output(out_dir, inputs=recipe.all_paths(), files=[*protected, *recipe_files],
+                 folders=[p.parent for p in recipe_files], what="output directory")
+    target = AtomicDir(out_dir, force=force)
+    if not dry_run:
+        target.check()
+    inputs = _input_files(recipe, [*protected, *recipe_files])
+    before = {f: _fingerprint(f) for f in inputs}
     plan, sources = prepare(recipe, coefficients)
     if dry_run:
         return MergeReport(None, plan, time.perf_counter() - t0, 0, 0)
+    if not plan.output.config:
+        print(f"souplm: warning: the output model {plan.output.path} has no config.json, so neither has "
+              f"{out_dir}: transformers will not load it until you add one", file=sys.stderr)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     hasher = ThreadPoolExecutor(max_workers=1) if hash_inputs else None
-    hashes = {p: hasher.submit(content_hash, p) for p in dict.fromkeys(plan.recipe.all_paths())} if hasher else {}
+    hashes = {f: hasher.submit(file_sha256, f) for f in inputs} if hasher else {}
     previous = _sigterm_as_interrupt()
     try:
-        written, executor = _write_shards(plan, sources, tmp, progress, dev)
-        _write_side_files(plan, tmp, {p: f.result() for p, f in hashes.items()})
-        _swap_into_place(tmp, out_dir)
+        tmp = target.open()
+        try:
+            written, executor = _write_shards(plan, sources, tmp, progress, dev)
+            fault("write", tmp)
+            _write_side_files(plan, tmp, {f: h.result() for f, h in hashes.items()})
+            _check_unchanged(before)
+        except OSError as e:
+            raise os_error(e) from None
+        target.commit()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        target.abort()
         raise
     finally:
         if previous is not None:
@@ -284,6 +310,42 @@ def merge(
         for c in sources.checkpoints:
             c.close()
     return MergeReport(out_dir, plan, time.perf_counter() - t0, plan.read_bytes, written, executor)
+
+
+def _input_files(recipe: Recipe, extra: Sequence[Path]) -> list[Path]:
+    """Every file the merge reads: each model's weights, index and config, then tables, specs, the recipe."""
+    files: list[Path] = []
+    for p in dict.fromkeys(recipe.all_paths()):
+        path = Path(p).absolute()
+        if path.is_dir():
+            files += sorted(f for f in path.iterdir() if f.is_file() and (
+                f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".index.json") or f.name == "config.json"))
+        elif path.is_file():
+            files.append(path)
+    files += [Path(f).absolute() for f in extra]
+    return list(dict.fromkeys(files))
+
+
+def _fingerprint(path: Path) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _check_unchanged(before: dict[Path, tuple[int, ...] | None]) -> None:
+    """Fail when an input was rewritten, replaced or removed while the merge read it (ctime cannot be faked)."""
+    for f, fp in before.items():
+        if _fingerprint(f) != fp:
+            raise SoupError(f"input {f} changed while the merge was reading it (rewritten, replaced or removed); "
+                            "nothing was written: run the merge again once the inputs are stable")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The plain sha256 of a file's bytes: what `sha256sum FILE` prints."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _sigterm_as_interrupt():
@@ -348,7 +410,7 @@ def _write_shards(plan: Plan, sources: Sources, tmp: Path, progress: bool,
     return sum(w.total_bytes for w in writers.values()), executor
 
 
-def _write_side_files(plan: Plan, tmp: Path, hashes: dict[str, str]) -> None:
+def _write_side_files(plan: Plan, tmp: Path, hashes: dict[Path, str]) -> None:
     src_dir = plan.output.path if plan.output.path.is_dir() else plan.output.path.parent
     for name in SIDE_FILES:
         if (src_dir / name).is_file():
@@ -380,21 +442,29 @@ def _patch_config(config: dict, plan: Plan) -> None:
                 config[key] = plan.recipe.dtype
 
 
-def _model_card(plan: Plan, hashes: dict[str, str]) -> str:
+def _model_card(plan: Plan, hashes: dict[Path, str]) -> str:
     r = plan.recipe
     lines = [*_front_matter(plan), "",
         f"# Merged with souplm {__version__}", "",
         f"Method: `{r.merge_method}` ({plan.method.reference or 'souplm'}).", "",
-        "| role | model | sha256 of weights |", "|---|---|---|",
+        "| role | model | parameters |", "|---|---|---|",
     ]
     for i, s in enumerate(r.models):
-        lines.append(f"| model {i} ({_params_text(s.parameters)}) | `{s.model}` | `{hashes.get(s.model, 'not computed')}` |")
+        lines.append(f"| model {i} | `{s.model}` | {_params_text(s.parameters)} |")
     if r.base_model:
-        lines.append(f"| base | `{r.base_model}` | `{hashes.get(r.base_model, 'not computed')}` |")
+        lines.append(f"| base | `{r.base_model}` | |")
     lines += ["", f"Output layout, config and tokenizer from `{plan.output.path}`.", ""]
     if plan.coefficients is not None:
         lines.append(f"Per-unit coefficients: {len(plan.coefficients.coefficients)} entries, in `souplm_coefficients.json`.\n")
     lines += [f"- {n}" for n in plan.notes]
+    lines += ["", "## Input files", ""]
+    if hashes:
+        lines += [("The sha256 of every file the merge read, as `sha256sum` prints it (the merge checked that "
+                   "none changed while it ran); check them with `sha256sum -c`:"), "", "```"]
+        lines += [f"{h}  {f}" for f, h in hashes.items()]
+        lines += ["```"]
+    else:
+        lines.append("Not hashed (merged with --no-hash).")
     lines += ["", "Recipe (`souplm_recipe.yaml`), to reproduce: `souplm merge souplm_recipe.yaml -o OUT`", "",
               "```yaml", r.to_yaml().rstrip(), "```", ""]
     return "\n".join(lines)
@@ -414,16 +484,6 @@ def _front_matter(plan: Plan) -> list[str]:
 
 def _params_text(params: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items()) or "defaults"
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, trash / "old")
-        os.replace(tmp, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
 
 
 # -- sink 2: an in-memory model ---------------------------------------------------------------------

@@ -48,7 +48,12 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import distributed
     from ..evaluate.runner import format_table
+    from ..io.output import OutputError, check_output, write_text
 
+    if args.out:  # a bad --out fails before minutes of scoring
+        if Path(args.out).is_dir():
+            raise OutputError(f"--out {args.out} is a directory; give a file name (e.g. {Path(args.out) / 'eval.json'})")
+        check_output(args.out, inputs=[args.model], what="--out")
     with distributed.session():
         if args.backend == "lm-eval":
             from ..evaluate.lm_eval_adapter import evaluate_lm_eval
@@ -68,8 +73,6 @@ def run(args: argparse.Namespace) -> int:
             return 0
     print(format_table(report))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
+        out = write_text(args.out, json.dumps(report, indent=1), what="--out")
         print(f"wrote {out}")
     return 0

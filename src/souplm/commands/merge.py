@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = _recipe(args)
     report = merge(recipe, args.out, coefficients=args.coefficients, force=args.force, dry_run=args.dry_run,
-                   progress=not args.quiet, hash_inputs=not args.no_hash, device=args.device)
+                   progress=not args.quiet, hash_inputs=not args.no_hash, device=args.device,
+                   protect=[args.recipe] if args.recipe else [])
     if args.dry_run:
         print(report.plan.summary())
     else:

@@ -126,18 +126,54 @@ def _load_tokenizer(path: str, want_processor: bool):
     return tokenizer, processor
 
 
-def _prepare_output(out: Path, resume: bool, force: bool) -> None:
+def _prepare_output(out: Path, resume: bool, force: bool, models: list[str], staged: dict) -> Path:
+    """The folder this run writes in: `out`, or (--force over an earlier run) a staging folder beside it.
+
+    The earlier run's results stay in `out` until the new run has finished (`_finish_output`), so an
+    interrupted `--force` run loses nothing.
+    """
+    from ..io.output import AtomicDir, check_output
     from .trainer import CHECKPOINT, LOG
 
+    check_output(out, inputs=models, what="learn output")
     ours = [out / CHECKPOINT, out / LOG, out / TABLE, out / MERGED]
     if not resume and any(p.exists() for p in ours):
         if not force:
             raise SoupError(
                 f"{out} holds an earlier learn run; pass --resume to continue it or --force to start over"
             )
-        for p in ours:
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+        staged["dir"] = AtomicDir(out, force=True, what="learn output")
+        return staged["dir"].open()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from ..io.output import os_error
+
+        raise os_error(e, "cannot create the learn output") from None
+    return out
+
+
+def _finish_output(out: Path, work: Path, staged: dict) -> None:
+    """Put a --force run in place of the earlier one: the user's other files come along, then one exchange."""
+    from ..io.output import fault
+    from .trainer import CHECKPOINT, LOG
+
+    ad = staged.pop("dir", None)
+    if ad is None:
+        return
+    try:
+        fault("learn-finished", out)
+        ours = {CHECKPOINT, LOG, TABLE, MERGED}
+        for p in out.iterdir():
+            if p.name not in ours and not (work / p.name).exists():
+                if p.is_dir() and not p.is_symlink():
+                    shutil.copytree(p, work / p.name, symlinks=True)
+                else:
+                    shutil.copy2(p, work / p.name, follow_symlinks=False)
+        ad.commit()
+    except BaseException:
+        ad.abort()
+        raise
 
 
 def _data_hash(examples) -> str:
@@ -161,7 +197,29 @@ def learn(
 
     In a torch.distributed process group the bases are sharded over `shard_size` ranks (default:
     all; fewer replicates them across groups, e.g. one group per node) and rank 0 writes the files.
+    With `force` over an earlier run, the new run is written beside it and exchanged for it at the end:
+    until then (and after any failure or interrupt) the earlier results stay as they were.
     """
+    staged: dict = {}  # rank 0's staging folder for a --force run
+    try:
+        return _learn(config, resume=resume, force=force, output=output, progress=progress,
+                      on_epoch_end=on_epoch_end, shard_size=shard_size, _staged=staged)
+    finally:
+        if staged:  # not finished: the earlier run stays
+            staged.pop("dir").abort()
+
+
+def _learn(
+    config: str | os.PathLike | dict | LearnConfig,
+    *,
+    resume: bool,
+    force: bool,
+    output: str | os.PathLike | None,
+    progress: bool,
+    on_epoch_end: Callable[[int, float], None] | None,
+    shard_size: int | None,
+    _staged: dict,
+) -> LearnResult:
     import torch
 
     from .. import __version__
@@ -188,7 +246,7 @@ def learn(
     counts = split_by_ratio(cfg.mix.total, cfg.mix.ratio) if cfg.mix else None
     encoder = RowEncoder(tokenizer, processor, multimodal=multimodal, max_length=cfg.training.max_length)
     examples = load_meta_sets(sets, encoder, seed=cfg.seed, counts=counts)
-    D.on_main(lambda: _prepare_output(out, resume, force))  # rank 0 clears; the others wait for it
+    work = D.on_main(lambda: _prepare_output(out, resume, force, cfg.models, _staged))  # the others wait for it
 
     shards = None
     if D.is_distributed():
@@ -221,7 +279,7 @@ def learn(
         fingerprint["training"].pop(k, None)
     fingerprint["data"] = _data_hash(examples)
     fingerprint["alphas"] = soup.alphas.raw.numel()
-    trainer = Trainer(soup, examples, settings, pad_id=pad_id, device=device, out_dir=out, fingerprint=fingerprint)
+    trainer = Trainer(soup, examples, settings, pad_id=pad_id, device=device, out_dir=work, fingerprint=fingerprint)
     train = trainer.train(resume=resume, on_epoch_end=on_epoch_end, evaluate_first=t.evaluate)
     final_loss = trainer.evaluate() if t.evaluate else None
     if final_loss is not None:
@@ -235,7 +293,8 @@ def learn(
         "epoch_losses": train.epoch_losses, "initial_loss": trainer.initial_loss, "final_loss": final_loss,
     }
     table = soup.coefficient_table(cfg.models, meta)
-    table_path = D.on_main(lambda: table.save(out / TABLE))
+    D.on_main(lambda: table.save(work / TABLE))
+    table_path = out / TABLE
     del trainer, soup, model  # free the bases before the engine streams the merge
 
     merged_dir = None
@@ -248,8 +307,9 @@ def learn(
             vocab_policy="extend" if cfg.vocab_policy == "extend" else "error", allow_pickle=cfg.allow_pickle,
         )
         # Rank 0 streams the merge from the checkpoints; the others wait for it.
-        merged_dir = D.on_main(lambda: merge(recipe, out / MERGED, coefficients=table, force=True,
-                                             progress=progress).out_dir)
+        D.on_main(lambda: merge(recipe, work / MERGED, coefficients=table, force=True, progress=progress))
+        merged_dir = out / MERGED
+    D.on_main(lambda: _finish_output(out, work, _staged))
     return LearnResult(table, table_path, merged_dir, meta["initial_loss"], final_loss, train.steps,
                        train.epoch_losses, train.resumed_from_epoch)
 
