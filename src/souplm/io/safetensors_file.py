@@ -5,6 +5,14 @@ the engine needs two things the stock library does not give: a validation of eve
 the file size up front (a truncated shard is named before any work starts), and a writer that emits
 the header first and then streams tensor bytes one tensor at a time, so a merge never holds a shard
 in memory.
+
+Every header is validated before a byte of data is read (`_parse_header`): bounded size and JSON nesting,
+no duplicate names, exact dtype/shape/offset types, and every tensor's bytes inside the data section and
+disjoint from every other tensor's (aliased tensors would make one input count twice in a merge).
+
+Every read and write goes through `pread_full` / `write_full`, which loop until the whole buffer is
+transferred: Linux moves at most 0x7ffff000 bytes per `preadv`/`write` call, less than one embedding of a
+70B-class model. The per-call cap is `IO_CHUNK` (env `SOUPLM_IO_CHUNK`, for tests).
 """
 
 from __future__ import annotations
@@ -17,13 +25,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import SoupError
+from ..errors import SoupError, short_repr
 from .dtypes import BY_CODE, DType, dtype_of
+from .jsonsafe import load_json
 
 if TYPE_CHECKING:
     import torch
 
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own bound
+# Largest transfer asked of the kernel in one call (Linux's own cap is 0x7ffff000 bytes).
+IO_CHUNK = int(os.environ.get("SOUPLM_IO_CHUNK") or 0x7FFFF000)
+
+
+def pread_full(fd: int, view: memoryview, offset: int, path: Path | str, what: str) -> None:
+    """Fill `view` from file offset `offset`, looping over short reads; end of file is a SoupError."""
+    view = memoryview(view).cast("B")
+    want, done = view.nbytes, 0
+    while done < want:
+        try:
+            got = os.preadv(fd, [view[done : done + min(IO_CHUNK, want - done)]], offset + done)
+        except InterruptedError:  # pragma: no cover  (PEP 475 retries; kept for clarity)
+            continue
+        except OSError as e:
+            raise SoupError(f"cannot read {what} from {path}: {e.strerror}") from None
+        if got <= 0:
+            raise SoupError(f"{path}: unexpected end of file reading {what} ({done} of {want} bytes; "
+                            "was the file truncated or rewritten while souplm ran?)")
+        done += got
+
+
+def write_full(fd: int, data, path: Path | str) -> None:
+    """Write all of `data` (any buffer) at the file's position, looping over partial writes."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < view.nbytes:
+        done += os.write(fd, view[done : done + min(IO_CHUNK, view.nbytes - done)])
 
 
 @dataclass(frozen=True)
@@ -82,9 +118,9 @@ class SafetensorsFile:
         info = self.tensors[name]
         if not info.nbytes:
             return
-        got = os.preadv(self._fh.fileno(), [view], info.start)
-        if got != info.nbytes:
-            raise SoupError(f"{self.path}: short read of tensor {name} ({got} of {info.nbytes} bytes)")
+        if memoryview(view).nbytes != info.nbytes:  # a caller bug, not bad input
+            raise RuntimeError(f"tensor {name}: buffer of {memoryview(view).nbytes} bytes, stored {info.nbytes}")
+        pread_full(self._fh.fileno(), view, info.start, self.path, f"tensor {name}")
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of dim 0 as a fresh tensor: one contiguous byte range, so a process
@@ -101,9 +137,8 @@ class SafetensorsFile:
         want = (stop - start) * row_bytes
         if want:
             view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
-            got = os.preadv(self._fh.fileno(), [view], info.start + start * row_bytes)
-            if got != want:
-                raise SoupError(f"{self.path}: short read of rows of tensor {name} ({got} of {want} bytes)")
+            pread_full(self._fh.fileno(), view, info.start + start * row_bytes, self.path,
+                       f"rows {start}:{stop} of tensor {name}")
         return out
 
     def close(self) -> None:
@@ -123,39 +158,80 @@ def _scratch(nbytes: int) -> torch.Tensor:
     return buf
 
 
+_MAX_HEADER_DEPTH = 4  # {name: {"shape": [..]}} is depth 3; __metadata__ is a flat str -> str object
+
+
 def _parse_header(fh, size: int, path: Path) -> tuple[dict[str, TensorInfo], dict]:
+    """Read and validate the header of the open file `fh` of `size` bytes (see the module docstring)."""
     if size < 8:
         raise SoupError(f"{path} is truncated or not a safetensors file ({size} bytes)")
-    (n,) = struct.unpack("<Q", fh.read(8))
+    raw8 = bytearray(8)
+    pread_full(fh.fileno(), memoryview(raw8), 0, path, "the header length")
+    (n,) = struct.unpack("<Q", raw8)
     if n > _MAX_HEADER or 8 + n > size:
-        raise SoupError(f"{path} is corrupted or truncated: header length {n} exceeds file size {size}")
-    try:
-        header = json.loads(fh.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise SoupError(f"{path} is corrupted: its safetensors header is not valid JSON") from None
+        raise SoupError(f"{path} is corrupted or truncated: header length {n} exceeds "
+                        f"{'the 100 MiB limit' if n > _MAX_HEADER else f'file size {size}'}")
+    raw = bytearray(n)
+    pread_full(fh.fileno(), memoryview(raw), 8, path, "the header")
+    header = load_json(bytes(raw), f"{path}: its safetensors header", max_depth=_MAX_HEADER_DEPTH)
     if not isinstance(header, dict):
         raise SoupError(f"{path} is corrupted: its safetensors header is not an object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SoupError(f"{path} is corrupted: its __metadata__ is not an object of strings")
     base = 8 + n
+    data_size = size - base
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        try:
-            dtype = BY_CODE[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            lo, hi = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise SoupError(f"{path}: tensor {name} has a malformed or unsupported header entry") from None
-        numel = 1
-        for d in shape:
-            numel *= d
-        if hi - lo != numel * dtype.itemsize or lo < 0:
-            raise SoupError(f"{path}: tensor {name} has data offsets that do not match its shape {shape}")
-        if base + hi > size:
-            raise SoupError(
-                f"{path} is truncated: tensor {name} ends at byte {base + hi} but the file has {size}"
-            )
-        tensors[name] = TensorInfo(dtype, shape, base + lo, base + hi)
+        tensors[name] = _entry(entry, name, base, data_size, path)
+    _check_disjoint(tensors, path)
     return tensors, metadata
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _entry(entry, name: str, base: int, data_size: int, path: Path) -> TensorInfo:
+    """One tensor's header entry, checked: exact types, offsets matching the shape, inside the data section."""
+    shown = short_repr(name)
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise SoupError(f"{path}: tensor {shown} has a malformed header entry (needs dtype, shape, data_offsets)")
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(code, str) or code not in BY_CODE:
+        raise SoupError(f"{path}: tensor {shown} has an unsupported dtype {short_repr(code)}")
+    dtype = BY_CODE[code]
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise SoupError(f"{path}: tensor {shown} has a malformed shape {short_repr(shape)}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(x) for x in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise SoupError(f"{path}: tensor {shown} has malformed data_offsets {short_repr(offsets)}")
+    lo, hi = offsets
+    if hi > data_size:
+        raise SoupError(f"{path} is truncated: tensor {shown} ends at byte {base + hi} "
+                        f"but the file has {base + data_size}")
+    nbytes = 0 if 0 in shape else dtype.itemsize
+    for d in shape:
+        nbytes *= d
+        if nbytes > data_size:
+            break  # already larger than the file: refused below, without multiplying a huge shape out
+    if hi - lo != nbytes:
+        raise SoupError(f"{path}: tensor {shown} has data offsets {lo}..{hi} that do not match "
+                        f"its shape {short_repr(shape)} and dtype {code}")
+    return TensorInfo(dtype, tuple(shape), base + lo, base + hi)
+
+
+def _check_disjoint(tensors: dict[str, TensorInfo], path: Path) -> None:
+    """No two tensors may share a byte (aliased tensors would be read, and merged, as two inputs)."""
+    prev_name, prev_end = None, 0
+    for name, info in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if info.nbytes and info.start < prev_end:
+            raise SoupError(f"{path} is corrupted: tensors {short_repr(prev_name)} and {short_repr(name)} "
+                            "overlap in the file (their bytes alias)")
+        if info.nbytes and info.end > prev_end:
+            prev_name, prev_end = name, info.end
 
 
 class SafetensorsWriter:
@@ -178,8 +254,8 @@ class SafetensorsWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
-        self._fh = open(path, "wb")  # noqa: SIM115  (owned; closed by close())
-        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+        self._fh = open(path, "wb", buffering=0)  # noqa: SIM115  (owned; closed by close())
+        write_full(self._fh.fileno(), struct.pack("<Q", len(raw)) + raw, path)
         self._next = 0
         self.total_bytes = offset
 
@@ -196,7 +272,7 @@ class SafetensorsWriter:
             raise RuntimeError(f"writer expected tensor {expect}, got {name}")
         if memoryview(data).nbytes != nbytes:
             raise RuntimeError(f"tensor {name}: {memoryview(data).nbytes} bytes, header says {nbytes}")
-        self._fh.write(data)
+        write_full(self._fh.fileno(), data, self.path)
         self._next += 1
 
     @property
