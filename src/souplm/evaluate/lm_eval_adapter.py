@@ -14,9 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import SoupError
+from ..yamlfile import BoundedSafeLoader, load_yaml, read_text_bounded
 from .cache import ResultCache, as_cache, model_hash
 
 LM_EVAL_PIN = "lm-eval==0.4.13"
@@ -52,12 +51,9 @@ def resolve_task(spec: str) -> tuple[str, Path | None, str]:
     if path.suffix.lower() in (".yaml", ".yml"):
         if not path.is_file():
             raise SoupError(f"lm-eval task file not found: {path}")
-        text = path.read_text(encoding="utf-8")
-        try:
-            # lm-eval YAMLs may use `!function` tags; a plain safe_load would fail on them.
-            data = yaml.load(text, Loader=_LenientLoader)
-        except yaml.YAMLError as e:
-            raise SoupError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        text = read_text_bounded(path, "lm-eval task file")
+        # lm-eval YAMLs may use `!function` tags; a plain safe_load would fail on them.
+        data = load_yaml(text, str(path), loader=_LenientLoader)
         if not isinstance(data, dict) or not data.get("task"):
             raise SoupError(f"{path}: an lm-eval task YAML needs a 'task:' name")
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -65,7 +61,7 @@ def resolve_task(spec: str) -> tuple[str, Path | None, str]:
     return spec, None, "registry"
 
 
-class _LenientLoader(yaml.SafeLoader):
+class _LenientLoader(BoundedSafeLoader):
     """SafeLoader that reads unknown tags (lm-eval's `!function`) as plain strings."""
 
 
