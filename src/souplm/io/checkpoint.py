@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from ..arch.layouts import GENERIC, Layout, detect_layout
 from ..errors import SoupError
 from .dtypes import FLOAT32, DType, dtype_of, torch_dtype
+from .hub import resolve_model
 from .safetensors_file import SafetensorsFile
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ LM_HEAD = "lm_head.weight"
 
 class Checkpoint:
     def __init__(self, path: str | os.PathLike, allow_pickle: bool = False, generic_layout: bool = False):
-        self.path = Path(path)
+        self.path = resolve_model(path, allow_pickle)  # a local path, or the snapshot of a Hub id
         if not self.path.exists():
             raise SoupError(f"model not found: {self.path}")
         self.allow_pickle = allow_pickle
