@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..arch.layouts import GENERIC, Layout, detect_layout
 from ..errors import SoupError
+from .checkdir import check_index_agrees, contained_file, read_config, read_index, unlisted_shards
 from .dtypes import FLOAT32, DType, dtype_of, torch_dtype
 from .hub import resolve_model
 from .safetensors_file import SafetensorsFile
@@ -47,20 +48,28 @@ class Checkpoint:
 
     # -- discovery ---------------------------------------------------------------------------
     def _index(self) -> None:
+        """Find the weight files (see io/checkdir.py for what an index and its shards must satisfy)."""
         p = self.path
+        index: Path | None = None
+        weight_map: dict[str, Path] = {}
         if p.is_file():
             files = [p]
         else:
             idx = p / "model.safetensors.index.json"
             bin_idx = p / "pytorch_model.bin.index.json"
             if idx.is_file():
-                files = self._files_from_index(idx)
+                index, weight_map = idx, read_index(idx, p, ".safetensors")
             elif list(p.glob("*.safetensors")):
-                files = sorted(p.glob("*.safetensors"))
-            elif bin_idx.is_file() or list(p.glob("*.bin")):
-                files = self._files_from_index(bin_idx) if bin_idx.is_file() else sorted(p.glob("*.bin"))
+                files = [contained_file(p, f.name, str(p)) for f in sorted(p.glob("*.safetensors"))]
+            elif bin_idx.is_file():
+                index, weight_map = bin_idx, read_index(bin_idx, p, ".bin")
+            elif list(p.glob("*.bin")):
+                files = [contained_file(p, f.name, str(p)) for f in sorted(p.glob("*.bin"))]
             else:
                 raise SoupError(f"{p}: no .safetensors or .bin weight files found")
+            if index is not None:
+                files = sorted(set(weight_map.values()))
+                unlisted_shards(p, files, ".safetensors" if index is idx else ".bin", index)
         for f in files:
             if f.suffix == ".safetensors":
                 st = SafetensorsFile(f)
@@ -74,19 +83,11 @@ class Checkpoint:
                 if name in self._where:
                     raise SoupError(f"{self.path}: tensor {name} is stored twice ({self._where[name].name}, {f.name})")
                 self._where[name] = f
+        if index is not None:
+            check_index_agrees(index, weight_map, {f: self._files[f].keys() if isinstance(self._files[f], dict)
+                                                   else self._files[f].tensors for f in files})
         if not self._where:
             raise SoupError(f"{self.path}: the checkpoint holds no tensors")
-
-    def _files_from_index(self, index: Path) -> list[Path]:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise SoupError(f"{index} is not a valid shard index (no weight_map)") from None
-        files = sorted({self.path / f for f in weight_map.values()})
-        for f in files:
-            if not f.is_file():
-                raise SoupError(f"{index} names shard {f.name}, which is missing")
-        return files
 
     def _load_pickle(self, f: Path) -> dict[str, torch.Tensor]:
         if not self.allow_pickle:
@@ -107,13 +108,7 @@ class Checkpoint:
     # -- metadata ----------------------------------------------------------------------------
     @cached_property
     def config(self) -> dict:
-        cfg = (self.path if self.path.is_dir() else self.path.parent) / "config.json"
-        if not cfg.is_file():
-            return {}
-        try:
-            return json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise SoupError(f"{cfg} is not valid JSON: {e}") from None
+        return read_config((self.path if self.path.is_dir() else self.path.parent) / "config.json")
 
     @property
     def names(self) -> list[str]:
@@ -219,6 +214,10 @@ class Checkpoint:
 def open_checkpoint(
     path: str | os.PathLike, allow_pickle: bool = False, generic_layout: bool = False
 ) -> Checkpoint:
+    if "+" in str(path) and not Path(path).exists():  # BASE+ADAPTER: a PEFT LoRA applied on read (souplm.lora)
+        from ..lora import open_with_adapters
+
+        return open_with_adapters(path, allow_pickle=allow_pickle, generic_layout=generic_layout)  # type: ignore[return-value]
     return Checkpoint(path, allow_pickle=allow_pickle, generic_layout=generic_layout)
 
 
