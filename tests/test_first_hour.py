@@ -73,3 +73,42 @@ def test_local_path_wins_over_a_hub_id(family, tmp_path, monkeypatch):
     assert hub_id("org/name") is None and resolve_model("org/name").resolve() == (tmp_path / "org" / "name")
     assert hub_id("other/name@v1") == ("other/name", "v1")
     assert hub_id("./x/y") is None and hub_id("a/b/c") is None
+
+
+def _shard_bytes(out) -> list[int]:
+    from safetensors import safe_open
+
+    sizes = []
+    for f in sorted(out.glob("*.safetensors")):
+        with safe_open(f, "pt") as g:
+            sizes.append(sum(g.get_tensor(k).numel() * g.get_tensor(k).element_size() for k in g.keys()))
+    return sizes
+
+
+def test_shard_size_in_human_units_cli_and_recipe(family, tmp_path):
+    from souplm.cli import main
+    from souplm.io.sizes import parse_size
+
+    # decimal SI units, binary IEC units, mergekit's K/M/B (thousand, million, billion), plain bytes
+    assert [parse_size(x) for x in ("5GB", "2GiB", "5B", "1.5MB", "300K", "123")] == [
+        5 * 10**9, 2 * 2**30, 5 * 10**9, 1_500_000, 300_000, 123]
+    assert Recipe.vanilla(str(family["a"]), str(family["b"]), 0.5).shard_size == 5 * 10**9  # mergekit's default
+    code = main(["merge", "--model", str(family["a"]), "--model", str(family["b"]), "--alpha", "0.5",
+                 "--shard-size", "40KB", "-o", str(tmp_path / "cli"), "--quiet", "--no-hash"])
+    sizes = _shard_bytes(tmp_path / "cli")
+    assert code == 0 and len(sizes) > 1 and max(sizes) <= 40_000 < sum(sizes)
+    (tmp_path / "r.yaml").write_text(f"models: [{{model: {family['a']}}}, {{model: {family['b']}}}]\n"
+                                     "shard_size: 30KiB\n")
+    assert main(["merge", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "rec"), "--quiet", "--no-hash"]) == 0
+    sizes = _shard_bytes(tmp_path / "rec")
+    assert len(sizes) > 1 and max(sizes) <= 30 * 1024
+
+
+def test_bad_shard_size_is_one_line_error(family, tmp_path, capsys):
+    from souplm.cli import main
+
+    code = main(["merge", "--model", str(family["a"]), "--model", str(family["b"]), "--shard-size", "5 parsecs",
+                 "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--shard-size" in err[0] and "not a size" in err[0]
+    assert not (tmp_path / "o").exists()

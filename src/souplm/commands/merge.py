@@ -29,6 +29,8 @@ def register(sub) -> None:
                    "model's share, so AdaMMS's alpha (the source's weight) is 1 - --alpha")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin inputs (loaded weights_only)")
     p.add_argument("--seed", type=int, help="seed for DARE's random drops")
+    p.add_argument("--shard-size", metavar="SIZE", help="largest output shard: 5GB, 500MB, 2GiB, mergekit's 5B, or "
+                   "bytes (default 5GB, mergekit's default; recipes: shard_size)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit; writes nothing")
     p.add_argument("--no-hash", action="store_true", help="skip hashing inputs for the model card")
@@ -40,11 +42,13 @@ def register(sub) -> None:
 
 def _recipe(args: argparse.Namespace):
     from ..errors import SoupError
+    from ..io.sizes import parse_size
     from ..recipe import Recipe
 
     overrides = {k: v for k, v in {
         "dtype": args.dtype, "vocab_policy": args.vocab_policy, "output_model": args.output_model,
         "seed": args.seed, "allow_pickle": args.allow_pickle or None, "mapping": args.mapping,
+        "shard_size": None if args.shard_size is None else parse_size(args.shard_size, "--shard-size"),
     }.items() if v is not None}
     if args.recipe:
         if args.model or args.alpha is not None or args.method:
