@@ -9,6 +9,7 @@ Units are case-insensitive; a decimal number is allowed ("1.5GB"); the result is
 
 from __future__ import annotations
 
+import math
 import re
 
 from ..errors import SoupError
@@ -23,7 +24,7 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
-def parse_size(value: int | float | str, what: str = "size") -> int:
+def parse_size(value: float | str, what: str = "size") -> int:
     """Bytes for `value`; a SoupError naming `what` when it is not a positive size."""
     if isinstance(value, bool):
         raise SoupError(f"{what}: {value!r} is not a size")
@@ -35,6 +36,6 @@ def parse_size(value: int | float | str, what: str = "size") -> int:
         if m is None or unit not in _UNITS:
             raise SoupError(f"{what}: {value!r} is not a size (e.g. 5GB, 500MB, 2GiB, 5B or a byte count)")
         n = float(m[1]) * _UNITS[unit]
-    if n != n or n < 1:
+    if not math.isfinite(n) or n < 1:
         raise SoupError(f"{what}: {value!r} must be at least one byte")
     return int(n)
