@@ -81,7 +81,7 @@ def _shard_bytes(out) -> list[int]:
     sizes = []
     for f in sorted(out.glob("*.safetensors")):
         with safe_open(f, "pt") as g:
-            sizes.append(sum(g.get_tensor(k).numel() * g.get_tensor(k).element_size() for k in g))
+            sizes.append(sum(g.get_tensor(k).numel() * g.get_tensor(k).element_size() for k in g.keys()))  # noqa: SIM118 (safe_open is not iterable)
     return sizes
 
 
