@@ -341,3 +341,26 @@ def test_learn_force_interrupted_keeps_the_earlier_results(pair, tmp_path, monke
     assert (out / "merged" / "config.json").is_file() and leftovers(tmp_path, "run") == []
     with pytest.raises(SoupError, match="input"):  # an output inside an input model, even with force
         learn({**cfg, "output": str(Path(pair["A"]) / "run")}, progress=False, force=True)
+
+
+def test_sweep_outputs_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    from souplm.search.sweep import SweepResult, write_outputs
+
+    def result(shift: float) -> SweepResult:
+        alphas = [0.0, 0.5, 1.0]
+        return SweepResult(["A", "B"], alphas, [{"name": "t", "primary": "acc", "higher_is_better": True}],
+                           {a: {"t": {"score": a / 2 + shift}} for a in alphas})
+
+    out = tmp_path / "sweep"
+    paths = write_outputs(result(0.0), out)
+    assert {p.name for p in paths} >= {"sweep.csv", "sweep.json", "sweep.png"} and all(p.parent == out for p in paths)
+    old = tree_hashes(out)
+    for fault in ("write:ENOSPC", "before-rename"):
+        monkeypatch.setenv(O.FAULT_ENV, fault)
+        with pytest.raises((O.OutputError, KeyboardInterrupt)):
+            write_outputs(result(0.25), out)
+        assert tree_hashes(out) == old and leftovers(tmp_path, "sweep") == []
+    monkeypatch.delenv(O.FAULT_ENV)
+    write_outputs(result(0.25), out)
+    new = tree_hashes(out)
+    assert set(new) == set(old) and all(new[k] != old[k] for k in ("sweep.csv", "sweep.json", "sweep.md"))

@@ -34,8 +34,10 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .. import distributed
+    from ..io.output import check_output
     from ..search.sweep import sweep
 
+    check_output(args.out, inputs=args.model, what="output folder", report=True)  # before the sweep, not after it
     # Under torchrun the alphas are spread over the processes; rank 0 writes and prints.
     with distributed.session():
         result = sweep(args.model, args.alphas, args.task, out_dir=args.out, limit=args.limit,

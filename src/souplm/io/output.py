@@ -211,6 +211,7 @@ def check_output(
     files: Iterable[str | os.PathLike] = (),
     folders: Iterable[str | os.PathLike] = (),
     what: str = "output",
+    report: bool = False,
 ) -> Path:
     """Refuse an output that would overwrite what it must not; returns the target's resolved path.
 
@@ -218,6 +219,9 @@ def check_output(
     `files`: other inputs (coefficient tables, mapping specs, the recipe file): the output may not be or
     contain one. `folders` (the recipe's folder): the output may not be or contain one. The working
     directory counts as a folder too (`-o .`, `-o ..`).
+
+    `report`: a folder that files are added to and nothing removed from (sweep, search, plot): it may hold
+    inputs or be the working directory, but may not be or lie inside an input model.
     """
     for part in Path(target).parts:
         if len(os.fsencode(part)) > 255:
@@ -226,15 +230,19 @@ def check_output(
     out = _real(target)
     for p in inputs:
         src = _real(p)
-        if _within(src, out) or (src.is_dir() and _within(out, src)):
+        if (_within(src, out) and not report) or (src.is_dir() and _within(out, src)):
             raise OutputError(f"{what} {target} would overwrite the input {p} (it is, holds or lies inside "
                               "an input model); choose another output path")
     for p in files:
-        if _within(_real(p), out):
+        if _within(_real(p), out) and not (report and _real(p) != out):
             raise OutputError(f"{what} {target} would overwrite the input file {p}; choose another output path")
-    for p in [*folders, Path.cwd()]:
+    try:
+        cwd = [Path.cwd()]
+    except OSError:  # the working directory was removed: nothing there to protect
+        cwd = []
+    for p in [] if report else [*folders, *cwd]:
         if _within(_real(p), out):
-            kind = "the working directory" if Path(p) == Path.cwd() else "the recipe's folder"
+            kind = "the working directory" if Path(p) in cwd else "the recipe's folder"
             raise OutputError(f"{what} {target} is or holds {kind} {p}; choose a new directory for the output")
     parent = out.parent
     while not parent.exists() and parent != parent.parent:

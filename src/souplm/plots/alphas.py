@@ -60,7 +60,24 @@ def plot_alphas(
     labels: Sequence[str] | None = None,
     model: int = 0,
 ) -> list[Path]:
-    """Draw the alpha figures for one or more tables into `out_dir`; returns the files written."""
+    """Draw the alpha figures for one or more tables into `out_dir`; returns the files written.
+
+    The figures are drawn beside `out_dir` and moved in at the end (souplm/io/output.py)."""
+    from ..io.output import check_output, staged_dir
+
+    check_output(out_dir, files=[t for t in tables if not isinstance(t, CoefficientTable)], what="output folder",
+                 report=True)
+    with staged_dir(out_dir) as staged:
+        paths = _plot_alphas_into(tables, staged, labels, model)
+    return [Path(out_dir) / p.relative_to(staged) for p in paths]
+
+
+def _plot_alphas_into(
+    tables: Sequence[str | os.PathLike | CoefficientTable],
+    out_dir: str | os.PathLike,
+    labels: Sequence[str] | None = None,
+    model: int = 0,
+) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers; must precede pyplot

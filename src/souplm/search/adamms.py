@@ -351,8 +351,13 @@ def adamms_search(
         inputs, template=template, sample=sample, seed=seed)
     out = Path(out_dir) if out_dir is not None else None
     model_dir = out / "model" if out is not None and write_model else None
-    if model_dir is not None and model_dir.exists() and any(model_dir.iterdir()) and not force:
-        raise SoupError(f"{model_dir} exists and is not empty (use --force to replace it)")
+    if out is not None:  # a bad output fails before the search, not after it
+        from ..io.output import AtomicDir, check_output
+
+        inputs = [str(target), str(source), *([str(base_model)] if base_model else [])]
+        check_output(out, inputs=inputs, what="output folder", report=True)
+        if model_dir is not None:
+            AtomicDir(model_dir, force=force).check()
     # Every recipe is validated (models, method, mapping spec) before any model is loaded.
     recipes = {a: adamms_recipe(target, source, a, mapping, method=method, base_model=base_model,
                                 vocab_policy=vocab_policy) for a in grid}
@@ -418,12 +423,14 @@ def adamms_search(
                  "check_s": round(eval_s, 3)},
     )
     if out is not None:
+        from ..io.output import write_text
+
         def write() -> None:
             write_outputs(result, out)
             if model_dir is not None:
                 merge(recipes[chosen], model_dir, force=force, progress=progress)
                 result.model_dir = str(model_dir)
-                (out / "search.json").write_text(json.dumps(result.to_json(), indent=1))
+                write_text(out / "search.json", json.dumps(result.to_json(), indent=1))
 
         D.on_main(write)  # one writer; the others wait for it
         result.model_dir = str(model_dir) if model_dir is not None else None
@@ -452,7 +459,16 @@ def _alpha_key(parts: dict[str, Any], alpha: float) -> str:
 
 
 def write_outputs(result: SearchResult, out_dir: str | Path) -> list[Path]:
-    """search.csv, search.md, search.json, responses.jsonl and the curve (search.png, search.svg)."""
+    """search.csv, search.md, search.json, responses.jsonl and the curve (search.png, search.svg), written
+    beside `out_dir` and moved in at the end (souplm/io/output.py)."""
+    from ..io.output import staged_dir
+
+    with staged_dir(out_dir) as staged:
+        paths = _write_outputs_into(result, staged)
+    return [Path(out_dir) / p.relative_to(staged) for p in paths]
+
+
+def _write_outputs_into(result: SearchResult, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [result.to_csv(out / "search.csv")]

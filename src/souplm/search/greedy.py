@@ -129,9 +129,11 @@ def greedy_soup(
     for p in paths:
         if not (Path(p) / "config.json").is_file():
             raise SoupError(f"{p}: not a model directory (no config.json)")
-    if out_dir is not None and Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not force:
-        # Fail before an hour of evaluation, not after it.
-        raise SoupError(f"output directory {out_dir} exists and is not empty (use --force to replace it)")
+    if out_dir is not None:  # fail before an hour of evaluation, not after it
+        from ..io.output import AtomicDir, check_output
+
+        check_output(out_dir, inputs=paths, what="output directory")
+        AtomicDir(out_dir, force=force).check()
     task = load_task(heldout, cache_dir=task_cache_dir)
     tests = [load_task(t, cache_dir=task_cache_dir) for t in test_tasks]
     check_leakage(task, tests, allow_leakage)

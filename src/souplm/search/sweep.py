@@ -271,7 +271,16 @@ def sweep(
 
 
 def write_outputs(result: SweepResult, out_dir: str | Path) -> list[Path]:
-    """sweep.csv, sweep.md, sweep.json and the Figure 1 plot (sweep.png, sweep.svg)."""
+    """sweep.csv, sweep.md, sweep.json and the Figure 1 plot (sweep.png, sweep.svg), written beside `out_dir` and
+    moved in at the end (souplm/io/output.py: each file is the old one or the new one, never half-written)."""
+    from ..io.output import staged_dir
+
+    with staged_dir(out_dir) as staged:
+        paths = _write_outputs_into(result, staged)
+    return [Path(out_dir) / p.relative_to(staged) for p in paths]
+
+
+def _write_outputs_into(result: SweepResult, out_dir: str | Path) -> list[Path]:
     from ..plots.sweep import plot_sweep
 
     out = Path(out_dir)
