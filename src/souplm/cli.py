@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "souplm.commands.learn",
     "souplm.commands.plot",
     "souplm.commands.search",
+    "souplm.commands.merge_adapters",
 )
 
 

@@ -109,6 +109,7 @@ class LoraAdapter:
         self.modules: dict[str, LoraModule] = {}  # by base weight name
         self.replaced: dict[str, str] = {}  # base tensor name -> adapter key holding its replacement
         self.ignored: list[str] = []
+        self.base_layer_keys: set[str] = set()  # replacements PEFT saved as <module>.base_layer.weight (embeddings)
         self._index()
         if not self.modules and not self.replaced:
             raise SoupError(f"{self.path}: the adapter holds no LoRA factors and no saved modules")
@@ -154,6 +155,7 @@ class LoraAdapter:
                 raise SoupError(f"{self.path}: tensor {key} is a LoRA tensor souplm does not know")
             if name.endswith(".base_layer.weight"):  # a saved (e.g. resized) embedding under a LoRA layer
                 self.replaced[name[: -len(".base_layer.weight")] + ".weight"] = key
+                self.base_layer_keys.add(key)
             else:  # modules_to_save: stored under the module's own name
                 self.replaced[name] = key
         for module, parts in sorted(found.items()):
