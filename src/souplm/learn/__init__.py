@@ -307,7 +307,8 @@ def _learn(
             vocab_policy="extend" if cfg.vocab_policy == "extend" else "error", allow_pickle=cfg.allow_pickle,
         )
         # Rank 0 streams the merge from the checkpoints; the others wait for it.
-        D.on_main(lambda: merge(recipe, work / MERGED, coefficients=table, force=True, progress=progress))
+        # (only the path crosses ranks: a MergeReport holds open checkpoints)
+        D.on_main(lambda: str(merge(recipe, work / MERGED, coefficients=table, force=True, progress=progress).out_dir))
         merged_dir = out / MERGED
     D.on_main(lambda: _finish_output(out, work, _staged))
     return LearnResult(table, table_path, merged_dir, meta["initial_loss"], final_loss, train.steps,
