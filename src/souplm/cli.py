@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "souplm.commands.plot",
     "souplm.commands.search",
     "souplm.commands.merge_adapters",
+    "souplm.commands.extract_lora",
 )
 
 

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from ..errors import SoupError
+from ..errors import SoupError, short_repr
 from ..io.dtypes import FLOAT32, DType
 from ..yamlfile import parse_mapping as yaml_mapping
 
@@ -139,7 +139,7 @@ def _names(value: Any, where: str) -> tuple[str, ...]:
         return (value,)
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         return tuple(value)
-    raise SoupError(f"{where}: expected a tensor name or a list of names, got {value!r}")
+    raise SoupError(f"{where}: expected a tensor name or a list of names, got {short_repr(value)}")
 
 
 def parse_mapping(data: dict, origin: str = "mapping", text: str = "") -> MappingSpec:

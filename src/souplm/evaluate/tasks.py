@@ -24,7 +24,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from ..errors import SoupError
+from ..errors import SoupError, short_repr
 
 KINDS = ("perplexity", "multiple_choice", "generation", "vqa")
 
@@ -88,7 +88,7 @@ class Task:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise SoupError(f"{self.source or self.name}: unknown task kind {self.kind!r} (one of {', '.join(KINDS)})")
+            raise SoupError(f"{self.source or self.name}: unknown task kind {short_repr(self.kind)} (one of {', '.join(KINDS)})")
 
     def opt(self, key: str) -> Any:
         return self.options.get(key, _KIND_KEYS[self.kind][key])
@@ -167,7 +167,7 @@ def gold_index(gold: Any, choices: list[str], where: str = "") -> int:
     elif isinstance(gold, str) and gold.strip().isdigit():
         idx = int(gold)
     else:
-        raise SoupError(f"{where}: gold {gold!r} is neither an index, a letter nor one of the choices")
+        raise SoupError(f"{where}: gold {short_repr(gold)} is neither an index, a letter nor one of the choices")
     if not 0 <= idx < len(choices):
         raise SoupError(f"{where}: gold index {idx} is out of range for {len(choices)} choices")
     return idx
@@ -178,7 +178,7 @@ def template_fields(template: str) -> list[str]:
     try:
         return [f for _, f, _, _ in string.Formatter().parse(template) if f]
     except ValueError as e:
-        raise SoupError(f"bad prompt template {template!r}: {e}") from None
+        raise SoupError(f"bad prompt template {short_repr(template)}: {e}") from None
 
 
 def read_jsonl(path: Path, limit: int | None = None, check=None) -> list[dict[str, Any]]:
@@ -215,7 +215,7 @@ def task_from_dict(spec: dict[str, Any], base_dir: Path, source: str = "") -> Ta
         raise SoupError(f"{source}: a task file must hold a mapping")
     kind = spec.get("kind")
     if kind not in KINDS:
-        raise SoupError(f"{source}: unknown task kind {kind!r} (one of {', '.join(KINDS)})")
+        raise SoupError(f"{source}: unknown task kind {short_repr(kind)} (one of {', '.join(KINDS)})")
     allowed = {**_COMMON, **_KIND_KEYS[kind]}
     unknown = sorted(set(spec) - set(allowed))
     if unknown:
@@ -228,7 +228,7 @@ def task_from_dict(spec: dict[str, Any], base_dir: Path, source: str = "") -> Ta
         raise SoupError(f"{source}: data file not found: {data}")
     metric = spec.get("metric") or ""
     if metric and metric not in METRICS[kind]:
-        raise SoupError(f"{source}: metric {metric!r} is not one of {', '.join(METRICS[kind])}")
+        raise SoupError(f"{source}: metric {short_repr(metric)} is not one of {', '.join(METRICS[kind])}")
     options = {k: v for k, v in spec.items() if k in _KIND_KEYS[kind]}
     if kind == "generation" and options.get("extract", "number") not in _EXTRACT:
         raise SoupError(f"{source}: extract must be one of {', '.join(_EXTRACT)}")
