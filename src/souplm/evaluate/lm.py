@@ -8,12 +8,13 @@ and lets a sweep evaluate an in-memory soup without writing a checkpoint.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import SoupError
+from ..io.checkdir import read_config as checked_config
+from ..io.checkdir import require_tokenizer
 
 
 @runtime_checkable
@@ -264,10 +265,7 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise SoupError(f"{model_dir}: not a model directory (no config.json)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SoupError(f"{path}: not valid JSON ({e.msg})") from None
+    return checked_config(path)  # a JSON object, bounded in size and depth
 
 
 def is_multimodal(config: dict[str, Any]) -> bool:
@@ -281,6 +279,7 @@ def load_model(model_dir: str | Path, *, device: str | None = None, dtype: str =
 
     model_dir = Path(model_dir)
     config = read_config(model_dir)
+    require_tokenizer(model_dir)
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise SoupError(f"unknown dtype {dtype!r} (float32, bfloat16, float16)")
