@@ -293,11 +293,11 @@ def merge(
         tmp = target.open()
         try:
             written, executor = _write_shards(plan, sources, tmp, progress, dev)
-            fault("write", tmp)
+            fault("write")  # (tests: a disk-full error, which names no file, as a real one would)
             _write_side_files(plan, tmp, {f: h.result() for f, h in hashes.items()})
             _check_unchanged(before)
         except OSError as e:
-            raise os_error(e) from None
+            raise os_error(e, path=out_dir) from None
         target.commit()
     except BaseException:
         target.abort()

@@ -63,9 +63,9 @@ class OutputError(SoupError):
     """An output could not be written (or would overwrite what it must not); nothing was left behind."""
 
 
-def os_error(e: OSError, what: str = "cannot write") -> OutputError:
-    """One line for an OSError: the path it concerns and the system's reason."""
-    where = e.filename if e.filename is not None else "?"
+def os_error(e: OSError, what: str = "cannot write", path: str | os.PathLike | None = None) -> OutputError:
+    """One line for an OSError: the path it concerns (`path` when the error names none) and the system's reason."""
+    where = e.filename if e.filename is not None else path if path is not None else "?"
     extra = f" -> {e.filename2}" if getattr(e, "filename2", None) else ""
     reason = e.strerror or str(e)
     hint = {errno.ENOSPC: " (disk full)", errno.EROFS: " (read-only file system)",
@@ -300,7 +300,7 @@ class AtomicDir:
             os.mkdir(staged, 0o777)  # the user's umask applies (mkdtemp would give 0700)
         except OSError as e:
             self.abort()
-            raise os_error(e, f"cannot create the {self.what}") from None
+            raise os_error(e, f"cannot create the {self.what}", self.target) from None
         return staged
 
     # placing ------------------------------------------------------------------------------------------
@@ -322,7 +322,7 @@ class AtomicDir:
                 raise OutputError(f"{self.what} {t} was created by someone else meanwhile; left it intact")
         except OSError as e:
             self.abort()
-            raise os_error(e) from None
+            raise os_error(e, path=t) from None
         except BaseException:
             self.abort()
             raise
@@ -412,14 +412,14 @@ class AtomicFile:
             self._owner = _Owner(self.path)
         except OSError as e:
             self._cleanup()
-            raise os_error(e, f"cannot create the {self.what}") from None
+            raise os_error(e, f"cannot create the {self.what}", t) from None
         return self.path
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self._cleanup()
             if isinstance(exc, OSError):
-                raise os_error(exc) from None
+                raise os_error(exc, path=self.target) from None
             return
         try:
             fault("before-rename", self.target)
@@ -428,7 +428,7 @@ class AtomicFile:
             os.replace(self.path, self.target)
         except OSError as e:
             self._cleanup()
-            raise os_error(e) from None
+            raise os_error(e, path=self.target) from None
         except BaseException:
             self._cleanup()
             raise
@@ -446,7 +446,7 @@ class AtomicFile:
 def write_text(target: str | os.PathLike, text: str, what: str = "output file") -> Path:
     """`Path.write_text`, atomically (the user's umask applies)."""
     with AtomicFile(target, what) as tmp:
-        fault("write", tmp)
+        fault("write")
         tmp.write_text(text)
     return Path(target)
 
@@ -463,16 +463,16 @@ def staged_dir(target: str | os.PathLike, what: str = "output folder") -> Iterat
         with AtomicDir(t, what=what) as staged:
             try:
                 yield staged
-                fault("write", staged)
+                fault("write")
             except OSError as e:
-                raise os_error(e) from None
+                raise os_error(e, path=t) from None
         return
     ad = AtomicDir(t, force=True, what=what)
     staged = ad.open()
     try:
         try:
             yield staged
-            fault("write", staged)
+            fault("write")
             fault("before-rename", t)
             for f in sorted(staged.rglob("*")):
                 if f.is_dir():
@@ -483,6 +483,6 @@ def staged_dir(target: str | os.PathLike, what: str = "output folder") -> Iterat
                     raise OutputError(f"{what} {t}: {dest} is a directory; cannot replace it with a file")
                 os.replace(f, dest)
         except OSError as e:
-            raise os_error(e) from None
+            raise os_error(e, path=t) from None
     finally:
         ad.abort()
