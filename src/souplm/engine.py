@@ -419,7 +419,7 @@ def _write_side_files(plan: Plan, tmp: Path, hashes: dict[Path, str]) -> None:
     if config:
         _patch_config(config, plan)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    (tmp / "souplm_recipe.yaml").write_text(plan.recipe.to_yaml())
+    (tmp / "souplm_recipe.yaml").write_text(plan.saved_recipe.to_yaml())
     if plan.recipe.mapping is not None:
         from .arch.mapping import load_mapping
 
@@ -465,8 +465,9 @@ def _model_card(plan: Plan, hashes: dict[Path, str]) -> str:
         lines += ["```"]
     else:
         lines.append("Not hashed (merged with --no-hash).")
-    lines += ["", "Recipe (`souplm_recipe.yaml`), to reproduce: `souplm merge souplm_recipe.yaml -o OUT`", "",
-              "```yaml", r.to_yaml().rstrip(), "```", ""]
+    lines += ["", ("Recipe (`souplm_recipe.yaml`), to reproduce: `souplm merge path/to/this/folder/souplm_recipe.yaml "
+                   "-o OUT` (from any directory: its model paths are absolute, its other files beside it)"), "",
+              "```yaml", plan.saved_recipe.to_yaml().rstrip(), "```", ""]
     return "\n".join(lines)
 
 

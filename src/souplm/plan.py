@@ -58,6 +58,16 @@ class Plan:
     coefficients: CoefficientTable | None
 
     @property
+    def saved_recipe(self) -> Recipe:
+        """The recipe written beside the output (`souplm_recipe.yaml`): `souplm merge` of it, from any
+        directory, rebuilds the same bytes (absolute model paths; the applied table and mapping by the copies
+        saved beside it)."""
+        return self.recipe.for_output(
+            coefficients="souplm_coefficients.json" if self.coefficients is not None else None,
+            mapping="souplm_mapping.yaml" if self.recipe.mapping is not None else None,
+        )
+
+    @property
     def base_index(self) -> int | None:
         return len(self.recipe.models) if self.recipe.base_model else None
 
@@ -131,8 +141,11 @@ def build_plan(recipe: Recipe, checkpoints: list[Checkpoint], coefficients: Coef
     n = len(recipe.models)
     base_index = n if recipe.base_model else None
     notes: list[str] = []
-    if coefficients is not None and coefficients.n_models != n:
-        raise SoupError(f"coefficient table has weights for {coefficients.n_models} models; the recipe merges {n}")
+    if coefficients is not None:  # matched to the recipe's models by identity, columns in recipe order
+        local = [str(checkpoints[i].path) if "+" not in s.model else s.model for i, s in enumerate(recipe.models)]
+        coefficients, note = coefficients.aligned_to(local)
+        if note:
+            notes.append(note)
 
     # Which model the output is: named, else the first multimodal one, else the base, else model 0.
     paths = [s.model for s in recipe.models] + ([recipe.base_model] if base_index is not None else [])
@@ -178,6 +191,8 @@ def build_plan(recipe: Recipe, checkpoints: list[Checkpoint], coefficients: Coef
             k: resolve_param(recipe.parameters.get(k, d), c, n_layers, f"parameters.{k}")
             for k, d in method.global_params.items()
         }
+        for k, v in item.global_params.items():  # the value this tensor gets, against the declared spec
+            method.spec(k).check(v, f"parameters.{k} (tensor {c})", recipe.allow_extrapolation)
         # A base the method does not use (linear, uniform, slerp) shapes the checks above but is not read.
         used = [k for k in feeding if k != base_index or item.base is not None]
         item.read_bytes = sum(checkpoints[k].nbytes(stored[k]) for k in used)
@@ -234,8 +249,8 @@ def _model_params(recipe, method, c, n_layers, coefficients, item) -> dict[str, 
         for i, spec in enumerate(recipe.models):
             raw = spec.parameters.get(key, recipe.parameters.get(key, default))
             v = resolve_param(raw, c, n_layers, f"models[{i}].parameters.{key}")
-            if not isinstance(v, (int, float)):
-                raise SoupError(f"models[{i}].parameters.{key} must be a number, got {v!r}")
+            method.spec(key).check(v, f"models[{i}].parameters.{key} (model {spec.model}, tensor {c})",
+                                   recipe.allow_extrapolation)
             vals.append(float(v))
         out[key] = np.asarray(vals, dtype=np.float32)
     if coefficients is not None and "weight" in out:

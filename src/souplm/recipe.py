@@ -31,7 +31,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import SoupError
+from .errors import SoupError, short_repr
 from .io.sizes import DEFAULT_SHARD_SIZE, parse_size
 from .methods import get_method
 from .yamlfile import read_mapping
@@ -48,13 +48,14 @@ MERGEKIT_UNSUPPORTED = {
 
 
 class ModelSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
 class Recipe(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # strict: a YAML string is never read as a boolean or a number (`allow_pickle: "false"` is refused)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
     merge_method: str = Field("linear", alias="method")
     models: list[ModelSpec]
@@ -68,6 +69,7 @@ class Recipe(BaseModel):
     seed: int = 0
     shard_size: int = Field(DEFAULT_SHARD_SIZE, gt=0)  # bytes; "5GB", "2GiB", mergekit's "5B" (io/sizes.py)
     mapping: str | dict[str, Any] | None = None  # spec file, built-in name, or the spec inline
+    allow_extrapolation: bool = False  # let t and interpolation weights leave their documented range
 
     @field_validator("shard_size", mode="before")
     @classmethod
@@ -96,14 +98,7 @@ class Recipe(BaseModel):
             data, where = read_mapping(path, "recipe"), str(path)
             data = _resolve_relative_paths(data, path.parent)
         data = _from_mergekit(data, where)
-        try:
-            recipe = cls.model_validate(data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"]) or "recipe"
-            raise SoupError(f"{where}: {loc}: {err['msg']}") from None
-        recipe.check()
-        return recipe
+        return cls.validated(data, where)
 
     @classmethod
     def from_models(
@@ -122,10 +117,19 @@ class Recipe(BaseModel):
             {"model": str(p), "parameters": {} if weights is None else {"weight": float(w)}}
             for p, w in zip(paths, weights or [None] * len(paths))
         ]
-        recipe = cls.model_validate(
-            {"merge_method": method, "models": specs, "base_model": None if base_model is None else str(base_model),
-             "parameters": params, **top}
-        )
+        data = {"merge_method": method, "models": specs, "base_model": None if base_model is None else str(base_model),
+                "parameters": params, **top}
+        return cls.validated(data, "recipe")
+
+    @classmethod
+    def validated(cls, data: dict, where: str = "recipe") -> Recipe:
+        """model_validate + check, pydantic's complaint as one `where: field: message` SoupError."""
+        try:
+            recipe = cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"]) or "recipe"
+            raise SoupError(f"{where}: {loc}: {err['msg']} (got {short_repr(err.get('input'))})") from None
         recipe.check()
         return recipe
 
@@ -154,10 +158,26 @@ class Recipe(BaseModel):
                         f"models[{i}].parameters.{key}: not a per-model parameter of {m.name} "
                         f"(per-model: {', '.join(sorted(m.model_params)) or 'none'})"
                     )
+        self.check_values()
         if self.output_model is not None and self.output_model not in self.all_paths():
             raise SoupError(f"output_model {self.output_model} is not one of the recipe's models")
         if self.mapping is not None:
             self._check_mapping()
+
+    def check_values(self) -> None:
+        """Every parameter value, as written (a number, a layer gradient's numbers, each filter entry's
+        value), against its method's declared type and range (`souplm.methods.registry.PARAM_SPECS`)."""
+        m = self.method
+        for key in m.global_params:
+            if key in self.parameters:
+                _walk(self.parameters[key], m.spec(key), f"parameters.{key}", self.allow_extrapolation)
+        for i, spec in enumerate(self.models):
+            for key in m.model_params:
+                if key in spec.parameters:
+                    where = f"models[{i}].parameters.{key} (model {spec.model})"
+                    _walk(spec.parameters[key], m.spec(key), where, self.allow_extrapolation)
+                elif key in self.parameters:
+                    _walk(self.parameters[key], m.spec(key), f"parameters.{key}", self.allow_extrapolation)
 
     def _check_mapping(self) -> None:
         from .arch.mapping import load_mapping
@@ -175,24 +195,78 @@ class Recipe(BaseModel):
         paths = [s.model for s in self.models]
         return paths + ([self.base_model] if self.base_model and self.base_model not in paths else [])
 
+    def for_output(self, coefficients: str | None = None, mapping: str | None = None) -> Recipe:
+        """The recipe as saved beside a merged model: every local path absolute (so it runs from any
+        directory), and the coefficient table and mapping spec that were actually applied named by the
+        copies saved beside it (paths relative to the saved recipe's folder, resolved against it on load)."""
+        def absolute(p: str | None) -> str | None:
+            if p is None or os.path.isabs(p):
+                return p
+            if "+" in p and not Path(p).exists():  # BASE+ADAPTER
+                return "+".join(absolute(part) or part for part in p.split("+"))
+            return os.path.abspath(p) if Path(p).exists() else p  # a Hub id stays an id
+
+        update: dict[str, Any] = {
+            "models": [s.model_copy(update={"model": absolute(s.model)}) for s in self.models],
+            "base_model": absolute(self.base_model),
+            "output_model": absolute(self.output_model),
+            "coefficients": coefficients,
+        }
+        if mapping is not None:
+            update["mapping"] = mapping
+        return self.model_copy(update=update)
+
     def to_yaml(self) -> str:
         data = self.model_dump(by_alias=False, exclude_defaults=True)
         data["merge_method"] = self.merge_method
         return yaml.safe_dump(data, sort_keys=False)
 
 
+def _walk(value: Any, spec, where: str, extrapolate: bool) -> None:
+    """Check one raw parameter value: a scalar, a gradient (list of scalars) or a filter list."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for j, entry in enumerate(value):
+            if "value" in entry:
+                _walk(entry["value"], spec, f"{where}[{j}].value", extrapolate)
+        return
+    if isinstance(value, list) and spec.kind is not bool:
+        if not value:
+            raise SoupError(f"{where}: a gradient must be a non-empty list of numbers")
+        for j, v in enumerate(value):
+            spec.check(v, f"{where}[{j}]", extrapolate)
+        return
+    spec.check(value, where, extrapolate)
+
+
 def _resolve_relative_paths(data: dict, root: Path) -> dict:
     """Model paths in a recipe file are relative to the file, when such a path exists."""
 
-    def fix(p):
-        if isinstance(p, str) and not os.path.isabs(p) and (root / p).exists() and not Path(p).exists():
+    from .io.hub import _HUB_ID
+
+    root = Path(os.path.abspath(root))
+
+    def fix(p, builtin_names: bool = False):
+        # Never the working directory: a relative path is the recipe folder's, whatever the cwd holds.
+        if isinstance(p, dict) and "base" in p:  # {base, adapters}: each path relative to the file
+            return dict(p, base=fix(p["base"]), adapters=[fix(a) for a in p.get("adapters") or []])
+        if not isinstance(p, str) or os.path.isabs(p) or p.startswith("~"):
+            return p
+        if (root / p).exists():
             return str(root / p)
-        return p
+        if "+" in p:
+            return "+".join(fix(part) for part in p.split("+"))  # BASE+ADAPTER (souplm.lora)
+        if _HUB_ID.match(p) and ".." not in p and not Path(p).exists():
+            return p  # a Hub id (org/name): no such local path in either place
+        if builtin_names and not p.endswith((".yaml", ".yml", ".json")) and "/" not in p:
+            return p  # a built-in mapping name
+        return str(root / p)  # missing: the error names the path under the recipe's folder
 
     data = dict(data)
-    for key in ("base_model", "coefficients", "output_model", "mapping"):
+    for key in ("base_model", "coefficients", "output_model"):
         if key in data:
             data[key] = fix(data[key])
+    if "mapping" in data:
+        data["mapping"] = fix(data["mapping"], builtin_names=True)
     if isinstance(data.get("models"), list):
         data["models"] = [dict(m, model=fix(m.get("model"))) if isinstance(m, dict) else m for m in data["models"]]
     return data
@@ -221,7 +295,19 @@ def _from_mergekit(data: dict, where: str) -> dict:
     elif base and method in {"task_arithmetic", "ties", "dare_linear", "dare_ties", "wise_ft"}:
         data["models"] = [m for m in models if _model_path(m) != base]
     data["models"] = [{"model": m} if isinstance(m, str) else m for m in data.get("models") or []]
+    data["models"] = [dict(m, model=_adapted(m["model"], where)) if isinstance(m, dict) and isinstance(m.get("model"), dict)
+                      else m for m in data["models"]]
     return data
+
+
+def _adapted(spec: dict, where: str) -> str:
+    """souplm's `model: {base: B, adapters: [A1, ...]}` as mergekit's `B+A1+...` (souplm.lora)."""
+    from .lora.checkpoint import join_spec
+
+    adapters = spec.get("adapters") or []
+    if set(spec) - {"base", "adapters"} or not isinstance(spec.get("base"), str) or not isinstance(adapters, list):
+        raise SoupError(f"{where}: a model given as a mapping takes base: PATH and adapters: [PATH, ...]")
+    return join_spec(spec["base"], adapters)
 
 
 def _model_path(m) -> str | None:

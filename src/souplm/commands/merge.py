@@ -41,6 +41,9 @@ def register(sub) -> None:
 
 
 def _recipe(args: argparse.Namespace):
+    """The recipe the flags describe. Every flag takes effect or is refused by name (never ignored)."""
+    import math
+
     from ..errors import SoupError
     from ..io.sizes import parse_size
     from ..recipe import Recipe
@@ -51,24 +54,52 @@ def _recipe(args: argparse.Namespace):
         "shard_size": None if args.shard_size is None else parse_size(args.shard_size, "--shard-size"),
     }.items() if v is not None}
     if args.recipe:
-        if args.model or args.alpha is not None or args.method:
-            raise SoupError("give either a recipe file or --model/--alpha/--method, not both")
+        quick = [f for f, v in (("--model", args.model), ("--alpha", args.alpha), ("--method", args.method),
+                                ("--base-model", args.base_model)) if v not in (None, [])]
+        if quick:
+            raise SoupError(f"{quick[0]} is a quick-form flag: give either a recipe file or --model/--alpha/--method/"
+                            "--base-model, not both (put it in the recipe instead)")
         recipe = Recipe.load(args.recipe)
-        if not overrides:
-            return recipe
-        recipe = recipe.model_copy(update=overrides)
-        recipe.check()  # an override (e.g. --mapping) must satisfy the same contract as the file
-        return recipe
+        if overrides:
+            # model_validate, not model_copy: an override is checked like the file's own value
+            data = recipe.model_dump(by_alias=False)
+            recipe = Recipe.model_validate({**data, **overrides})
+            recipe.check()  # an override (e.g. --mapping) must satisfy the same contract as the file
+        return _refuse_unused(recipe, args)
     if len(args.model) < 1:
         raise SoupError("nothing to merge: give a recipe file or --model (twice or more)")
+    method = args.method or ("linear" if args.alpha is not None else "uniform")
+    from ..methods import get_method
+
+    m = get_method(method)
+    if args.base_model is not None and not m.needs_base:
+        raise SoupError(f"--base-model {args.base_model}: method {method} does not use a base model "
+                        "(task_arithmetic, ties, dare_linear, dare_ties and wise_ft do)")
     if args.alpha is not None:
         if len(args.model) != 2:
             raise SoupError(f"--alpha needs exactly two --model, got {len(args.model)}")
-        if not 0.0 <= args.alpha <= 1.0 and args.method is None:
-            raise SoupError(f"--alpha {args.alpha} is outside [0, 1]; a vanilla soup interpolates")
-        return Recipe.vanilla(args.model[0], args.model[1], args.alpha, **overrides)
-    method = args.method or "uniform"
-    return Recipe.from_models(args.model, method, base_model=args.base_model, **overrides)
+        if not math.isfinite(args.alpha) or not 0.0 <= args.alpha <= 1.0:
+            raise SoupError(f"--alpha {args.alpha!r} is outside [0, 1] or not finite: it is the first model's share "
+                            "(to extrapolate, write a recipe with allow_extrapolation: true)")
+        if method == "linear":
+            recipe = Recipe.vanilla(args.model[0], args.model[1], args.alpha, **overrides)
+        elif method == "slerp":  # slerp's t is the second model's share
+            recipe = Recipe.from_models(args.model, "slerp", t=1.0 - args.alpha, **overrides)
+        else:
+            raise SoupError(f"--alpha: method {method} does not take a two-model share (--alpha works with linear "
+                            "and slerp); give its per-model parameters in a recipe file")
+    else:
+        recipe = Recipe.from_models(args.model, method, base_model=args.base_model, **overrides)
+    return _refuse_unused(recipe, args)
+
+
+def _refuse_unused(recipe, args: argparse.Namespace):
+    from ..errors import SoupError
+
+    if args.seed is not None and not recipe.method.random:
+        raise SoupError(f"--seed {args.seed}: method {recipe.merge_method} draws nothing at random "
+                        "(only dare_linear and dare_ties take a seed)")
+    return recipe
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,14 +9,87 @@ is checked when the recipe is read, before any tensor is loaded.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..errors import SoupError
+from ..errors import SoupError, short_repr
 
 if TYPE_CHECKING:
     import torch
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One method parameter's type and documented range, checked before any tensor is read.
+
+    `lo`/`hi` bound the value (`lo_open`/`hi_open`: the bound itself excluded); an `extrapolable` range
+    may be left only when the recipe says `allow_extrapolation: true`. `optional`: None is allowed
+    (slerp's `t`, taken from the weights when unset)."""
+
+    kind: type  # float or bool
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    extrapolable: bool = False
+    optional: bool = False
+
+    def describe(self) -> str:
+        if self.kind is bool:
+            return "true or false"
+        if self.lo is None and self.hi is None:
+            return "a finite number"
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        return f"in {'(' if self.lo_open or self.lo is None else '['}{lo}, {hi}{')' if self.hi_open or self.hi is None else ']'}"
+
+    def check(self, value: object, where: str, extrapolate: bool = False) -> None:
+        """Raise a one-line SoupError naming `where` (parameter and model) and the value when it does not fit."""
+        if value is None and self.optional:
+            return
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise SoupError(f"{where} must be true or false (a YAML boolean), got {short_repr(value)}")
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SoupError(f"{where} must be a number, got {short_repr(value)}")
+        v = float(value)
+        if not math.isfinite(v):
+            raise SoupError(f"{where} must be finite, got {short_repr(value)}")
+        if self.extrapolable and extrapolate:
+            return
+        below = self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo))
+        above = self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi))
+        if below or above:
+            hint = " (set allow_extrapolation: true in the recipe to extrapolate)" if self.extrapolable else ""
+            raise SoupError(f"{where} = {short_repr(value)} is out of range: must be {self.describe()}{hint}")
+
+
+# The declarative spec of every method parameter: one entry per name, overridden per method where the
+# method gives the name a narrower meaning. A parameter without an entry is refused at registration.
+PARAM_SPECS: dict[str, ParamSpec] = {
+    "weight": ParamSpec(float),  # task-vector methods: any finite scale (negative = task negation)
+    "density": ParamSpec(float, 0.0, 1.0, lo_open=True),
+    "lambda": ParamSpec(float),
+    "t": ParamSpec(float, 0.0, 1.0, extrapolable=True, optional=True),
+    "epsilon": ParamSpec(float, 0.0, None, lo_open=True),
+    "normalize": ParamSpec(bool),
+}
+METHOD_PARAM_SPECS: dict[tuple[str, str], ParamSpec] = {
+    # interpolations: a negative weight leaves the segment between the models
+    ("linear", "weight"): ParamSpec(float, 0.0, None, extrapolable=True),
+    ("slerp", "weight"): ParamSpec(float, 0.0, None, extrapolable=True),
+    ("wise_ft", "weight"): ParamSpec(float, 0.0, 1.0, extrapolable=True),
+}
+
+
+def param_spec(method: str, name: str) -> ParamSpec:
+    spec = METHOD_PARAM_SPECS.get((method, name), PARAM_SPECS.get(name))
+    if spec is None:
+        raise SoupError(f"method {method}: parameter {name!r} has no declared type and range")
+    return spec
 
 
 @dataclass(frozen=True)
@@ -42,12 +115,17 @@ class Method:
             )
             raise SoupError(f"method {self.name} takes {want} models (besides the base), got {n_models}")
 
+    def spec(self, name: str) -> ParamSpec:
+        return param_spec(self.name, name)
+
 
 METHODS: dict[str, Method] = {}
 
 
 def register(name: str, **contract) -> Callable:
     def deco(fn: Callable) -> Callable:
+        for key in (*contract.get("model_params", {}), *contract.get("global_params", {})):
+            param_spec(name, key)  # every parameter declares its type and range
         METHODS[name] = Method(name=name, fn=fn, summary=(fn.__doc__ or "").strip().split("\n")[0], **contract)
         return fn
 
