@@ -1,7 +1,12 @@
 """On-disk cache of evaluation results, shared safely by several processes.
 
-One JSON file per result, named by the hash of its key (model content hash, task name, task
-version, limit). Writes go to a temporary file in the same folder and are renamed into place, which
+One JSON file per result, named by the hash of its key: everything that changes a score. The model
+part (`model_hash`) is the sha256 of the weights' bytes plus config.json, generation config and every
+tokenizer / processor file (a size+mtime memo skips rehashing only while inode and ctime, which no
+`touch` can restore, are unchanged too); the caller adds the dtype the model is evaluated in (a soup's
+key, `soup_key`, names its inputs' model hashes, method, weights and dtype). Then the task's name and
+version (declared version + a fingerprint of the task's definition and data), the limit, and the souplm
+version. Writes go to a temporary file in the same folder and are renamed into place, which
 is atomic on POSIX: a reader sees either no file or a whole one, and two processes that compute the
 same result just replace each other's identical file. Under `torchrun` the ranks gather their results
 and rank 0 writes them (souplm/distributed.py), so a rerun with any number of processes finds them.
@@ -28,7 +33,10 @@ def default_cache_root() -> Path:
 
 
 def key_fields(model: str, task: str, version: str, limit: int | None) -> dict[str, Any]:
-    return {"format": CACHE_FORMAT, "model": model, "task": task, "version": version, "limit": limit}
+    from .. import __version__
+
+    return {"format": CACHE_FORMAT, "model": model, "task": task, "version": version, "limit": limit,
+            "souplm": __version__}
 
 
 def cache_key(model: str, task: str, version: str, limit: int | None) -> str:
@@ -112,8 +120,26 @@ def soup_key(input_hashes: list[str], method: str, params: dict[str, Any]) -> st
     return "soup-" + hashlib.sha256(blob.encode()).hexdigest()
 
 
+# Files beside the weights that change what a model scores: architecture, generation defaults, tokenizer.
+SCORE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
+    "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
+)
+
+
 def model_hash(model_dir: str | Path) -> str:
-    """Content hash of a model dir's weights (the engine's, memoised on path, size and mtime)."""
+    """Cache identity of a model dir: its weights' content hash and the bytes of every `SCORE_FILES` file."""
     from ..io.checkpoint import content_hash
 
-    return str(content_hash(Path(model_dir)))
+    p = Path(model_dir)
+    weights = str(content_hash(p))
+    folder = p if p.is_dir() else p.parent
+    h = hashlib.sha256(weights.encode())
+    for name in SCORE_FILES:
+        f = folder / name
+        if f.is_file():
+            h.update(b"\0" + name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()

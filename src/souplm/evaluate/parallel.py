@@ -62,7 +62,7 @@ def evaluate_parallel(
     store = as_cache(cache)
     if isinstance(model_or_dir, (str, Path)):
         # Hashing a large model is minutes of reading: rank 0 does it, the others are told.
-        key = model_key or D.on_main(lambda: model_hash(model_or_dir) if store else str(model_or_dir))
+        key = model_key or D.on_main(lambda: f"{model_hash(model_or_dir)}|{dtype}" if store else str(model_or_dir))
         label = str(model_or_dir)
     else:
         key = model_key or ""

@@ -222,7 +222,7 @@ def evaluate(
     store = as_cache(cache)
 
     if isinstance(model_or_dir, (str, Path)):
-        key = model_key or (model_hash(model_or_dir) if store else str(model_or_dir))
+        key = model_key or (f"{model_hash(model_or_dir)}|{dtype}" if store else str(model_or_dir))  # dtype changes scores
         label = str(model_or_dir)
     elif isinstance(model_or_dir, LanguageModel) or callable(model_or_dir):
         key = model_key or ""

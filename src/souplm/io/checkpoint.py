@@ -236,7 +236,10 @@ def content_hash(path: str | os.PathLike) -> str:
     files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.suffix in WEIGHT_SUFFIXES)
     if not files:
         raise SoupError(f"{p}: no weight files to hash")
-    stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    # The memo may skip rehashing only when provably safe: size and mtime can be restored (touch -d),
+    # but inode and ctime cannot, so a file rewritten in place or replaced always misses.
+    stats = [(f, f.stat()) for f in files]
+    stamp = ";".join(f"{f.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}" for f, st in stats)
     cache_file = _hash_cache_path()
     try:
         cache = json.loads(cache_file.read_text())

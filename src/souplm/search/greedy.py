@@ -148,7 +148,7 @@ def greedy_soup(
 
     def weights_key(members: Sequence[str]) -> tuple[list[float], str]:
         weights = [1.0 / len(members) if p in members else 0.0 for p in paths]
-        return weights, soup_key(hashes, METHOD, {"weights": weights, **policy})
+        return weights, soup_key(hashes, METHOD, {"weights": weights, **policy, "dtype": dtype})
 
     def score(members: Sequence[str], tasks: Sequence[Task], sharded: bool = False) -> dict[str, float]:
         """Scores of the uniform soup of `members`, as one recipe over all ingredients."""

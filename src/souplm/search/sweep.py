@@ -239,7 +239,7 @@ def sweep(
 
     def key_of(alpha: float) -> str:
         # Keyed by content, not paths (A is always the built model): moving the dirs keeps the cache.
-        return soup_key(hashes, METHOD, {"weights": [alpha, 1.0 - alpha], **policy})
+        return soup_key(hashes, METHOD, {"weights": [alpha, 1.0 - alpha], **policy, "dtype": dtype})
 
     def run(alpha: float) -> dict[str, dict[str, Any]]:
         recipe = Recipe.vanilla(a_path, b_path, alpha, **fields)
