@@ -8,6 +8,7 @@ and lets a sweep evaluate an in-memory soup without writing a checkpoint.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -300,4 +301,7 @@ def load_model(model_dir: str | Path, *, device: str | None = None, dtype: str =
             tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     except OSError as e:
         raise SoupError(f"{model_dir}: cannot load model or tokenizer ({str(e).splitlines()[0]})") from None
+    except (pickle.UnpicklingError, ValueError, RuntimeError, EOFError) as e:  # e.g. a pickle weights_only refused
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SoupError(f"{model_dir}: transformers refused to load the weights ({type(e).__name__}: {first})") from None
     return model.to(device), tokenizer, processor

@@ -72,6 +72,36 @@ _KIND_KEYS: dict[str, dict[str, Any]] = {
 }
 _EXTRACT = ("number", "math", "first_line", "text")
 
+# The type of every task-file key: a real YAML boolean / integer / string, never coerced
+# (`chat_template: "false"` and `context_length: "abc"` are refused, not read).
+_STR_KEYS = {"name", "kind", "data", "description", "prompt", "text_field", "choices_field", "gold_field",
+             "target_delimiter", "answer_field", "image_field", "extract"}
+_OPTIONAL_STR_KEYS = {"metric", "context_field"}
+_BOOL_KEYS = {"chat_template"}
+_POSITIVE_INT_KEYS = {"context_length": 2, "max_new_tokens": 1}  # key -> least value
+
+
+def _check_types(spec: dict[str, Any], source: str) -> None:
+    from ..errors import short_repr
+
+    for key, value in spec.items():
+        bad = None
+        optional = key in _OPTIONAL_STR_KEYS and value is None
+        if (key in _STR_KEYS or key in _OPTIONAL_STR_KEYS) and not optional and not isinstance(value, str):
+            bad = "a string"
+        elif key in _BOOL_KEYS and not isinstance(value, bool):
+            bad = "true or false (a YAML boolean)"
+        elif key in _POSITIVE_INT_KEYS and (isinstance(value, bool) or not isinstance(value, int)
+                                             or value < _POSITIVE_INT_KEYS[key]):
+            bad = f"an integer >= {_POSITIVE_INT_KEYS[key]}"
+        elif key == "version" and (isinstance(value, bool) or not isinstance(value, (int, str))):
+            bad = "an integer or a string"
+        elif key == "stop" and not (isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            bad = "a string or a list of strings"
+        if bad:
+            raise SoupError(f"{source}: {key} must be {bad}, got {short_repr(value)}")
+
 
 @dataclass(frozen=True)
 class Task:
@@ -210,7 +240,7 @@ def read_jsonl(path: Path, limit: int | None = None, check=None) -> list[dict[st
 
 def task_from_dict(spec: dict[str, Any], base_dir: Path, source: str = "") -> Task:
     """Build a Task from a parsed spec; `data` is resolved relative to `base_dir`."""
-    source = source or str(spec.get("name", "task"))
+    source = source or str(spec.get("name", "task") if isinstance(spec, dict) else "task")
     if not isinstance(spec, dict):
         raise SoupError(f"{source}: a task file must hold a mapping")
     kind = spec.get("kind")
@@ -220,6 +250,7 @@ def task_from_dict(spec: dict[str, Any], base_dir: Path, source: str = "") -> Ta
     unknown = sorted(set(spec) - set(allowed))
     if unknown:
         raise SoupError(f"{source}: unknown key(s) {', '.join(unknown)} for a {kind} task")
+    _check_types(spec, source)
     if not spec.get("data"):
         raise SoupError(f"{source}: missing key 'data' (path to a jsonl file)")
     data = Path(spec["data"])
