@@ -174,7 +174,7 @@ def test_disk_full_and_read_only_are_one_line_and_leave_the_old_output(family, t
         r = souplm(*quick(family, target, 0.75, *force), env={O.FAULT_ENV: f"{point}:{code}"})
         assert r.returncode == 2
         err = one_error_line(r.stderr)
-        assert words in err and str(tmp_path) in err
+        assert words in err.lower() and str(tmp_path) in err
     assert tree_hashes(out) == old
     assert not (tmp_path / "new").exists() and leftovers(tmp_path, "out") == [] and leftovers(tmp_path, "new") == []
 
@@ -364,3 +364,25 @@ def test_sweep_outputs_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     write_outputs(result(0.25), out)
     new = tree_hashes(out)
     assert set(new) == set(old) and all(new[k] != old[k] for k in ("sweep.csv", "sweep.json", "sweep.md"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="needs root to mount a small tmpfs")
+def test_real_full_and_read_only_file_systems(family, tmp_path, capsys):
+    full, ro = tmp_path / "full", tmp_path / "ro"
+    full.mkdir()
+    ro.mkdir()
+    mounted = []
+    try:
+        for where, opts in ((full, "size=64k"), (ro, "size=64k,ro")):
+            if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], check=False,
+                              capture_output=True).returncode != 0:
+                pytest.skip("mount is not permitted here")
+            mounted.append(where)
+        for where, words in ((full, "No space left on device"), (ro, "Read-only file system")):
+            assert main(quick(family, where / "out", 0.5)) == 2
+            err = one_error_line(capsys.readouterr().err)
+            assert words in err and str(where / "out") in err and ".partial-" not in err
+            assert list(where.iterdir()) == []
+    finally:
+        for where in mounted:
+            subprocess.run(["umount", str(where)], check=False)

@@ -66,12 +66,18 @@ class OutputError(SoupError):
 def os_error(e: OSError, what: str = "cannot write", path: str | os.PathLike | None = None) -> OutputError:
     """One line for an OSError: the path it concerns (`path` when the error names none) and the system's reason."""
     where = e.filename if e.filename is not None else path if path is not None else "?"
+    if path is not None and ".partial-" in os.path.basename(os.fsdecode(where)):
+        where = path  # name the output the user gave, not souplm's staging path beside it
     extra = f" -> {e.filename2}" if getattr(e, "filename2", None) else ""
     reason = e.strerror or str(e)
     hint = {errno.ENOSPC: " (disk full)", errno.EROFS: " (read-only file system)",
             errno.ENAMETOOLONG: " (file name too long)", errno.ENOTDIR: " (a path component is a file)",
             errno.EACCES: " (permission denied)"}.get(e.errno or 0, "")
-    return OutputError(f"{what} {where}{extra}: {reason}{hint if hint.strip(' ()') not in reason else ''}")
+    if hint.strip(" ()").lower() in reason.lower():
+        hint = ""
+    if ".partial-" in os.path.basename(os.fsdecode(extra)):
+        extra = ""
+    return OutputError(f"{what} {where}{extra}: {reason}{hint}")
 
 
 # -- test hook -----------------------------------------------------------------------------------------
