@@ -92,7 +92,8 @@ def test_malformed_entries_are_refused(tmp_path, entry, pattern):
     refused(raw_file(tmp_path / "x.safetensors", {"a": entry}, bytes(8)), pattern)
 
 
-@pytest.mark.parametrize("header,length,pattern", [
+@pytest.mark.parametrize("header,length,pattern", ids=["deep", "duplicate", "invalid", "utf8", "array", "metadata",
+                                                        "huge-length", "past-end"], argvalues=[
     (b"[" * 200_000 + b"]" * 200_000, None, "nested deeper than 4 levels"),
     (b'{"a": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}, "a": {}}', None, "names key 'a' twice"),
     (b"{not json", None, "not valid JSON"),
@@ -315,7 +316,7 @@ def test_unlisted_shard_is_named_in_a_warning_and_not_read(family, tmp_path, cap
     assert d / "consolidated.safetensors" not in ck.weight_files()
 
 
-@pytest.mark.parametrize("text,pattern", [
+@pytest.mark.parametrize("text,pattern", ids=["list", "str", "invalid", "deep"], argvalues=[
     ("[1, 2]", "must hold a JSON object, got list"),
     ('"x"', "must hold a JSON object, got str"),
     ("{", "not valid JSON"),
@@ -410,7 +411,7 @@ def test_alias_bomb_via_the_cli_under_a_memory_cap(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("text,pattern", [
+@pytest.mark.parametrize("text,pattern", ids=["cycle", "deep", "invalid", "python-tag"], argvalues=[
     ("a: &a [*a]", "contains itself"),
     ("[" * 5000 + "]" * 5000, "nested deeper than 100 levels"),
     ("a: [1, 2", "not valid YAML"),
