@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     except SoupError as e:
         print(f"souplm: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("souplm: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a command that keeps something (learn's checkpoint) says what
+        print(f"souplm: interrupted; {getattr(e, 'kept', None) or 'nothing was written'}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `souplm ... | head`
         os._exit(0)

@@ -29,12 +29,20 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import signal
     import sys
     from pathlib import Path
 
     from .. import distributed
     from ..learn import learn, load_config
 
+    def _terminated(signum, frame):  # SIGTERM (a scheduler's kill) ends the run like Ctrl-C: cleaned up, reported
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:  # not the main thread
+        pass
     overrides = {"merge": False if args.no_merge else None, "device": args.device}
     cfg = load_config(args.config, output=args.out, **overrides)
     with distributed.session():

@@ -204,9 +204,46 @@ def learn(
     try:
         return _learn(config, resume=resume, force=force, output=output, progress=progress,
                       on_epoch_end=on_epoch_end, shard_size=shard_size, _staged=staged)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (the CLI turns it into one): say what is kept
+        if isinstance(e, LearnInterrupted):
+            raise
+        raise LearnInterrupted(_kept_after_interrupt(staged.get("out"), "dir" in staged)) from None
     finally:
-        if staged:  # not finished: the earlier run stays
+        if "dir" in staged:  # not finished: the earlier run stays
             staged.pop("dir").abort()
+
+
+class LearnInterrupted(KeyboardInterrupt):
+    """An interrupted learn run; `kept` says what is on disk (the CLI prints it instead of 'nothing was written')."""
+
+    def __init__(self, kept: str):
+        super().__init__(kept)
+        self.kept = kept
+
+
+def _kept_after_interrupt(out: Path | None, staged: bool) -> str:
+    from .trainer import CHECKPOINT, LOG
+
+    if out is None:
+        return "nothing was written"
+    if staged:
+        return f"the new run's progress was discarded; the earlier run in {out} is kept as it was"
+    if (out / CHECKPOINT).is_file():
+        return (f"kept {out / CHECKPOINT} (the last finished epoch) and {out / LOG}; "
+                "continue with `souplm learn --resume`")
+    return f"no epoch had finished, so there is no checkpoint in {out} to resume from"
+
+
+def check_finite_models(models: list[str], cks: list) -> None:
+    """Every floating tensor of every base is finite; else one error naming model and tensor (before step 1)."""
+    import torch
+
+    for path, ck in zip(models, cks):
+        for name in ck.names:
+            t = ck.get(name, dtype=None)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise SoupError(f"learn: tensor {name} of model {path} contains NaN or Inf; "
+                                "a soup with it would be NaN (nothing was trained)")
 
 
 def _learn(
@@ -231,6 +268,7 @@ def _learn(
 
     cfg = load_config(config, output=None if output is None else str(output))
     out = Path(cfg.output)
+    _staged["out"] = out
     cks = [open_checkpoint(p, allow_pickle=cfg.allow_pickle) for p in cfg.models]
     if cfg.output_model is not None:
         s = cfg.models.index(cfg.output_model)
@@ -238,6 +276,7 @@ def _learn(
         s = next((i for i, ck in enumerate(cks) if ck.layout.multimodal), 0)
     multimodal = cks[s].layout.multimodal
     others = _check_models(cfg, cks, s)
+    check_finite_models(cfg.models, cks)  # a NaN base is reported now, not after the whole run
 
     # data first: a bad row should fail before minutes of model loading
     tokenizer, processor = _load_tokenizer(cfg.tokenizer or cfg.models[s], multimodal)
@@ -293,6 +332,8 @@ def _learn(
         "epoch_losses": train.epoch_losses, "initial_loss": trainer.initial_loss, "final_loss": final_loss,
     }
     table = soup.coefficient_table(cfg.models, meta)
+    # named by absolute path and content hash: a merge matches it to its recipe's models by identity
+    table = CoefficientTable.identified(table.models, table.coefficients, table.meta)
     D.on_main(lambda: table.save(work / TABLE))
     table_path = out / TABLE
     del trainer, soup, model  # free the bases before the engine streams the merge

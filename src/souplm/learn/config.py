@@ -21,6 +21,7 @@ Relative paths are relative to the config file's folder.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import typing
 from pathlib import Path
@@ -28,14 +29,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import SoupError
+from ..errors import SoupError, short_repr
 from ..yamlfile import read_mapping
 from .activations import ACTIVATIONS
 from .granularity import GRANULARITIES
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # strict: `merge: "false"` or `lr: "0.1"` is refused, never coerced; no NaN or Inf anywhere
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True, allow_inf_nan=False)
 
 
 class RegularizationConfig(_Strict):
@@ -48,7 +50,7 @@ class OptimizerConfig(_Strict):
     lr: float = Field(0.1, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     momentum: float = Field(0.0, ge=0.0, lt=1.0)  # sgd only
-    betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw only
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2)  # adam / adamw
 
 
 class TrainingConfig(_Strict):
@@ -125,6 +127,9 @@ class LearnConfig(_Strict):
         for key, value in self.fixed.items():
             if len(value) != len(self.models):
                 raise ValueError(f"fixed.{key}: needs one weight per model ({len(self.models)})")
+            bad = [v for v in value if not math.isfinite(v)]
+            if bad:
+                raise ValueError(f"fixed.{key}: weights must be finite numbers, got {short_repr(value)}")
         return self
 
     def settings(self) -> dict[str, Any]:
@@ -182,6 +187,8 @@ def _describe(err: dict) -> str:
         return f"{loc}: unknown key{hint}"
     if not loc or msg.startswith(loc.split(".")[0].split("[")[0] + ":"):
         return msg
+    if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
+        msg = f"{msg} (got {short_repr(err['input'])})"
     return f"{loc}: {msg}"
 
 

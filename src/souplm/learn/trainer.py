@@ -65,6 +65,18 @@ class TrainResult:
     tokens: int = 0
 
 
+def _logged_step(line: str) -> float:
+    """The step a log.jsonl line records; inf (drop it) for a torn or foreign line."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return math.inf
+    if not isinstance(record, dict) or isinstance(record.get("step", 0), bool) \
+            or not isinstance(record.get("step", 0), (int, float)):
+        return math.inf
+    return record.get("step", 0)
+
+
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over supervised positions, and their count."""
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
@@ -232,7 +244,8 @@ class Trainer:
         path = self.out_dir / LOG
         if resume_step is not None and path.is_file():
             # Keep what the checkpoint covers; steps logged after it are about to be redone.
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            # A line torn by a kill mid-write (or any line that is not a JSON object) is dropped, not fatal.
+            kept = [ln for ln in path.read_text(errors="replace").splitlines() if _logged_step(ln) <= resume_step]
             path.write_text("".join(ln + "\n" for ln in kept))
             return path.open("a")
         return path.open("w")
