@@ -147,10 +147,9 @@ class CoefficientTable:
         path = Path(path)
         if not path.is_file():
             raise SoupError(f"coefficient table not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SoupError(f"coefficient table {path} is not valid JSON: {e}") from None
+        from .io.jsonsafe import read_json
+
+        data = read_json(path, "coefficient table")  # bounded in size and nesting; one-line errors
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise SoupError(f"coefficient table {path}: expected \"format\": \"{FORMAT}\"")
         try:
