@@ -480,8 +480,24 @@ def _framed(t: tuple[dict, bytes, int]) -> bytes:
     return struct.pack("<Q", max(0, len(raw) + t[2])) + raw + t[1]
 
 
+@st.composite
+def _near_valid(draw) -> bytes:
+    """A header whose entries mostly match their shapes, with offsets nudged so some overlap or overrun."""
+    header, end = {}, 0
+    for i in range(draw(st.integers(1, 3))):
+        code, size = draw(st.sampled_from([("F32", 4), ("BF16", 2), ("I8", 1)]))
+        shape = draw(st.lists(st.integers(0, 3), max_size=2))
+        nbytes = size * int(np.prod(shape))
+        lo = max(0, end + draw(st.sampled_from([0, 0, 0, -1, -4, 2])))
+        header[f"t{i}"] = {"dtype": code, "shape": shape, "data_offsets": [lo, lo + nbytes]}
+        end = max(end, lo + nbytes)
+    data = draw(st.binary(min_size=max(0, end - 2), max_size=end + 2))
+    return _framed((header, data, 0))
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.binary(max_size=64) | st.tuples(_header, st.binary(max_size=48), st.integers(-3, 3)).map(_framed))
+@given(st.binary(max_size=64) | st.tuples(_header, st.binary(max_size=48), st.integers(-3, 3)).map(_framed)
+       | _near_valid())
 def test_fuzz_safetensors_header(tmp_path_factory, blob):
     path = tmp_path_factory.mktemp("fz") / "x.safetensors"
     path.write_bytes(blob)
