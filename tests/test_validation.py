@@ -428,3 +428,31 @@ def test_recipe_api_refuses_like_the_cli(fam):
         Recipe.from_models([fam["A"], fam["B"]], "ties", base_model=fam["base"], density=1.5)
     with pytest.raises(SoupError, match="normalize"):
         Recipe.from_models([fam["A"], fam["B"]], "linear", normalize="false")
+
+
+# -- every written tensor is finite: overflow, the final cast, and tensors copied unchanged ----------------------
+@pytest.mark.parametrize("executor", [[], ["--device", "cpu"]])
+@pytest.mark.parametrize("scale,dtype", [(3e38, "float32"), (6e4, "float16")])
+def test_overflowing_output_is_refused(tmp_path, capsys, executor, scale, dtype):
+    a, b = tiny(tmp_path / "A", 1), tiny(tmp_path / "B", 1)  # same weights: the sum doubles every entry
+    for d in (a, b):
+        t = load_file(str(d / "model.safetensors"))
+        t["model.norm.weight"] = np.full(H, scale, np.float32)
+        save_file(t, str(d / "model.safetensors"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "parameters": {"normalize": False}, "dtype": dtype,
+                                      "models": [{"model": str(a)}, {"model": str(b)}]}))
+    out = tmp_path / "out"
+    refused(capsys, out, "merge", recipe, "-o", out, "--quiet", *executor, contains=("model.norm.weight", "Inf"))
+
+
+@pytest.mark.parametrize("executor", [[], ["--device", "cpu"]])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_nan_in_a_copied_tensor_is_refused(tmp_path, capsys, executor, dtype):
+    bad = np.ones((2, 2), dtype)
+    bad[1, 1] = np.nan
+    a = tiny(tmp_path / "A", 1, extra={"vision_tower.proj.weight": bad})
+    b = tiny(tmp_path / "B", 2)
+    out = tmp_path / "out"
+    refused(capsys, out, "merge", "--model", a, "--model", b, "--alpha", "0.5", "--output-model", a, "-o", out,
+            "--quiet", *executor, contains=("vision_tower.proj.weight", "NaN"))

@@ -324,7 +324,7 @@ typedef struct {
     int block;               /* elements per block */
     float *scratch;          /* block * (2n + 4) floats */
     uint16_t *draw_buf;      /* block + 8 */
-    unsigned char *bad;      /* n + 1 flags: which sources held a NaN/Inf */
+    unsigned char *bad;      /* n + 2 flags: which sources held a NaN/Inf; [n + 1]: the output did */
 } combine_args;
 
 SOUP_INLINE void combine_impl(const combine_args *a, int f16c)
@@ -447,6 +447,8 @@ SOUP_INLINE void combine_impl(const combine_args *a, int f16c)
                 acc[k] = acc[k] * lam + bb[k];
         }
         store_block(a->out_code, acc, a->out + (size_t)j0 * osz, n, f16c);
+        /* the written values too: finite inputs can overflow (3e38 + 3e38, or past float16's 65504) */
+        a->bad[N + 1] |= (unsigned char)(load_block(a->out_code, a->out + (size_t)j0 * osz, dd, n, f16c) != 0);
     }
 }
 
@@ -653,7 +655,8 @@ PyDoc_STRVAR(combine_doc,
 "else element j uses row j // row_len. thresholds: float32 [N] or None; dare_keys uint64 [N], keep_levels\n"
 "uint32 [N] (0..65536), scales float32 [N]: all three or none.\n"
 "Returns -1 when every value read was finite, else the lowest index of an input holding a NaN/Inf in the\n"
-"range (N for the base); `out` is then unspecified.");
+"range (N for the base), or N + 1 when the inputs were finite but a written value is not (overflow, or\n"
+"a float16 output past 65504); `out` is then unspecified.");
 
 static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kwargs)
 {
@@ -725,7 +728,7 @@ static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kwargs)
     scales = PyMem_Calloc((size_t)N, sizeof(float));
     keys = PyMem_Calloc((size_t)N, sizeof(uint64_t));
     levels = PyMem_Calloc((size_t)N, sizeof(uint32_t));
-    bad = PyMem_Calloc((size_t)N + 1, 1);
+    bad = PyMem_Calloc((size_t)N + 2, 1);
     if (!in_views || !in_ptrs || !in_codes || !thr || !scales || !keys || !levels || !bad) {
         PyErr_NoMemory();
         goto done;
@@ -846,7 +849,7 @@ static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kwargs)
     }
 
     long first_bad = -1;
-    for (Py_ssize_t i = 0; i <= N; i++)
+    for (Py_ssize_t i = 0; i <= N + 1; i++)
         if (bad[i]) {
             first_bad = (long)i;
             break;

@@ -154,9 +154,9 @@ def _load_inputs(plan: Plan, sources: Sources, item: Item, pool: BufferPool | No
 
 
 def _compute(plan: Plan, sources: Sources, item: Item, loaded, device: torch.device | None = None) -> torch.Tensor:
-    if item.copy_from is not None:
+    if item.copy_from is not None:  # copied unchanged: finite too
         k, name = item.copy_from
-        return plan.checkpoints[k].get(name, dtype=None)
+        return _finite(plan.checkpoints[k].get(name, dtype=None), name, plan.checkpoints[k].path)
     tensors, base = loaded
     if device is not None:  # (on "cpu" the moves are no-ops, which is how CI runs this path)
         # The inputs stay on the host's pooled buffers; the method runs on the device and its result comes back.
@@ -179,7 +179,12 @@ def _compute_on(plan: Plan, sources: Sources, item: Item, tensors, base) -> torc
         k, name = item.extra_from
         extra = sources.get(k, name)[item.common_rows :]
         out = torch.cat([out, extra.to(device=out.device, dtype=out.dtype)])
-    return out.to(item.dtype.torch)
+    out = out.to(item.dtype.torch)
+    if not bool(torch.isfinite(out.sum(dtype=torch.float32))) and not bool(torch.isfinite(out).all()):
+        from .fused import output_not_finite  # finite inputs, non-finite result: overflow or the final cast
+
+        raise output_not_finite(item)
+    return out
 
 
 def merged_tensors(

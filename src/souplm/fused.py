@@ -197,6 +197,8 @@ class Executor:
         bad = [r for r in self._parallel(run, merged) if r >= 0]
         if bad:
             k = min(bad)
+            if k == len(xs) + 1:  # inputs finite, a written value not: overflow or the cast to the output dtype
+                raise output_not_finite(item)
             where = plan.checkpoints[k if k < n_models else plan.base_index]
             tensor = item.inputs[k] if k < n_models else item.base
             raise SoupError(f"tensor {tensor} of model {where.path} contains NaN or Inf")
@@ -210,6 +212,8 @@ class Executor:
                 None, None, None, None), count)
             if any(r >= 0 for r in results):
                 ck, nm = plan.checkpoints[item.extra_from[0]], item.extra_from[1]
+                if min(r for r in results if r >= 0) == 2:
+                    raise output_not_finite(item)
                 raise SoupError(f"tensor {nm} of model {ck.path} contains NaN or Inf")
 
     def _threshold(self, x: np.ndarray, code: int, base: np.ndarray, base_code: int, n: int, density: float) -> float:
@@ -326,6 +330,25 @@ def _normalized(weight: np.ndarray) -> np.ndarray:
 
 
 # -- the stream ---------------------------------------------------------------------------------------
+def output_not_finite(item: Item) -> SoupError:
+    return SoupError(f"output tensor {item.out_name} would hold Inf or NaN although its inputs are finite "
+                     f"(the merge overflows {item.dtype.torch_name}); nothing was written: use a wider dtype or smaller weights")
+
+
+_EXPONENT = {"float32": (np.uint32, 0x7F800000), "float16": (np.uint16, 0x7C00), "bfloat16": (np.uint16, 0x7F80)}
+
+
+def check_copied_bytes(data: np.ndarray, item: Item, stored_dtype: str, where) -> None:
+    """A tensor copied unchanged is finite too (all-ones exponent bits = Inf/NaN); other dtypes pass."""
+    if stored_dtype not in _EXPONENT:
+        return
+    kind, mask = _EXPONENT[stored_dtype]
+    bits = data[: item.nbytes].view(kind)
+    if np.any(np.bitwise_and(bits, kind(mask)) == kind(mask)):
+        raise SoupError(f"tensor {item.copy_from[1] if item.copy_from else item.out_name} of model {where} "
+                        "contains NaN or Inf (copied unchanged into the output); nothing was written")
+
+
 def merged_buffers(plan: Plan, progress=None) -> Iterator[tuple[Item, np.ndarray]]:
     """Yield (item, stored bytes of the output tensor) in plan order; the next item's inputs are read in
     a thread meanwhile. A yielded buffer stays valid until the one after the next is asked for, so a sink
@@ -343,6 +366,7 @@ def merged_buffers(plan: Plan, progress=None) -> Iterator[tuple[Item, np.ndarray
                 if inputs is None:  # copied unchanged, in its stored bytes
                     k, name = item.copy_from
                     out = _read_bytes(buffers, plan.checkpoints[k], name)
+                    check_copied_bytes(out, item, plan.checkpoints[k].dtype(name).torch_name, plan.checkpoints[k].path)
                 else:
                     out = buffers.take(item.nbytes)
                     executor.compute(item, inputs, out)
