@@ -179,6 +179,21 @@ def test_every_reader_path_survives_short_reads(tmp_path, short_io):
     assert short_io["read"] > 100  # the injection really split the reads
 
 
+def test_scalar_tensors_round_trip(tmp_path):
+    """0-d tensors (a stored scale, a step counter) through the writer and reader, against safetensors."""
+    ref = {"s": torch.tensor(2.5), "b": torch.tensor(-3.0, dtype=torch.bfloat16), "i": torch.tensor(7)}
+    save_file(ref, tmp_path / "ref.safetensors")
+    f = SafetensorsFile(tmp_path / "ref.safetensors")
+    assert all(f.get(n).shape == () and torch.equal(f.get(n), t) for n, t in ref.items())
+    assert f.get("b", dtype=torch.float32).item() == -3.0
+    w = SafetensorsWriter(tmp_path / "o.safetensors", [(n, str(t.dtype).split(".")[1], ()) for n, t in ref.items()])
+    for n, t in ref.items():
+        w.write(n, t)
+    w.close()
+    got = load_file(tmp_path / "o.safetensors")
+    assert all(torch.equal(got[n], t) for n, t in ref.items())
+
+
 def test_writer_survives_partial_writes(tmp_path, short_io):
     ref = _tensors()
     w = SafetensorsWriter(tmp_path / "o.safetensors", [(n, str(t.dtype).split(".")[1], tuple(t.shape)) for n, t in ref.items()])
@@ -470,7 +485,7 @@ def _check_read(path: Path) -> None:
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))  # disjoint
     raw = path.read_bytes()
     for name, info in f.tensors.items():
-        assert f.get(name).view(torch.uint8).reshape(-1).numpy().tobytes() == raw[info.start : info.end]
+        assert f.get(name).reshape(-1).view(torch.uint8).numpy().tobytes() == raw[info.start : info.end]
     f.close()
 
 

@@ -111,7 +111,9 @@ class SafetensorsFile:
     def _read_into(self, name: str, out: torch.Tensor) -> None:
         import torch
 
-        self.read_bytes_into(name, memoryview(out.view(torch.uint8).reshape(-1).numpy()))
+        if not out.is_contiguous():  # reshape would copy, and the bytes would land in the copy
+            raise RuntimeError(f"read_into needs a contiguous tensor for {name}")
+        self.read_bytes_into(name, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
 
     def read_bytes_into(self, name: str, view: memoryview) -> None:
         """The stored bytes of tensor `name` into the writable buffer `view` (exactly its size)."""
@@ -263,7 +265,7 @@ class SafetensorsWriter:
         import torch
 
         t = tensor.contiguous()
-        self.write_bytes(name, t.view(torch.uint8).reshape(-1).numpy() if t.numel() else b"")
+        self.write_bytes(name, t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
 
     def write_bytes(self, name: str, data) -> None:
         """The next tensor's stored bytes (any buffer of exactly its size), in header order."""
