@@ -543,3 +543,16 @@ def test_fuzz_index_reader(one_shard, tmp_path_factory, blob):
     index = json.loads(blob)  # accepted: then it is exactly the shard's tensors, all in s1
     assert index["weight_map"] == {"model.embed_tokens.weight": "s1.safetensors", "model.norm.weight": "s1.safetensors"}
     assert sorted(ck.names) == sorted(index["weight_map"])
+
+
+def test_eval_of_a_model_without_a_tokenizer_is_one_line(family, tmp_path):
+    from souplm.evaluate.lm import load_model
+
+    d = tmp_path / "m"
+    shutil.copytree(family["a"], d)
+    for f in d.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(SoupError) as e:
+        load_model(d, device="cpu")
+    assert str(e.value).startswith(f"{d} has no tokenizer (none of tokenizer.json, tokenizer.model, "
+                                   "tokenizer_config.json, ...), which evaluating it needs")
