@@ -556,3 +556,21 @@ def test_eval_of_a_model_without_a_tokenizer_is_one_line(family, tmp_path):
         load_model(d, device="cpu")
     assert str(e.value).startswith(f"{d} has no tokenizer (none of tokenizer.json, tokenizer.model, "
                                    "tokenizer_config.json, ...), which evaluating it needs")
+
+
+def test_pickle_index_must_agree_with_its_shards(family, tmp_path):
+    d = tmp_path / "binm"
+    d.mkdir()
+    sd = load_file(family["a"] / "model.safetensors")
+    torch.save(sd, d / "pytorch_model.bin")
+    index = {"weight_map": dict.fromkeys(sd, "pytorch_model.bin")}
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    assert sorted(Checkpoint(d, allow_pickle=True).names) == sorted(sd)
+    index["weight_map"]["model.ghost.weight"] = "pytorch_model.bin"
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    with pytest.raises(SoupError, match="names tensor 'model.ghost.weight' in shard pytorch_model.bin, which lacks it"):
+        Checkpoint(d, allow_pickle=True)
+    index["weight_map"] = {"x": "../a/pytorch_model.bin"}
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    with pytest.raises(SoupError, match="outside the model directory"):
+        Checkpoint(d, allow_pickle=True)
