@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -98,7 +99,8 @@ class Checkpoint:
         import torch
 
         try:
-            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            # A legacy (pre-zip) pickle cannot be memory-mapped; it is read whole, still weights-only.
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
         except Exception as e:  # noqa: BLE001  (torch raises many types for bad pickles)
             raise SoupError(f"{f} could not be loaded as a weights-only checkpoint: {type(e).__name__}") from None
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
