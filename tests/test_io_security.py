@@ -385,12 +385,21 @@ def test_cli_overlapping_header(family, tmp_path, capsys):
 
 
 def test_cli_legacy_bin_with_allow_pickle(tmp_path, capsys, family):
+    """A pre-zip pickle loads (weights-only, without mmap) and merges to the formula; a garbage .bin is one line."""
     d = tmp_path / "legacy"
     d.mkdir()
-    torch.save(load_file(family["b"] / "model.safetensors"), d / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    b = load_file(family["b"] / "model.safetensors")
+    torch.save(b, d / "pytorch_model.bin", _use_new_zipfile_serialization=False)
     shutil.copy(family["b"] / "config.json", d)
     code, err = _merge_cli(capsys, family["a"], d, out=tmp_path / "out", extra=["--allow-pickle"])
-    assert code == 2 and err.count("\n") == 1 and err.startswith(f"souplm: error: {d / 'pytorch_model.bin'}")
+    assert code == 0, err
+    a, out = load_file(family["a"] / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.allclose(out[n], 0.5 * a[n] + 0.5 * b[n], atol=1e-6) for n in a)
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x02garbage, not a pickle")
+    code, err = _merge_cli(capsys, family["a"], d, out=tmp_path / "out2", extra=["--allow-pickle"])
+    assert code == 2
+    assert err.startswith(f"souplm: error: {d / 'pytorch_model.bin'} could not be loaded as a weights-only checkpoint")
+    assert err.count("\n") == 1 and not (tmp_path / "out2").exists()
 
 
 # -- YAML ---------------------------------------------------------------------------------------------
