@@ -112,3 +112,38 @@ def test_bad_shard_size_is_one_line_error(family, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--shard-size" in err[0] and "not a size" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_demo_shows_a_soup_with_both_skills(tmp_path, capsys, monkeypatch):
+    """The toy demo: each specialist fails the other's skill; TIES of the two does both (issue 18 §1)."""
+    from souplm.cli import main
+
+    monkeypatch.setenv("SOUPLM_CACHE", str(tmp_path / "cache"))
+    assert main(["demo", "--quick", "-o", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    rows = {}
+    for line in out.splitlines():
+        parts = line.split()
+        pct = [p for p in parts if p.endswith("%")]
+        if len(pct) == 2:
+            label = line[:18].strip()
+            rows[label] = tuple(int(p[:-1]) / 100 for p in pct)
+    want = {"base", "specialist A", "specialist B", "learnable soup", "task arithmetic", "TIES"}
+    assert want <= rows.keys() and any(k.startswith("vanilla a=") for k in rows)
+    a, b, ties = rows["specialist A"], rows["specialist B"], rows["TIES"]
+    assert a[0] >= 0.9 and a[1] <= 0.1 and b[1] >= 0.9 and b[0] <= 0.1  # each specialist fails one skill
+    assert ties[1] > a[1] + 0.5 and ties[0] > b[0] + 0.5  # the soup beats each on its weaker skill
+    assert min(ties) >= 0.8
+    assert "7101>" in out and "0212." in out  # decoded answers, not token ids
+    card = (tmp_path / "demo" / "ties" / "README.md").read_text()
+    assert "ties" in _front_matter(card)["tags"]
+
+
+def test_demo_help_describes_it(capsys):
+    import pytest
+
+    from souplm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "specialist" in capsys.readouterr().out
