@@ -181,7 +181,7 @@ def test_recipe_top_level_types_strict(fam, tmp_path, capsys, key, value):
 def test_normalize_real_boolean_false_takes_effect(fam, tmp_path, capsys):
     out = tmp_path / "out"
     p = _recipe(fam, tmp_path, "linear", {"normalize": False}, {"weight": 1.0})
-    assert main([str(p), "-o", str(out)][:0] + ["merge", str(p), "-o", str(out), "--quiet", "--no-hash"]) == 0
+    assert main(["merge", str(p), "-o", str(out), "--quiet", "--no-hash"]) == 0
     a, b = (load_file(str(fam[k] / "model.safetensors")) for k in "AB")
     name = "model.norm.weight"
     np.testing.assert_allclose(weights(out)[name], a[name] + b[name], rtol=1e-6)
@@ -254,7 +254,7 @@ def test_old_table_without_hashes_is_read_with_a_note(fam, tmp_path, capsys):
 # -- the card's recipe rebuilds the same bytes from any directory ------------------------------------------------
 def _souplm(*argv, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "souplm", *map(str, argv)], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
 
 
 def test_card_recipe_reproduces_bytes_from_another_cwd(fam, tmp_path):
@@ -456,3 +456,26 @@ def test_nan_in_a_copied_tensor_is_refused(tmp_path, capsys, executor, dtype):
     out = tmp_path / "out"
     refused(capsys, out, "merge", "--model", a, "--model", b, "--alpha", "0.5", "--output-model", a, "-o", out,
             "--quiet", *executor, contains=("vision_tower.proj.weight", "NaN"))
+
+
+# -- the other commands' flags: refused when they would change nothing ------------------------------------------------
+@pytest.mark.parametrize("argv,named", [
+    (["eval", "M", "--task", "t.yaml", "--no-cache", "--cache-dir", "C"], "--cache-dir"),
+    (["eval", "M", "--task", "t.yaml", "--limit", "0"], "--limit"),
+    (["eval", "M", "--task", "t.yaml", "--batch-size", "-1"], "--batch-size"),
+    (["greedy", "--model", "M", "--task", "t.yaml", "--force"], "--force"),
+    (["greedy", "--model", "M", "--task", "t.yaml", "-o", "O", "--allow-leakage"], "--allow-leakage"),
+    (["search", "--target", "M", "--source", "M", "--inputs", "i.jsonl", "-o", "O", "--limit", "5"], "--limit"),
+    (["search", "--target", "M", "--source", "M", "--inputs", "i.jsonl", "-o", "O", "--no-model", "--force"],
+     "--force"),
+    (["search", "--target", "M", "--source", "M", "--inputs", "i.jsonl", "-o", "O", "--base-model", "M"],
+     "--base-model"),
+    (["search", "--target", "M", "--source", "M", "--inputs", "i.jsonl", "-o", "O", "--sample", "0"], "--sample"),
+    (["learn", "c.yaml", "--resume", "--force"], "--resume"),
+])
+def test_other_commands_refuse_unused_flags(fam, tmp_path, capsys, monkeypatch, argv, named):
+    monkeypatch.chdir(tmp_path)
+    argv = [str(fam["A"]) if a == "M" else a for a in argv]
+    rc, err = cli(capsys, *argv)
+    assert rc == 2 and err.startswith("souplm: error: ") and named in err, err
+    assert not (tmp_path / "O").exists()

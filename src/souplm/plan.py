@@ -8,6 +8,7 @@ byte is written.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,9 +63,14 @@ class Plan:
         """The recipe written beside the output (`souplm_recipe.yaml`): `souplm merge` of it, from any
         directory, rebuilds the same bytes (absolute model paths; the applied table and mapping by the copies
         saved beside it)."""
+        from .arch.mapping import builtin_mappings
+
+        m = self.recipe.mapping
+        builtin = isinstance(m, str) and m in builtin_mappings() and not os.path.exists(m)
         return self.recipe.for_output(
             coefficients="souplm_coefficients.json" if self.coefficients is not None else None,
-            mapping="souplm_mapping.yaml" if self.recipe.mapping is not None else None,
+            # a spec file or inline spec: the copy saved beside (a file may change or move); a built-in: its name
+            mapping="souplm_mapping.yaml" if m is not None and not builtin else None,
         )
 
     @property

@@ -18,7 +18,15 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
 
 
 def cache_arg(args: argparse.Namespace):
-    """What `evaluate(cache=...)` takes for these flags."""
+    """What `evaluate(cache=...)` takes for these flags (every evaluating command calls it first: the shared
+    flags are checked here, so none is silently ignored or out of range)."""
+    from ..errors import SoupError
+
+    if args.no_cache and args.cache_dir:
+        raise SoupError(f"--cache-dir {args.cache_dir} with --no-cache: give one (--no-cache reads and writes no cache)")
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise SoupError(f"{flag} {value}: must be at least 1")
     if args.no_cache:
         return None
     return args.cache_dir or True

@@ -34,8 +34,13 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import distributed
+    from ..errors import SoupError
     from ..search.greedy import greedy_soup
 
+    if args.force and not args.out:
+        raise SoupError("--force without -o: the greedy soup is written nowhere, so there is nothing to replace")
+    if args.allow_leakage and not args.test_task:
+        raise SoupError("--allow-leakage without --test-task: it only permits a test task equal to --task")
     # Under torchrun the ingredients are spread over the processes; rank 0 writes and prints.
     with distributed.session():
         result = greedy_soup(

@@ -43,9 +43,17 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, _terminated)
     except ValueError:  # not the main thread
         pass
+    from ..errors import SoupError
+
+    if args.resume and args.force:
+        raise SoupError("--resume continues the run in the output folder and --force starts it over: give one")
+    if args.shard_size is not None and args.shard_size < 1:
+        raise SoupError(f"--shard-size {args.shard_size}: must be at least 1")
     overrides = {"merge": False if args.no_merge else None, "device": args.device}
     cfg = load_config(args.config, output=args.out, **overrides)
     with distributed.session():
+        if args.shard_size is not None and not distributed.is_distributed():
+            raise SoupError(f"--shard-size {args.shard_size}: applies under torchrun only (this is one process)")
         main = distributed.is_main()
         if main and args.resume and not (Path(cfg.output) / "checkpoint.pt").is_file():
             print(f"souplm learn: no checkpoint in {cfg.output}; starting from the beginning", file=sys.stderr)

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..search.adamms import adamms_search
 
+    _refuse_unused(args)
     # Under torchrun the alphas are spread over the processes; rank 0 writes and prints.
     with distributed.session():
         res = adamms_search(
@@ -77,3 +78,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'search.csv'}, search.md, search.json, responses.jsonl, search.png, search.svg"
           + (f"; merged model (alpha {res.chosen:g}) in {res.model_dir}" if res.model_dir else ""))
     return 0
+
+
+def _refuse_unused(args: argparse.Namespace) -> None:
+    """Every flag takes effect or is refused by name."""
+    from ..errors import SoupError
+    from ..methods import get_method
+
+    if args.limit is not None and not args.check_task:
+        raise SoupError(f"--limit {args.limit}: applies to --check-task, which is not given")
+    if args.force and args.no_model:
+        raise SoupError("--force with --no-model: no model is written, so there is nothing to replace")
+    if args.base_model is not None and not get_method(args.method).needs_base:
+        raise SoupError(f"--base-model {args.base_model}: method {args.method} does not use a base model")
+    for flag, value, least in (("--sample", args.sample, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                               ("--smooth", args.smooth, 0)):
+        if value < least:
+            raise SoupError(f"{flag} {value}: must be at least {least}")
