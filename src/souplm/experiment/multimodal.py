@@ -11,13 +11,12 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import (
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-)
+from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+try:  # transformers 5 without torchvision: name the PIL processor directly (the plain name warns, then uses it)
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+except ImportError:  # transformers 4
+    from transformers import CLIPImageProcessor
 
 from souplm.errors import SoupError
 
