@@ -172,12 +172,17 @@ def _real(root: Path, cache: str | None) -> int:
 
     from ..errors import SoupError
     from ..experiment.family import family_paths
+    from ..experiment.prompts import chat_prompt, encode_text
 
     hf_logging.disable_progress_bar()
+    stages = ("smollm2", "math")  # only what the demo merges
     try:
-        fam = family_paths(cache)
+        fam = family_paths(cache, stages=stages)
     except SoupError:
-        fam = family_paths(cache, quick=True)  # the README's `build --quick` family
+        try:  # the README's `build --quick` family lands in the cache's quick/ folder
+            fam = family_paths(cache, quick=True, stages=stages)
+        except SoupError as e:
+            raise SoupError(f"demo --real: {e} (or the full family without --quick)") from None
     models = {"SmolLM2-Instruct": fam["smollm2"], "math fine-tune": fam["math"]}
     for label, path in models.items():
         _say(f"{label:18s} {path}")
@@ -189,8 +194,7 @@ def _real(root: Path, cache: str | None) -> int:
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         _say(f"== {label}")
         for q in _CHATS:
-            ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                          return_tensors="pt")
+            ids = torch.tensor([encode_text(tok, chat_prompt(tok, q))])
             with torch.no_grad():
                 out = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=tok.eos_token_id)
             text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip().replace("\n", " ")
