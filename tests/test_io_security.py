@@ -519,7 +519,7 @@ def _near_valid(draw) -> bytes:
     return _framed((header, data, 0))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.binary(max_size=64) | st.tuples(_header, st.binary(max_size=48), st.integers(-3, 3)).map(_framed)
        | _near_valid())
 def test_fuzz_safetensors_header(tmp_path_factory, blob):
@@ -536,7 +536,7 @@ def one_shard(tmp_path_factory):
     return d
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.binary(max_size=64) | _json.map(lambda v: json.dumps(v).encode())
        | st.dictionaries(st.sampled_from(["model.embed_tokens.weight", "model.norm.weight", "x"]),
                          st.sampled_from(["s1.safetensors", "../s1.safetensors", "/s1.safetensors", "s2.safetensors", 1]),
