@@ -337,6 +337,8 @@ SOUP_INLINE void combine_impl(const combine_args *a, int f16c)
     float *dd = mass + B;                  /* [N][B] deltas, then products */
     float *ww = dd + (size_t)N * B;        /* [N][B] weights */
     const int osz = dtype_size(a->out_code), bsz = dtype_size(a->base_code);
+    /* bits of the least |x| that stores as Inf: float32's Inf; float16's 65520.0f and bfloat16's 0x7F7F8000 round up */
+    const uint32_t out_lim = a->out_code == 1 ? 0x477FF000u : (a->out_code == 2 ? 0x7F7F8000u : 0x7F800000u);
 
     if (a->R == 1) { /* one weight per model: fill the weight rows once */
         for (int i = 0; i < N; i++) {
@@ -446,9 +448,13 @@ SOUP_INLINE void combine_impl(const combine_args *a, int f16c)
             for (int k = 0; k < n; k++)
                 acc[k] = acc[k] * lam + bb[k];
         }
+        /* the written values too: finite inputs can overflow (3e38 + 3e38), or round to Inf in the output
+           dtype: the bits of |x| below the dtype's limit (NaN's bits lie above Inf's) say the stored value is finite */
+        uint32_t over = 0;
+        for (int k = 0; k < n; k++)
+            over |= (uint32_t)((f32_to_bits(acc[k]) & 0x7FFFFFFFu) >= out_lim);
+        a->bad[N + 1] |= (unsigned char)(over != 0);
         store_block(a->out_code, acc, a->out + (size_t)j0 * osz, n, f16c);
-        /* the written values too: finite inputs can overflow (3e38 + 3e38, or past float16's 65504) */
-        a->bad[N + 1] |= (unsigned char)(load_block(a->out_code, a->out + (size_t)j0 * osz, dd, n, f16c) != 0);
     }
 }
 
