@@ -432,7 +432,7 @@ def test_search_end_to_end_on_a_cogvlm_style_target(pair, tmp_path):
                                                     "max_new_tokens": 3}, [{"question": "abc", "answer": "a b c"}])
     LOADS.clear()
     out = tmp_path / "search"
-    assert cli(["search", "--target", str(pair["cog"]), "--source", str(pair["llama"]), "--alphas", "0:1:0.25",
+    assert cli(["search", "--target", str(pair["cog"]), "--source", str(pair["llama"]), "--source-weights", "0:1:0.25",
                 "--inputs", str(inputs), "--mapping", "llama-to-cogvlm", "--vocab-policy", "extend",
                 "--loader", "test_adamms:load_cogvlm", "--max-new-tokens", "4", "--check-task", str(task),
                 "--no-cache", "-o", str(out), "--quiet"]) == 0

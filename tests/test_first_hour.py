@@ -147,3 +147,39 @@ def test_demo_help_describes_it(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     assert "specialist" in capsys.readouterr().out
+
+
+def test_search_alphas_renamed_source_weights_with_a_clear_error(tmp_path, capsys):
+    from souplm.cli import main
+
+    code = main(["search", "--target", "t", "--source", "s", "--alphas", "0:1:0.5", "--inputs", "u.jsonl",
+                 "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--source-weights" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_learn_show_config_lists_every_key_and_loads(tmp_path, capsys):
+    from souplm.cli import main
+    from souplm.learn.config import LearnConfig, MetaSetConfig
+
+    assert main(["learn", "--show-config"]) == 0
+    text = capsys.readouterr().out
+    for model in (LearnConfig, MetaSetConfig):
+        for name, field in model.model_fields.items():
+            assert f"{field.alias or name}:" in text, name
+    data = yaml.safe_load(text)
+    cfg = LearnConfig.model_validate(data)  # the printed file is a valid config, with the defaults
+    assert cfg.model_dump(exclude={"models", "meta_sets"}) == LearnConfig(
+        models=data["models"], meta_sets=data["meta_sets"]).model_dump(exclude={"models", "meta_sets"})
+
+
+def test_plot_alphas_model_help_names_the_index(capsys):
+    import pytest
+
+    from souplm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["plot", "alphas", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "model 1" not in out and "index from 0" in out

@@ -15,7 +15,9 @@ def register(sub) -> None:
         "bases are sharded over the processes with FSDP2 and the dev set is split between them; the result "
         "equals a single-process run, and --resume works with any number of processes (docs/SCALING.md).",
     )
-    p.add_argument("config", help="learn config (YAML); see souplm/learn/config.py for the keys")
+    p.add_argument("config", nargs="?", help="learn config (YAML); `souplm learn --show-config` prints every key")
+    p.add_argument("--show-config", action="store_true",
+                   help="print a commented config with every key, its default and its allowed values, and exit")
     p.add_argument("-o", "--out", help="output directory (overrides the config's `output`)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if there is one")
     p.add_argument("--force", action="store_true", help="start over in an output directory that holds a run")
@@ -45,6 +47,11 @@ def run(args: argparse.Namespace) -> int:
         pass
     from ..errors import SoupError
 
+    if args.show_config:
+        print(show_config(), end="")
+        return 0
+    if args.config is None:
+        raise SoupError("learn: give a config file (souplm learn --show-config prints one with every key)")
     if args.resume and args.force:
         raise SoupError("--resume continues the run in the output folder and --force starts it over: give one")
     if args.shard_size is not None and args.shard_size < 1:
@@ -69,3 +76,71 @@ def run(args: argparse.Namespace) -> int:
     if result.merged_dir is not None:
         print(f"merged model: {result.merged_dir}")
     return 0
+
+
+_EXAMPLES = {  # required keys: an example value instead of a default
+    "models": "[path/to/model_a, path/to/model_b]   # 2+ models of one architecture (required)",
+    "meta_sets": "                                 # the dev set (required); one entry per file:",
+}
+_META_EXAMPLE = "  - {path: dev/a.jsonl, samples: 50}          # keys per entry below"
+
+
+def _allowed(annotation) -> str:
+    import typing
+
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return " | ".join(str(a) for a in args)
+    lits = [str(x) for a in args if typing.get_origin(a) is typing.Literal for x in typing.get_args(a)]
+    return " | ".join((["N"] if lits and int in args else []) + lits)
+
+
+def _yaml_value(value) -> str:
+    import json
+
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    return json.dumps(value)
+
+
+def _section(model, indent: str) -> list[str]:
+    from pydantic import BaseModel
+
+    lines = []
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        if key in _EXAMPLES:
+            lines.append(f"{indent}{key}: {_EXAMPLES[key]}")
+            if key == "meta_sets":
+                from ..learn.config import MetaSetConfig
+
+                lines.append(_META_EXAMPLE)
+                lines += [f"  #   {line.strip()}" for line in _section(MetaSetConfig, "")]
+            continue
+        if field.is_required():
+            lines.append(f"{indent}{key}: ...  # required")
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            lines.append(f"{indent}{key}:")
+            lines += _section(type(default), indent + "  ")
+            continue
+        allowed = _allowed(field.annotation)
+        note = f"  # {allowed}" if allowed else ""
+        lines.append(f"{indent}{key}: {_yaml_value(default)}{note}")
+    return lines
+
+
+def show_config() -> str:
+    """The learn config's keys with their defaults, as YAML that loads (after filling in the paths)."""
+    from ..learn.config import LearnConfig
+
+    head = ["# souplm learn config: every key with its default (the SoupLM paper's best setting).",
+            "# Relative paths are relative to this file's folder. Optional extras: mix: {total: N, ratio: [..]}",
+            "# (overrides each set's samples), fixed: {UNIT: [w1, w2]} (units held at given weights)."]
+    body = [line for line in _section(LearnConfig, "") if not line.startswith(("mix:", "fixed:"))]
+    return "\n".join(head + body) + "\n"

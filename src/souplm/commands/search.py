@@ -1,4 +1,4 @@
-"""`souplm search --target T --source S --alphas 0.4:1.0:0.1 --inputs U.jsonl -o OUT`: AdaMMS's alpha search."""
+"""`souplm search --target T --source S --source-weights 0.4:1.0:0.1 --inputs U.jsonl -o OUT`: AdaMMS's alpha search."""
 
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ def register(sub) -> None:
     )
     p.add_argument("--target", required=True, help="the model merged into (its layout, vision tower, projector stay)")
     p.add_argument("--source", required=True, help="the model merged in, weight alpha")
-    p.add_argument("--alphas", default="0.4:1.0:0.1",
-                   help="start:stop:step (stop included) or a comma list; alpha is the source's weight (default "
-                   "0.4:1.0:0.1; at least 3 values, the ends only serve as neighbours)")
+    p.add_argument("--source-weights", dest="alphas", default="0.4:1.0:0.1", metavar="ALPHAS",
+                   help="the source's weight alpha (AdaMMS's alpha; the target gets 1 - alpha): start:stop:step (stop "
+                   "included) or a comma list (default 0.4:1.0:0.1; at least 3 values, the ends only serve as "
+                   "neighbours). Named so, because merge --alpha and sweep --alphas are the FIRST model's share")
+    p.add_argument("--alphas", dest="old_alphas", help=argparse.SUPPRESS)  # renamed: refused with a pointer
     p.add_argument("--inputs", required=True, help="unlabeled jsonl: prompt (or question/text/input), optional image")
     p.add_argument("--mapping", metavar="SPEC", help="mapping spec file or built-in name (llama-to-cogvlm, "
                    "llava-onevision-to-qwen2-vl) when the target's layout differs from the source's")
@@ -57,8 +59,12 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .. import distributed
+    from ..errors import SoupError
     from ..search.adamms import adamms_search
 
+    if args.old_alphas is not None:
+        raise SoupError(f"search --alphas {args.old_alphas}: renamed --source-weights (the source's weight; merge "
+                        "--alpha and sweep --alphas are the first model's share, so one name could be misread)")
     _refuse_unused(args)
     # Under torchrun the alphas are spread over the processes; rank 0 writes and prints.
     with distributed.session():
