@@ -479,3 +479,11 @@ def test_other_commands_refuse_unused_flags(fam, tmp_path, capsys, monkeypatch, 
     rc, err = cli(capsys, *argv)
     assert rc == 2 and err.startswith("souplm: error: ") and named in err, err
     assert not (tmp_path / "O").exists()
+
+
+def test_mapping_spec_optional_must_be_a_boolean():
+    from souplm.arch.mapping import load_mapping
+
+    spec = {"name": "m", "map": [{"target": "model.norm.weight", "source": "model.norm.weight", "optional": "false"}]}
+    with pytest.raises(SoupError, match=r"map\[0\]: optional must be true or false"):
+        load_mapping(spec)

@@ -186,7 +186,10 @@ def _parse_rule(i: int, entry: Any, origin: str) -> Rule:
     axis = entry.get("axis", 0)
     if not isinstance(axis, int) or isinstance(axis, bool):
         raise SoupError(f"{where}: axis must be an integer")
-    rule = Rule(index=i, op=op, targets=targets, sources=sources, axis=axis, optional=bool(entry.get("optional")))
+    optional = entry.get("optional", False)
+    if not isinstance(optional, bool):  # `optional: "false"` must not read as true
+        raise SoupError(f"{where}: optional must be true or false (a YAML boolean), got {short_repr(optional)}")
+    rule = Rule(index=i, op=op, targets=targets, sources=sources, axis=axis, optional=optional)
     bound = {v for v, _ in _VAR.findall(rule.primary)}
     for name in (*sources, *(n for g in targets for n in g)):
         free = {v for v, _ in _VAR.findall(name)} - bound
