@@ -1,7 +1,7 @@
 # The SoupLM study on the real 135M model family (docs/RESULTS.md), offline, on CPU.
 #   make experiment        full run: builds (or finds) the family, then about two hours of experiment
 #   make experiment-quick  the same pipeline on the quick family with a few rows and steps (minutes);
-#                          writes scratch/experiment-quick/RESULTS.md, never docs/RESULTS.md
+#                          writes scratch/experiment-quick/RESULTS.md (ignored by git), never docs/RESULTS.md
 # Both resume from the caches (~/.cache/souplm/family, or CACHE=DIR) after an interruption.
 
 PYTHON ?= python
