@@ -236,6 +236,8 @@ def sweep(
                      progress=progress and D.is_main(), in_memory=in_memory)
     policy = {"vocab_policy": vocab_policy} if vocab_policy else {}
     fields = {"output_model": a_path, **policy}
+    if any(not 0.0 <= a <= 1.0 for a in grid):  # asked for explicitly by the grid (and noted above)
+        fields["allow_extrapolation"] = True
 
     def key_of(alpha: float) -> str:
         # Keyed by content, not paths (A is always the built model): moving the dirs keeps the cache.
