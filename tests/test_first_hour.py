@@ -183,3 +183,57 @@ def test_plot_alphas_model_help_names_the_index(capsys):
         main(["plot", "alphas", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "model 1" not in out and "index from 0" in out
+
+
+class _FakeLM:
+    """Log-likelihoods fixed per continuation text, so each metric is checked against its formula."""
+
+    def __init__(self, lls: dict[str, float], nll: float = 6.0):
+        self.lls, self.nll, self.requests = lls, nll, []
+
+    def loglikelihood(self, requests):
+        self.requests += list(requests)
+        return [self.lls[cont.strip()] for _, cont in requests]
+
+    def rolling_nll(self, texts, context_length):
+        return [(self.nll, 4) for _ in texts]
+
+
+def test_native_metrics_match_lm_evals_definitions_on_the_same_rows(tmp_path):
+    import math
+
+    from helpers_eval import write_task
+
+    from souplm.evaluate.runner import aggregate, score_rows
+    from souplm.evaluate.tasks import load_task
+
+    rows = [{"query": "Q:\n", "choices": ["ab", "abcdefgh"], "gold": 1}]
+    lls = {"ab": -3.0, "abcdefgh": -10.0}
+    for compat, want_norm, want_request in [(True, 1.0, ("Q:", "\n ab")), (False, 0.0, ("Q:\n", " ab"))]:
+        spec = {"kind": "multiple_choice", "prompt": "{query}", "lm_eval_compat": compat}
+        task = load_task(write_task(tmp_path / str(compat), "mc", spec, rows))
+        lm = _FakeLM(lls)
+        m = aggregate(task, score_rows(lm, task, task.rows(None)))
+        # lm-eval: trailing whitespace of the context moves into the continuation; acc_norm = argmax(ll / len(choice))
+        # with len in characters of the choice itself: -3/2 < -10/8, so choice 1. souplm's default divides by
+        # the bytes of " " + choice: -3/3 > -10/9, so choice 0. acc (raw ll) picks choice 0 either way.
+        assert lm.requests[0] == want_request
+        assert m["acc"] == 0.0 and m["acc_norm"] == want_norm
+
+    texts = ["a b  c", " lead"]  # lm-eval's word count: re.split(r"\s+") pieces, 3 and 2 (a leading '' counts)
+    task = load_task(write_task(tmp_path / "ppl", "ppl", {"kind": "perplexity"}, [{"text": t} for t in texts]))
+    m = aggregate(task, score_rows(_FakeLM({}, nll=6.0), task, task.rows(None)))
+    total, words, nbytes = 12.0, 5, 11
+    assert math.isclose(m["word_perplexity"], math.exp(total / words))
+    assert math.isclose(m["byte_perplexity"], math.exp(total / nbytes))
+    assert math.isclose(m["bpb"], total / nbytes / math.log(2))
+    assert math.isclose(m["ppl"], math.exp(total / 8))
+
+
+def test_lm_eval_headline_is_the_tasks_first_listed_metric():
+    from souplm.evaluate.lm_eval_adapter import headline
+
+    metrics = {"word_perplexity": 30.0, "byte_perplexity": 1.9, "bits_per_byte": 0.93}
+    config = {"metric_list": [{"metric": "bits_per_byte"}, {"metric": "word_perplexity"}]}
+    assert headline(metrics, config) == "bits_per_byte"
+    assert headline(metrics, None) == "word_perplexity"  # no list: lm-eval's first reported metric

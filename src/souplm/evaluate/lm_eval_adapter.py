@@ -79,6 +79,16 @@ def _metrics(raw: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def headline(metrics: dict[str, float], config: Any) -> str | None:
+    """The task's first listed metric (its `metric_list` order), else lm-eval's first reported one."""
+    listed = config.get("metric_list") if isinstance(config, dict) else None
+    for entry in listed or []:
+        name = entry.get("metric") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name in metrics:
+            return name
+    return next((m for m in metrics if "stderr" not in m), None)
+
+
 def evaluate_lm_eval(
     model_dir: str | Path,
     tasks: Sequence[str],
@@ -128,7 +138,7 @@ def evaluate_lm_eval(
             if raw is None:
                 raise SoupError(f"lm-eval returned no result for task {name}")
             metrics = _metrics(raw)
-            primary = next((m for m in metrics if "stderr" not in m), None)
+            primary = headline(metrics, out.get("configs", {}).get(name))
             if primary is None:
                 raise SoupError(f"lm-eval task {name} reported no metric")
             n = out.get("n-samples", {}).get(name, {})

@@ -123,3 +123,34 @@ def perplexity(total_nll: float, n_tokens: int) -> float:
 def bits_per_byte(total_nll: float, n_bytes: int) -> float:
     """Total negative log-likelihood in bits divided by UTF-8 bytes: comparable across tokenizers."""
     return float(total_nll / (math.log(2) * n_bytes)) if n_bytes else float("nan")
+
+
+# -- lm-evaluation-harness's definitions (docs/EVALUATION.md puts each next to souplm's) ---------------
+
+
+def count_words(text: str) -> int:
+    """Words as lm-eval counts them for word_perplexity: pieces of a split on runs of whitespace."""
+    return len(re.split(r"\s+", text))
+
+
+def word_perplexity(total_nll: float, n_words: int) -> float:
+    """lm-eval's word_perplexity: exp(total NLL in nats / words)."""
+    return float(math.exp(total_nll / n_words)) if n_words else float("nan")
+
+
+def byte_perplexity(total_nll: float, n_bytes: int) -> float:
+    """lm-eval's byte_perplexity: exp(total NLL in nats / UTF-8 bytes)."""
+    return float(math.exp(total_nll / n_bytes)) if n_bytes else float("nan")
+
+
+def lm_eval_request(context: str, continuation: str) -> tuple[str, str]:
+    """lm-eval's HF model moves the context's trailing whitespace to the continuation's start."""
+    n = len(context) - len(context.rstrip())
+    return (context[:-n], context[-n:] + continuation) if n else (context, continuation)
+
+
+def choice_correct_norm_chars(logliks: Sequence[float], choices: Sequence[str], gold: int) -> float:
+    """lm-eval's acc_norm: log-likelihoods divided by each choice's length in characters (the choice as
+    the task lists it, without the target delimiter)."""
+    normed = [ll / max(len(c), 1) for ll, c in zip(logliks, choices, strict=True)]
+    return float(argmax(normed) == gold)

@@ -35,19 +35,19 @@ def score_rows(lm: LanguageModel, task: Task, rows: Sequence[dict[str, Any]]) ->
         else:
             out = lm.rolling_nll(texts, task.opt("context_length"))
         return [
-            {"nll": nll, "tokens": n, "bytes": len(t.encode("utf-8"))}
+            {"nll": nll, "tokens": n, "bytes": len(t.encode("utf-8")), "words": M.count_words(t)}
             for (nll, n), t in zip(out, texts, strict=True)
         ]
 
     if task.kind == "multiple_choice":
-        delim = task.opt("target_delimiter")
+        delim, compat = task.opt("target_delimiter"), bool(task.opt("lm_eval_compat"))
         requests: list[tuple[str, str]] = []
         spans: list[tuple[int, int]] = []
         for r in rows:
             ctx = task.prompt(r)
             choices = [str(c) for c in r[task.opt("choices_field")]]
             spans.append((len(requests), len(choices)))
-            requests += [(ctx, delim + c) for c in choices]
+            requests += [M.lm_eval_request(ctx, delim + c) if compat else (ctx, delim + c) for c in choices]
         lls = lm.loglikelihood(requests)  # one flat list: the model batches across examples
         records = []
         for r, (start, n) in zip(rows, spans, strict=True):
@@ -55,9 +55,10 @@ def score_rows(lm: LanguageModel, task: Task, rows: Sequence[dict[str, Any]]) ->
             ll = lls[start : start + n]
             lengths = [len((delim + c).encode("utf-8")) for c in choices]
             gold = gold_index(r[task.opt("gold_field")], choices)
+            norm = M.choice_correct_norm_chars(ll, choices, gold) if compat else M.choice_correct_norm(ll, lengths, gold)
             records.append({
                 "logliks": ll, "gold": gold, "pred": M.argmax(ll),
-                "acc": M.choice_correct(ll, gold), "acc_norm": M.choice_correct_norm(ll, lengths, gold),
+                "acc": M.choice_correct(ll, gold), "acc_norm": norm,
             })
         return records
 
@@ -128,6 +129,10 @@ def aggregate(task: Task, records: Sequence[dict[str, Any]]) -> dict[str, float]
             "bpb": M.bits_per_byte(nll, nbytes),
             "ppl": M.perplexity(nll, tokens),
             "nll_per_token": nll / tokens if tokens else float("nan"),
+            # lm-eval's definitions (records cached before they existed have no word counts)
+            "word_perplexity": M.word_perplexity(nll, sum(r["words"] for r in records))
+            if all("words" in r for r in records) else float("nan"),
+            "byte_perplexity": M.byte_perplexity(nll, nbytes),
         }
     if task.kind == "multiple_choice":
         return {"acc": M.mean([r["acc"] for r in records]), "acc_norm": M.mean([r["acc_norm"] for r in records])}

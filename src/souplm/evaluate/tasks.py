@@ -36,7 +36,7 @@ PRIMARY = {
     "vqa": ("exact_match", True),
 }
 METRICS = {
-    "perplexity": ("bpb", "ppl", "nll_per_token"),
+    "perplexity": ("bpb", "ppl", "nll_per_token", "word_perplexity", "byte_perplexity"),
     "multiple_choice": ("acc", "acc_norm"),
     "generation": ("exact_match",),
     "vqa": ("exact_match",),
@@ -52,6 +52,7 @@ _KIND_KEYS: dict[str, dict[str, Any]] = {
         "choices_field": "choices",
         "gold_field": "gold",
         "target_delimiter": " ",
+        "lm_eval_compat": False,  # lm-eval's request whitespace and acc_norm by characters (docs/EVALUATION.md)
     },
     "generation": {
         "prompt": "{question}",
