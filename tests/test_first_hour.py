@@ -237,3 +237,26 @@ def test_lm_eval_headline_is_the_tasks_first_listed_metric():
     config = {"metric_list": [{"metric": "bits_per_byte"}, {"metric": "word_perplexity"}]}
     assert headline(metrics, config) == "bits_per_byte"
     assert headline(metrics, None) == "word_perplexity"  # no list: lm-eval's first reported metric
+
+
+def test_continuing_a_checkpoint_this_process_wrote_is_not_announced_as_a_resume(tmp_path, capsys):
+    """The LLaVA stage trains stage 1, then stages 1+2: a fresh build must not log 'resuming' (issue 18 §5)."""
+    import torch
+    from conftest import llama_config
+    from transformers import LlamaForCausalLM
+
+    from souplm.experiment import train as T
+
+    model = LlamaForCausalLM(llama_config())
+    ids = torch.randint(0, 64, (2, 8))
+
+    def phase(name):
+        return T.Phase(name, 2, lambda m: [{"params": list(m.parameters()), "lr": 1e-3}],
+                       lambda step: {"input_ids": ids, "labels": ids})
+
+    T.train_phases(model, [phase("stage1")], tmp_path, "toy")
+    T.train_phases(model, [phase("stage1"), phase("stage2")], tmp_path, "toy")
+    assert "resuming" not in capsys.readouterr().err
+    T._WRITTEN_HERE.clear()  # as a new process would see the checkpoint: a real resume, announced
+    T.train_phases(model, [phase("stage1"), phase("stage2")], tmp_path, "toy")
+    assert "resuming at phase stage2" in capsys.readouterr().err

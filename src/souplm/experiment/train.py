@@ -93,11 +93,15 @@ def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+_WRITTEN_HERE: set[Path] = set()  # checkpoints this process saved: continuing from one is not a resume
+
+
 def _save(path: Path, state: dict) -> None:
     # Write then rename, so a kill during the (multi-second) write leaves the previous checkpoint intact.
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+    _WRITTEN_HERE.add(path.resolve())
 
 
 def _rng_state() -> dict:
@@ -132,7 +136,8 @@ def train_phases(
         start_phase, start_step = state["phase"], state["step"]
         history, spent = state["history"], state["elapsed"]
         _set_rng_state(state["rng"])
-        tqdm.write(f"[{desc}] resuming at phase {phases[start_phase].name} step {start_step}", file=sys.stderr)
+        if ckpt_path.resolve() not in _WRITTEN_HERE:  # e.g. LLaVA's stage 1 then stages 1+2 in one build
+            tqdm.write(f"[{desc}] resuming at phase {phases[start_phase].name} step {start_step}", file=sys.stderr)
     began = time.monotonic()
     model.train()
     for index, phase in enumerate(phases):
