@@ -260,3 +260,41 @@ def test_continuing_a_checkpoint_this_process_wrote_is_not_announced_as_a_resume
     T._WRITTEN_HERE.clear()  # as a new process would see the checkpoint: a real resume, announced
     T.train_phases(model, [phase("stage1"), phase("stage2")], tmp_path, "toy")
     assert "resuming at phase stage2" in capsys.readouterr().err
+
+
+def test_sweep_plot_flat_panel_has_plain_axis_and_role_legends(tmp_path, monkeypatch):
+    """A flat panel (scores equal up to 1e-17) gets no offset and a readable band; legends say the roles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from souplm.plots import sweep as S
+
+    class Result:
+        def __init__(self):
+            self.models = ["/cache/family/llava-3f9a1c", "/cache/family/smollm2-8e21b0"]
+            self.alphas = [0.0, 0.5, 1.0]
+            self.tasks = [{"name": "flat", "primary": "bpb", "higher_is_better": False},
+                          {"name": "zero", "primary": "acc", "higher_is_better": True}]
+
+        def score(self, a, task):  # equal up to rounding, as sums of equal records come out
+            return 1.806 + a * 1e-13 if task == "flat" else a * 1e-17
+
+        def base_score(self, k, task):
+            return 1.806 if task == "flat" else 0.0
+
+        def best_alpha(self, task):
+            return 0.5
+
+    seen = {}
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: seen.setdefault("fig", fig) and real_close(fig))
+    S.plot_sweep(Result(), tmp_path / "sweep", labels=("LLaVA", "Vicuna"))
+    seen["fig"].canvas.draw()
+    for ax in seen["fig"].axes[:2]:  # matplotlib alone: "1e-12+1.806" and "1e-17" offsets on these panels
+        lo, hi = ax.get_ylim()
+        assert ax.yaxis.get_major_formatter().get_offset() == "" and hi - lo > 1e-3
+    ax = seen["fig"].axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "A: LLaVA" in legend and "B: Vicuna" in legend and not any("3f9a1c" in t for t in legend)

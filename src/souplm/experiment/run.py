@@ -580,7 +580,8 @@ def step_vanilla(ctx: Context) -> dict[str, Any]:
     res.to_csv(sweep_dir / "sweep.csv")
     (sweep_dir / "sweep.md").write_text(res.to_markdown())
     (sweep_dir / "sweep.json").write_text(json.dumps(res.to_json(), indent=1))
-    plot_sweep(res, ctx.out / "results" / "vanilla_sweep", title="Vanilla soup: alpha * LLaVA + (1 - alpha) * Vicuna")
+    plot_sweep(res, ctx.out / "results" / "vanilla_sweep", title="Vanilla soup: alpha * LLaVA + (1 - alpha) * Vicuna",
+               labels=("LLaVA", "Vicuna"))  # roles, not the family's hashed folder names
     _drop_svg(ctx.out / "results")
     per_task = {}
     for info in ctx.data.info["tasks"]:

@@ -11,8 +11,24 @@ from pathlib import Path
 from typing import Any
 
 
-def plot_sweep(result: Any, out_prefix: str | Path, title: str | None = None) -> list[Path]:
-    """Draw a `SweepResult`; writes `<out_prefix>.png` and `<out_prefix>.svg` and returns both paths."""
+def _plain_y_axis(ax: Any, values: list[float]) -> None:
+    """No offset or 1e-17 tick labels: plain numbers, and a readable band around a flat panel."""
+    ax.ticklabel_format(axis="y", useOffset=False)
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return
+    lo, hi = min(finite), max(finite)
+    if hi - lo <= 1e-9 * max(1.0, abs(hi)):  # flat up to rounding: matplotlib would zoom into the noise
+        pad = max(abs(hi) * 0.05, 1e-3)
+        ax.set_ylim(lo - pad, hi + pad)
+
+
+def plot_sweep(result: Any, out_prefix: str | Path, title: str | None = None,
+               labels: tuple[str, str] | None = None) -> list[Path]:
+    """Draw a `SweepResult`; writes `<out_prefix>.png` and `<out_prefix>.svg` and returns both paths.
+
+    `labels`: what to call models A and B in the legends (e.g. their roles); default their folder names.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
@@ -23,7 +39,7 @@ def plot_sweep(result: Any, out_prefix: str | Path, title: str | None = None) ->
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    names = [Path(m).name or str(m) for m in result.models]
+    names = list(labels) if labels else [Path(m).name or str(m) for m in result.models]
     for ax, info in zip(axes.flat, tasks):
         task = info["name"]
         xs = result.alphas
@@ -39,6 +55,7 @@ def plot_sweep(result: Any, out_prefix: str | Path, title: str | None = None) ->
         ax.set_xlabel("alpha (weight of A)")
         ax.set_ylabel(f"{info['primary']} ({arrow})")
         ax.grid(alpha=0.3)
+        _plain_y_axis(ax, [*ys, result.base_score(0, task), result.base_score(1, task)])
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
