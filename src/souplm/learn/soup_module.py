@@ -21,6 +21,7 @@ tensor is all-reduced.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -77,6 +78,7 @@ class AlphaBank(nn.Module):
         raw = torch.cat(chunks) if chunks else torch.zeros(0)
         self.raw = nn.Parameter(raw)
         self.register_buffer("raw_init", raw.detach().clone())
+        self._fixed_affine = {g: abs(sum(fixed[g[len(FIXED_PREFIX):]]) - 1.0) < 1e-9 for g in self.fixed_slots}
         self.register_buffer(
             "fixed_values",
             torch.stack(fixed_rows) if fixed_rows else torch.zeros(0, n_models),
@@ -95,9 +97,8 @@ class AlphaBank(nn.Module):
 
     def is_affine(self, group: str) -> bool:
         """Weights that sum to 1: every activation's output, and fixed weights that do."""
-        if group in self.fixed_slots:
-            total = self.fixed_values[self.fixed_slots[group]].sum()
-            return bool(abs(float(total) - 1.0) < 1e-9)
+        if group in self.fixed_slots:  # decided once at build time: no host sync in the forward
+            return self._fixed_affine[group]
         return True
 
     def coefficients(self, group: str) -> torch.Tensor:
@@ -140,22 +141,33 @@ class AlphaRef:
 # merged weights, computed where they are used
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where sums of products are formed: float64 for a float64 model, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _merge(coef: torch.Tensor, bases: Sequence[torch.Tensor], affine: bool = False) -> torch.Tensor:
     """sum_i coef[i] * bases[i] without autograd; coef is (N,) or (N, rows).
 
-    `affine` (the weights sum to 1) lets two bases merge in one fused pass, lerp(W_2, W_1, c_1):
-    weight-sized elementwise passes are most of what a soup adds to a plain training step.
+    Full precision bases: `affine` (the weights sum to 1) lets two bases merge in one fused pass,
+    lerp(W_2, W_1, c_1). Half precision bases (bf16, fp16): the sum is formed in float32 row block by
+    row block and rounded once to the base dtype, and the alphas are never rounded to it (bf16
+    cannot tell 0.5 from 0.501). No host sync: the alphas stay tensors on their device.
     """
-    if coef.dim() == 1 and bases[0].dtype in (torch.float16, torch.bfloat16):
-        # Python floats: a bf16 alpha would move in steps of ~0.004, and smaller updates be lost.
-        cs = coef.tolist()
-        if affine and len(bases) == 2:
-            return torch.lerp(bases[1], bases[0], cs[0])
-        out = bases[0] * cs[0]
-        for b, ci in zip(bases[1:], cs[1:]):
-            out.add_(b, alpha=ci)
+    dtype = bases[0].dtype
+    if dtype in (torch.float16, torch.bfloat16) and bases[0].dim() >= 1:
+        out = torch.empty_like(bases[0])
+        rows = bases[0].shape[0]
+        cols = bases[0].numel() // max(rows, 1)
+        c32 = coef.to(torch.float32)
+        for block in _row_blocks(rows, cols):
+            cb = c32 if c32.dim() == 1 else c32[:, block].reshape(c32.shape[0], -1, *([1] * (bases[0].dim() - 1)))
+            acc = bases[0][block].to(torch.float32) * cb[0]
+            for b, ci in zip(bases[1:], cb[1:]):
+                acc.addcmul_(b[block].to(torch.float32), ci)
+            out[block] = acc
         return out
-    c = coef.to(bases[0].dtype)
+    c = coef.to(dtype) if dtype.is_floating_point else coef
     if c.dim() > 1:  # one alpha per row: broadcast over the remaining dims
         c = c.reshape(*c.shape, *([1] * (bases[0].dim() - 1)))
     if affine and len(bases) == 2:
@@ -167,11 +179,17 @@ def _merge(coef: torch.Tensor, bases: Sequence[torch.Tensor], affine: bool = Fal
 
 
 def _coef_grad(grad_w: torch.Tensor, bases: Sequence[torch.Tensor], coef: torch.Tensor) -> torch.Tensor:
-    """dL/dcoef_i = <dL/dW, W_i>: over the whole tensor, or per row for row granularity."""
+    """dL/dcoef_i = <dL/dW, W_i>: over the whole tensor, or per row for row granularity.
+
+    Always accumulated in float32 (float64 for a float64 model): for two fine-tunes of one base the
+    signal is the small difference of two large dot products, which half precision loses.
+    """
+    acc = _acc_dtype(coef.dtype)
+    g = grad_w.to(acc)
     if coef.dim() == 1:
-        parts = [torch.dot(grad_w.reshape(-1), b.reshape(-1)) for b in bases]
+        parts = [torch.dot(g.reshape(-1), b.reshape(-1).to(acc)) for b in bases]
     else:
-        parts = [(grad_w * b).reshape(b.shape[0], -1).sum(1) for b in bases]
+        parts = [(g * b.to(acc)).reshape(b.shape[0], -1).sum(1) for b in bases]
     return torch.stack(parts).to(coef.dtype)
 
 
@@ -202,7 +220,9 @@ class _SoupLinearFn(torch.autograd.Function):
         need_x, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rows, cols = bases[0].shape
         g2 = grad_y.reshape(-1, rows)
-        x2 = x.reshape(-1, cols) if need_c else None
+        # dL/dW's row blocks in float32 (or float64): a half-precision dW would round the alpha signal away
+        acc = _acc_dtype(coef.dtype)
+        x2 = x.reshape(-1, cols).to(acc) if need_c else None
         grad_x = None
         parts = []
         for block in _row_blocks(rows, cols):
@@ -214,7 +234,7 @@ class _SoupLinearFn(torch.autograd.Function):
                 grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
                 del w  # free before dL/dW's block is allocated
             if need_c:
-                parts.append(_coef_grad(g.t() @ x2, bs, c))
+                parts.append(_coef_grad(g.t().to(acc) @ x2, bs, c))
         grad_c = None
         if need_c:
             grad_c = torch.stack(parts).sum(0) if coef.dim() == 1 else torch.cat(parts, dim=1)
@@ -224,47 +244,68 @@ class _SoupLinearFn(torch.autograd.Function):
 
 
 class _SoupEmbeddingFn(torch.autograd.Function):
-    """out = sum_i c_i[ids] * E_i[ids]: gathers rows from each base; no merged table is ever built."""
+    """out = scale * sum_i c_i[ids] * E_i[ids]: gathers rows from each base; no merged table is ever built.
+
+    The rows are mixed in float32 (or float64) and rounded once to the base dtype; the alpha
+    gradient is accumulated in float32 too. `scale` is a subclass's embedding scale (Gemma 3's
+    sqrt(hidden)), applied as its forward does: rounded to the table's dtype, after the lookup.
+    """
 
     @staticmethod
-    def forward(ctx, ids: torch.Tensor, coef: torch.Tensor, *bases: torch.Tensor) -> torch.Tensor:
-        c = coef.to(bases[0].dtype)
+    def forward(ctx, ids: torch.Tensor, coef: torch.Tensor, scale: torch.Tensor | None,
+                *bases: torch.Tensor) -> torch.Tensor:
+        dtype = bases[0].dtype
+        acc = _acc_dtype(dtype)
+        c = coef.to(acc)
         out = None
         for i, b in enumerate(bases):
-            rows = F.embedding(ids, b)
-            scale = c[i] if c.dim() == 1 else c[i][ids].unsqueeze(-1)
-            out = rows * scale if out is None else out.addcmul_(rows, scale)
-        ctx.save_for_backward(ids, coef, *bases)
+            rows = F.embedding(ids, b).to(acc)
+            w = c[i] if c.dim() == 1 else c[i][ids].unsqueeze(-1)
+            out = rows * w if out is None else out.addcmul_(rows, w)
+        out = out.to(dtype)
+        if scale is not None:
+            out = out * scale.to(dtype)
+        ctx.save_for_backward(ids, coef, scale, *bases)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        ids, coef, *bases = ctx.saved_tensors
+        ids, coef, scale, *bases = ctx.saved_tensors
         grad_c = None
         if ctx.needs_input_grad[1]:
+            acc = _acc_dtype(coef.dtype)
+            g = grad_out.to(acc)
+            if scale is not None:
+                g = g * scale.to(bases[0].dtype).to(acc)
             parts = []
             for b in bases:
-                per_pos = (grad_out * F.embedding(ids, b)).sum(-1)
+                per_pos = (g * F.embedding(ids, b).to(acc)).sum(-1)
                 if coef.dim() == 1:
                     parts.append(per_pos.sum())
                 else:
                     parts.append(
-                        torch.zeros(coef.shape[1], dtype=per_pos.dtype, device=per_pos.device)
+                        torch.zeros(coef.shape[1], dtype=acc, device=per_pos.device)
                         .index_add_(0, ids.reshape(-1), per_pos.reshape(-1))
                     )
             grad_c = torch.stack(parts).to(coef.dtype)
-        return (None, grad_c) + (None,) * len(bases)
+        return (None, grad_c, None) + (None,) * len(bases)
 
 
 def _merge_autograd(coef: torch.Tensor, bases: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Differentiable merge for small tensors (norms, biases): autograd keeps the result."""
-    c = coef.to(bases[0].dtype)
+    """Differentiable merge for small tensors (norms, biases): autograd keeps the result.
+
+    Formed in float32 (float64 for float64 bases) and rounded once to the base dtype, so neither
+    the alphas nor their gradients pass through half precision.
+    """
+    dtype = bases[0].dtype
+    acc = _acc_dtype(dtype)
+    c = coef.to(acc)
     if c.dim() > 1:
         c = c.reshape(*c.shape, *([1] * (bases[0].dim() - 1)))
-    out = c[0] * bases[0]
+    out = c[0] * bases[0].to(acc)
     for b, ci in zip(bases[1:], c[1:]):
-        out = out + ci * b
-    return out
+        out = out + ci * b.to(acc)
+    return out.to(dtype)
 
 
 class SoupLinear(nn.Module):
@@ -301,14 +342,18 @@ class SoupEmbedding(nn.Module):
     """An Embedding whose table is the soup of frozen base tables (padding_idx only affects
     training the table itself, so it does not matter here)."""
 
-    def __init__(self, bases: Sequence[nn.Parameter], alpha: AlphaRef):
+    def __init__(self, bases: Sequence[nn.Parameter], alpha: AlphaRef, embed_scale: torch.Tensor | None = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = bases[0].shape
         self.bases = nn.ParameterList(bases)
         self.alpha = alpha
+        if embed_scale is not None:  # a scaled word embedding (Gemma 3): its scale, kept as its forward uses it
+            self.register_buffer("embed_scale", embed_scale.detach().clone(), persistent=False)
+        else:
+            self.embed_scale = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return _SoupEmbeddingFn.apply(ids, self.alpha(), *self.bases)
+        return _SoupEmbeddingFn.apply(ids, self.alpha(), self.embed_scale, *self.bases)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, bases={len(self.bases)}, alpha={self.alpha.group!r}"
@@ -374,6 +419,8 @@ class SoupModel(nn.Module):
         self.granularity = granularity
         self.layout = layout
         self.n_layers = n_layers
+        self.fallback_modules: list[str] = []  # Linear/Embedding subclasses without the lean path
+        self.other_matrices: list[str] = []  # 2-D tensors no unit rule named (they share `other`)
 
     def forward(self, **batch) -> torch.Tensor:
         """Logits of the souped model."""
@@ -510,24 +557,56 @@ def build_soup(
 
     # 3) swap modules: Linear/Embedding get the memory-lean Functions, the rest the generic hook
     handled: set[tuple[str, str]] = set()
+    fallback: list[str] = []
     for mpath, pname, module, _canonical, pid in owners:
         if (mpath, pname) in handled:
             continue
         params = module._parameters
-        if type(module) is nn.Linear:
+        kind = lean_kind(module)
+        if kind == "linear":
             w = entries[id(params["weight"])]
             b = entries[id(params["bias"])] if params.get("bias") is not None else None
             new: nn.Module = SoupLinear(w[1], w[2], b[1] if b else None, b[2] if b else None)
             handled.update({(mpath, "weight"), (mpath, "bias")})
-        elif type(module) is nn.Embedding and module.max_norm is None:
+        elif kind in ("embedding", "scaled_embedding"):
             e = entries[pid]
-            new = SoupEmbedding(e[1], e[2])
+            new = SoupEmbedding(e[1], e[2], module.embed_scale if kind == "scaled_embedding" else None)
             handled.add((mpath, "weight"))
         else:
+            if isinstance(module, (nn.Linear, nn.Embedding)) and pname == "weight":
+                fallback.append(f"{mpath} ({type(module).__name__})")
             e = entries[pid]
             _soup_param_in_place(module, pname, e[1], e[2])
             handled.add((mpath, pname))
             continue
         parent_path, _, child = mpath.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
-    return SoupModel(model, bank, tensors, granularity, layout, n_layers)
+    soup = SoupModel(model, bank, tensors, granularity, layout, n_layers)
+    soup.fallback_modules = fallback
+    soup.other_matrices = sorted(t.canonical for t in tensors
+                                 if len(t.shape) >= 2 and unit_of(t.canonical).mapping == "other")
+    if fallback:
+        warnings.warn(f"souplm: learn: {len(fallback)} Linear/Embedding subclass(es) keep their merged weight in "
+                      f"the autograd graph (no memory-lean path): {', '.join(fallback[:5])}", stacklevel=2)
+    if soup.other_matrices:
+        warnings.warn(f"souplm: learn: {len(soup.other_matrices)} matrix tensor(s) matched no unit rule and share "
+                      f"their layer's `other` alpha: {', '.join(soup.other_matrices[:5])}", stacklevel=2)
+    return soup
+
+
+def lean_kind(module: nn.Module) -> str | None:
+    """Which memory-lean soup module replaces `module`: "linear", "embedding", "scaled_embedding" or None.
+
+    Subclasses qualify when their forward is the base class's (nothing to preserve), and scaled word
+    embeddings (transformers' `*ScaledWordEmbedding`: `embedding(ids) * embed_scale`) with their scale.
+    Anything else falls back to the generic pre-hook, which keeps the merged weight in the graph.
+    """
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        return "linear"
+    if isinstance(module, nn.Embedding) and module.max_norm is None:
+        if type(module).forward is nn.Embedding.forward:
+            return "embedding"
+        if type(module).__name__.endswith("ScaledWordEmbedding") and isinstance(
+                getattr(module, "embed_scale", None), torch.Tensor):
+            return "scaled_embedding"
+    return None
