@@ -298,3 +298,19 @@ def test_sweep_plot_flat_panel_has_plain_axis_and_role_legends(tmp_path, monkeyp
     ax = seen["fig"].axes[0]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "A: LLaVA" in legend and "B: Vicuna" in legend and not any("3f9a1c" in t for t in legend)
+
+
+def test_souplm_cache_is_one_root_for_family_data_eval_and_tasks(tmp_path, monkeypatch):
+    from souplm.data import sources
+    from souplm.evaluate.cache import default_cache_root
+    from souplm.experiment.family import cache_root, family_dir
+
+    monkeypatch.setenv("SOUPLM_CACHE", str(tmp_path / "c"))
+    monkeypatch.setattr(sources, "_DATA_DIR", None)
+    root = (tmp_path / "c").resolve()
+    assert default_cache_root().resolve() == root  # eval/ and tasks/ live under it
+    assert cache_root() == root / "family" and family_dir(quick=True) == root / "family" / "quick"
+    assert sources.data_cache_dir().resolve() == root / "family" / "data"
+    assert cache_root(tmp_path / "fam") == (tmp_path / "fam").resolve()  # --cache DIR is the family folder
+    sources.use_data_dir(tmp_path / "fam" / "data")  # as the build does for --cache DIR
+    assert sources.data_cache_dir() == tmp_path / "fam" / "data"

@@ -32,7 +32,7 @@ def register(sub) -> None:
     p.add_argument("-o", "--out", default="souplm-demo", help="where the demo writes (default ./souplm-demo)")
     p.add_argument("--real", action="store_true",
                    help="merge the experiment's SmolLM2 family (the full one, else the --quick one) and chat with it")
-    p.add_argument("--cache", help="--real: the family cache folder (default: SOUPLM_CACHE or ~/.cache/souplm)")
+    p.add_argument("--cache", help="--real: the family folder (default $SOUPLM_CACHE/family, else ~/.cache/souplm/family)")
     p.add_argument("--quick", action="store_true", help="fewer training steps and test rows (for tests)")
     p.set_defaults(handler=run)
 

@@ -104,10 +104,22 @@ def _package_dir(module: str, install: str, what: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+_DATA_DIR: Path | None = None  # set by the family build / experiment run for a `--cache DIR` family
+
+
+def use_data_dir(path: str | Path | None) -> None:
+    """Keep generated data in `path` (the family folder's `data/`) for the rest of this process."""
+    global _DATA_DIR
+    _DATA_DIR = None if path is None else Path(path)
+
+
 def data_cache_dir() -> Path:
-    """Where generated data lives: `$SOUPLM_CACHE/data`, default `~/.cache/souplm/family/data`."""
-    root = os.environ.get("SOUPLM_CACHE") or "~/.cache/souplm/family"
-    return Path(root).expanduser() / "data"
+    """Where generated data lives: the family's `data/`, by default `$SOUPLM_CACHE/family/data`
+    (`$SOUPLM_CACHE` is souplm's cache root everywhere, default `~/.cache/souplm`)."""
+    if _DATA_DIR is not None:
+        return _DATA_DIR
+    root = os.environ.get("SOUPLM_CACHE") or "~/.cache/souplm"
+    return Path(root).expanduser() / "family" / "data"
 
 
 def _take(rows: list[dict], limit: int | None) -> list[dict]:

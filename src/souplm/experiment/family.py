@@ -17,7 +17,8 @@ Command line::
     python -m souplm.experiment.family build [--quick] [--cache DIR]
     python -m souplm.experiment.family paths [--quick] [--cache DIR]
 
-The cache defaults to `~/.cache/souplm/family` (`$SOUPLM_CACHE` overrides); `--quick` builds the same
+The family folder defaults to `~/.cache/souplm/family` (`$SOUPLM_CACHE/family` when `$SOUPLM_CACHE`, souplm's
+cache root for every command, is set; `--cache DIR` names the folder itself); `--quick` builds the same
 stages with a handful of steps into its `quick/` subfolder. `family.json` there lists every stage's
 folder, config, digest, wall time and sanity metrics; `family_paths()` reads it.
 """
@@ -98,8 +99,13 @@ QUICK: dict = {
 
 
 def cache_root(cache: str | Path | None = None) -> Path:
-    """The family cache: `cache`, else `$SOUPLM_CACHE`, else `~/.cache/souplm/family`."""
-    return Path(cache or os.environ.get("SOUPLM_CACHE") or "~/.cache/souplm/family").expanduser().resolve()
+    """The family folder: `cache`, else `$SOUPLM_CACHE/family`, else `~/.cache/souplm/family`.
+
+    `$SOUPLM_CACHE` is souplm's cache root for every command (eval results, tasks, hashes, the family).
+    """
+    if cache:
+        return Path(cache).expanduser().resolve()
+    return (Path(os.environ.get("SOUPLM_CACHE") or "~/.cache/souplm").expanduser() / "family").resolve()
 
 
 def family_dir(cache: str | Path | None = None, quick: bool = False) -> Path:
@@ -461,8 +467,8 @@ def build_family(
 ) -> dict[str, Path]:
     """Build (or find) every stage; returns the stage folders. Safe to re-run after a kill."""
     root = cache_root(cache)
-    # Generated data lives beside the family (shared by quick and full builds): keep it under this cache.
-    os.environ["SOUPLM_CACHE"] = str(root)
+    # Generated data lives beside the family (shared by quick and full builds): keep it under this folder.
+    sources.use_data_dir(root / "data")
     folder = family_dir(root, quick)
     wanted = set(only or STAGE_NAMES)
     unknown = wanted - set(STAGE_NAMES)
@@ -493,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (("build", "build (or resume) the model family"), ("paths", "print the built folders")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--quick", action="store_true", help="a few steps per stage, in the cache's quick/ folder")
-        p.add_argument("--cache", default=None, help="cache folder (default $SOUPLM_CACHE or ~/.cache/souplm/family)")
+        p.add_argument("--cache", default=None, help="family folder (default $SOUPLM_CACHE/family, else ~/.cache/souplm/family)")
         if name == "build":
             p.add_argument("--only", nargs="+", choices=STAGE_NAMES, help="build these stages (and their inputs)")
             p.add_argument("--checkpoint-every", type=float, default=300.0, metavar="SECONDS",

@@ -1267,7 +1267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m souplm.experiment.run", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="a few rows per task and a few learning steps, on the quick family")
-    parser.add_argument("--cache", default=None, help="family cache (default $SOUPLM_CACHE or ~/.cache/souplm/family)")
+    parser.add_argument("--cache", default=None, help="family folder (default $SOUPLM_CACHE/family, else ~/.cache/souplm/family)")
     parser.add_argument("--out", default=None,
                         help="where RESULTS.md and results/ go (default docs, or scratch/experiment-quick with --quick)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -1286,7 +1286,9 @@ def main(argv: list[str] | None = None) -> int:
         paths = family_paths(args.cache, args.quick, STAGE_NAMES)
         folder = family_dir(args.cache, args.quick)
         # Generated data (the math problems) lives beside the family, as the family build put it.
-        os.environ.setdefault("SOUPLM_CACHE", str(cache_root(args.cache)))
+        from souplm.data import sources
+
+        sources.use_data_dir(cache_root(args.cache) / "data")
         manifest = json.loads((folder / MANIFEST).read_text())
         info = {name: {"dir": rec.get("dir"), "wall_s": rec.get("wall_s"),
                        "wall_min": (rec.get("wall_s") or 0.0) / 60}
