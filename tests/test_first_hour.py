@@ -314,3 +314,19 @@ def test_souplm_cache_is_one_root_for_family_data_eval_and_tasks(tmp_path, monke
     assert cache_root(tmp_path / "fam") == (tmp_path / "fam").resolve()  # --cache DIR is the family folder
     sources.use_data_dir(tmp_path / "fam" / "data")  # as the build does for --cache DIR
     assert sources.data_cache_dir() == tmp_path / "fam" / "data"
+
+
+def test_commands_with_their_own_bar_switch_off_transformers_bars_only(tmp_path, monkeypatch):
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as hf_logging
+
+    from souplm.cli import main
+
+    monkeypatch.setenv("SOUPLM_CACHE", str(tmp_path / "c"))
+    hf_logging.enable_progress_bar()
+    try:
+        assert main(["eval", str(tmp_path / "missing"), "--task", "x"]) == 2  # any eval run, even a failing one
+        assert not hf_logging.is_progress_bar_enabled()  # one progress display: souplm's
+        assert not are_progress_bars_disabled()  # downloads still show theirs
+    finally:
+        hf_logging.enable_progress_bar()

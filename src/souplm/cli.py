@@ -41,12 +41,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that load models with transformers while a souplm progress bar runs.
+_OWN_PROGRESS = frozenset({"eval", "sweep", "greedy", "learn", "search", "demo"})
+
+
+def _one_progress_display() -> None:
+    """transformers' per-load bars ("Loading weights") would print over souplm's own: switch them off.
+
+    Hub download bars (huggingface_hub's) are left alone: they are the only display while they run.
+    """
+    try:
+        from huggingface_hub.utils import enable_progress_bars
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    hf_logging.disable_progress_bar()  # also switches huggingface_hub's off ...
+    enable_progress_bars()  # ... which stay on
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    if args.command in _OWN_PROGRESS:
+        _one_progress_display()
     try:
         return int(args.handler(args) or 0)
     except SoupError as e:
