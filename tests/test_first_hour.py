@@ -330,3 +330,23 @@ def test_commands_with_their_own_bar_switch_off_transformers_bars_only(tmp_path,
         assert not are_progress_bars_disabled()  # downloads still show theirs
     finally:
         hf_logging.enable_progress_bar()
+
+
+def test_learn_shows_progress_during_start_up_and_dev_loss(tmp_path, capsys):
+    from souplm import demo as toy
+    from souplm.learn import learn
+
+    paths = []
+    for seed in (0, 1):
+        m = toy.new_model(seed)
+        m.save_pretrained(tmp_path / f"m{seed}")
+        toy.save_tokenizer(tmp_path / f"m{seed}")
+        paths.append(str(tmp_path / f"m{seed}"))
+    dev = toy.write_dev_set(tmp_path / "dev.jsonl", 4)
+    learn({"models": paths, "meta_sets": [{"path": str(dev), "format": "text", "samples": "all"}],
+           "training": {"epochs": 1, "batch_size": 4}, "output": str(tmp_path / "out"), "merge": False},
+          progress=True)
+    err = capsys.readouterr().err
+    for what in ("souplm learn: opening 2 models", "souplm learn: reading and tokenizing",
+                 "souplm learn: loading", "dev loss"):
+        assert what in err, what

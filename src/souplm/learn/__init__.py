@@ -269,6 +269,13 @@ def _learn(
     cfg = load_config(config, output=None if output is None else str(output))
     out = Path(cfg.output)
     _staged["out"] = out
+    def status(msg: str) -> None:  # start-up takes tens of seconds on real models: say what is happening
+        if progress and D.is_main():
+            import sys
+
+            print(f"souplm learn: {msg}", file=sys.stderr, flush=True)
+
+    status(f"opening {len(cfg.models)} models")
     cks = [open_checkpoint(p, allow_pickle=cfg.allow_pickle) for p in cfg.models]
     if cfg.output_model is not None:
         s = cfg.models.index(cfg.output_model)
@@ -284,6 +291,7 @@ def _learn(
             for m in cfg.meta_sets]
     counts = split_by_ratio(cfg.mix.total, cfg.mix.ratio) if cfg.mix else None
     encoder = RowEncoder(tokenizer, processor, multimodal=multimodal, max_length=cfg.training.max_length)
+    status(f"reading and tokenizing {len(sets)} meta set(s)")
     examples = load_meta_sets(sets, encoder, seed=cfg.seed, counts=counts)
     work = D.on_main(lambda: _prepare_output(out, resume, force, cfg.models, _staged))  # the others wait for it
 
@@ -302,6 +310,7 @@ def _learn(
     else:
         device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                               "cpu" if cfg.device == "auto" else cfg.device)
+        status(f"loading {cfg.models[s]} and building the soup of {len(cfg.models)} models")
         model = _load_model(cfg.models[s], multimodal, getattr(torch, cfg.dtype)).to(device)
         soup = build_soup(model, others, base_index=s, granularity=cfg.granularity, activation=cfg.activation,
                           fixed=cfg.fixed)  # layout from the in-memory names: they differ from the file's for LLaVA

@@ -176,9 +176,13 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean token loss of the current alphas over every example."""
+        from tqdm.auto import tqdm
+
         total, count = 0.0, 0
         order = list(range(len(self.examples)))
-        for i in range(0, len(order), self.s.batch_size):
+        starts = range(0, len(order), self.s.batch_size)
+        for i in tqdm(starts, desc="dev loss", unit="batch", leave=False,
+                      disable=not (self.s.progress and D.is_main())):
             batch, labels = self._local_batch(order[i : i + self.s.batch_size])
             s, n = token_loss(self.soup(**batch), labels)
             total += float(s)
