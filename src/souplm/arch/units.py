@@ -6,7 +6,8 @@ string, the common currency of coefficient tables, recipes and learned soups:
     layers.7.q        layers.7.gate       layers.7.input_norm     embed
     layers.7.k        layers.7.up         layers.7.post_attn_norm final_norm
     layers.7.v        layers.7.down       layers.7.other          lm_head
-    layers.7.o                                                    other
+    layers.7.o        layers.7.qkv        layers.7.experts        other
+                      layers.7.gate_up    layers.7.router
 
 The table below is data: one regex per mapping kind. A tensor no rule names lands in the unit
 `other` (of its layer when it has one), so nothing is ever dropped.
@@ -33,6 +34,15 @@ LAYER_MAPPINGS: tuple[tuple[str, str], ...] = (
     ("post_ffn_norm", r"post_feedforward_layernorm\."),
     ("q_norm", r"self_attn\.q_norm\."),
     ("k_norm", r"self_attn\.k_norm\."),
+    # Fused projections (Phi-3): one tensor holds q, k and v (or gate and up); a unit of its own.
+    ("qkv", r"self_attn\.qkv_proj\."),
+    ("gate_up", r"mlp\.gate_up_proj\."),
+    # Mixture of experts: every expert of a layer (Mixtral `block_sparse_moe.experts.N.w1`, Qwen-MoE
+    # `mlp.experts.N.gate_proj`, or fused `mlp.experts.gate_up_proj`), the router, a shared expert.
+    ("experts", r"(mlp|block_sparse_moe)\.experts\."),
+    ("router", r"(mlp|block_sparse_moe)\.(gate|router)\."),
+    ("shared_expert", r"mlp\.shared_experts?\."),
+    ("shared_expert_gate", r"mlp\.shared_expert_gate\."),
 )
 
 GLOBAL_MAPPINGS: tuple[tuple[str, str], ...] = (

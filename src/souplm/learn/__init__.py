@@ -234,6 +234,21 @@ def _kept_after_interrupt(out: Path | None, staged: bool) -> str:
     return f"no epoch had finished, so there is no checkpoint in {out} to resume from"
 
 
+def final_merge_table(table: CoefficientTable, output_index: int) -> CoefficientTable:
+    """The table learn's final merge uses: the learned one plus `default`, a one-hot on the output model.
+
+    The recipe is linear with `normalize: false` (the learned alphas are applied as they are), so a
+    stored tensor the learned table does not name (a `rotary_emb.inv_freq` buffer of a `.bin`
+    checkpoint, anything the soup did not learn) would otherwise get weight 1.0 from every model and
+    be summed: two inv_freq of 0.25 became 0.5. With `default` it is copied from the output model.
+    """
+    if "default" in table.coefficients:
+        return table
+    onehot = [1.0 if i == output_index else 0.0 for i in range(table.n_models)]
+    return CoefficientTable(table.models, {**table.coefficients, "default": onehot}, table.meta,
+                            table.model_hashes)
+
+
 def check_finite_models(models: list[str], cks: list) -> None:
     """Every floating tensor of every base is finite; else one error naming model and tensor (before step 1)."""
     import torch
@@ -358,7 +373,9 @@ def _learn(
         )
         # Rank 0 streams the merge from the checkpoints; the others wait for it.
         # (only the path crosses ranks: a MergeReport holds open checkpoints)
-        D.on_main(lambda: str(merge(recipe, work / MERGED, coefficients=table, force=True, progress=progress).out_dir))
+        merge_table = final_merge_table(table, s)
+        D.on_main(lambda: str(merge(recipe, work / MERGED, coefficients=merge_table, force=True,
+                                    progress=progress).out_dir))
         merged_dir = out / MERGED
     D.on_main(lambda: _finish_output(out, work, _staged))
     return LearnResult(table, table_path, merged_dir, meta["initial_loss"], final_loss, train.steps,

@@ -88,6 +88,11 @@ class AlphaBank(nn.Module):
     def groups(self) -> list[str]:
         return list(self.slots) + list(self.fixed_slots)
 
+    def unit_slots(self) -> list[tuple[int, tuple[int, ...], bool]]:
+        """(offset, raw shape, softmax-style) of every learned group: the regularizer's units."""
+        centred = not self.activation.two_models_only
+        return [(offset, shape, centred) for offset, shape in self.slots.values()]
+
     def raw_of(self, group: str) -> torch.Tensor:
         offset, shape = self.slots[group]
         n = 1

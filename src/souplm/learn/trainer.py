@@ -296,7 +296,8 @@ class Trainer:
                         (s / max(step_tokens, 1.0)).backward()
                         data_loss += s.item() / max(step_tokens, 1.0)
                     data_loss = float(self._reduce(torch.tensor(data_loss, dtype=torch.float64)))
-                    reg = penalty(self.s.regularization, self.s.reg_lambda, raw, self.soup.alphas.raw_init)
+                    reg = penalty(self.s.regularization, self.s.reg_lambda, raw, self.soup.alphas.raw_init,
+                                  units=self.soup.alphas.unit_slots())  # per unit (regularizers.py)
                     if reg.requires_grad and self.rank == 0:  # once: the gradients are summed over ranks
                         reg.backward()
                     if raw.grad is not None:
