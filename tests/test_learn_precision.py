@@ -358,3 +358,22 @@ def test_final_merge_copies_what_the_table_does_not_name(tmp_path):
     assert torch.allclose(got["model.layers.0.self_attn.q_proj.weight"], torch.tensor(0.25 * 1 + 0.75 * 3))
     src1 = load_file(str(tmp_path / "m1" / "model.safetensors"))
     assert torch.equal(got["model.layers.1.mlp.up_proj.weight"], src1["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_learn_refuses_float16_before_touching_anything(tmp_path):
+    import json
+
+    from conftest import make_llama
+
+    from souplm.errors import SoupError
+    from souplm.learn import learn
+
+    a = make_llama(tmp_path / "a", seed=0)
+    b = make_llama(tmp_path / "b", seed=1)
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text(json.dumps({"text": "abc abc"}) + "\n")
+    cfg = {"models": [str(a), str(b)], "meta_sets": [{"path": str(dev)}], "output": str(tmp_path / "run"),
+           "dtype": "float16", "merge": False}
+    with pytest.raises(SoupError, match="float16 is refused"):
+        learn(cfg)
+    assert not (tmp_path / "run").exists()

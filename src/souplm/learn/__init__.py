@@ -282,6 +282,9 @@ def _learn(
     from .trainer import Trainer, TrainSettings
 
     cfg = load_config(config, output=None if output is None else str(output))
+    if cfg.dtype == "float16":  # before anything is opened or written (docs/SCALING.md, "Precision")
+        raise SoupError("learn: dtype float16 is refused: without loss scaling its activation gradients "
+                        "underflow (fp16's range ends at 6e-8); use dtype: bfloat16 (same memory) or float32")
     out = Path(cfg.output)
     _staged["out"] = out
     def status(msg: str) -> None:  # start-up takes tens of seconds on real models: say what is happening
