@@ -64,6 +64,9 @@ def _setup(args: argparse.Namespace, variants: tuple[str, ...]):
     cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                       num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
                       max_position_embeddings=args.seq, tie_word_embeddings=False)
+    dtype = getattr(torch, args.dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in the dtype: a 1B fp32 init would double set-up memory
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(dev)
     model.eval()  # no dropout anywhere: the same math in every variant
@@ -77,6 +80,8 @@ def _setup(args: argparse.Namespace, variants: tuple[str, ...]):
     if {"naive", "souplm"} & set(variants):
         torch.manual_seed(1)
         other = {n: p.detach() for n, p in LlamaForCausalLM(cfg).to(dev).named_parameters()}
+    torch.set_default_dtype(default)
+    torch.set_default_dtype(default)
     steps = {}
     if "souplm" in variants:
         # its own module: build_soup rewires in place (sharing the base tensors, no copy of them)
@@ -191,7 +196,12 @@ def main() -> None:
     # memory-bound elementwise ops up to 10x slower, which measures the neighbours, not the method.
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--memory-only", action="store_true",
+                    help="peak memory of plain, naive and souplm only (no timing, no activations reference): "
+                         "the bases-dominate row, e.g. a ~1B bf16 pair on a small CPU")
     ap.add_argument("--doc", help="also write the table to this markdown file")
+    ap.add_argument("--append-doc", help="append the --memory-only table as a section of this markdown file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -202,7 +212,7 @@ def main() -> None:
     def spawn(worker: str) -> dict:
         cmd = [sys.executable, __file__, "--worker", worker] + [
             a for k in ("hidden", "intermediate", "layers", "heads", "vocab", "batch", "seq", "steps", "threads",
-                        "device") for a in (f"--{k}", str(getattr(args, k)))
+                        "device", "dtype") for a in (f"--{k}", str(getattr(args, k)))
         ]
         print(f"running {worker} ...", file=sys.stderr, flush=True)
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # freed tensors leave the RSS at once
@@ -211,6 +221,9 @@ def main() -> None:
             sys.exit(f"{worker} failed:\n{proc.stderr}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
+    if args.memory_only:
+        _memory_only({v: spawn(v) for v in ("plain", "naive", "souplm")}, args)
+        return
     results = {v: spawn(v) for v in VARIANTS}
     timing = spawn("timing")
     for v in VARIANTS:
@@ -262,6 +275,52 @@ def main() -> None:
         command = " ".join(["python benchmarks/learn_bench.py", *sys.argv[1:]])
         with open(args.doc, "w") as f:
             f.write(_DOC.format(command=command.strip(), table=table))
+
+
+def _memory_only(results: dict, args: argparse.Namespace) -> None:
+    """Where bases dominate: peak memory of (a), (b), (c), and how many model copies (b) adds over (c)."""
+    gib = 1024**3
+    a, b, c = results["plain"], results["naive"], results["souplm"]
+    one = a["base_bytes"]
+    n_params = one // (2 if args.dtype == "bfloat16" else 4)
+    lines = [
+        (f"Llama {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, vocab {args.vocab}: "
+         f"{n_params / 1e9:.2f}B parameters, {one / gib:.2f} GiB per model in {args.dtype}; batch {args.batch} x "
+         f"{args.seq} tokens; {args.device}, {args.threads} thread(s), torch {_torch_version()}; 2 steps per variant, "
+         "each variant in its own process."),
+        "",
+        "| variant | after set-up (GiB) | peak in steps (GiB) | peak in model copies |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, r in (("(a) plain fine-tune step, 1 model", a),
+                    ("(b) naive learned soup (merged state dict + functional_call)", b),
+                    ("(c) souplm on-the-fly soup", c)):
+        lines.append(f"| {name} | {r['setup_bytes'] / gib:.2f} | {r['peak_bytes'] / gib:.2f} | "
+                     f"{r['peak_bytes'] / one:.2f} |")
+    lines += ["", (f"- (b) - (c) = {(b['peak_bytes'] - c['peak_bytes']) / gib:.2f} GiB = "
+              f"{(b['peak_bytes'] - c['peak_bytes']) / one:.2f} model copies.")]
+    table = "\n".join(lines)
+    print(table)
+    if args.append_doc:
+        command = " ".join(["python benchmarks/learn_bench.py", *sys.argv[1:]])
+        with open(args.append_doc, "a") as f:
+            f.write(_DOC_BASES.format(command=command.strip(), table=table))
+
+
+_DOC_BASES = """
+
+## Where the bases dominate: a ~1B bf16 pair on the CPU (issue 15 §6)
+
+Produced by
+
+    {command}
+
+Peak resident set of each variant alone in a fresh process (as above; no timing: on 2 shared cores a
+step of a 1B model takes seconds and the point of this row is memory). "Model copies" divides by one
+model's bytes: both soups hold two bases (2 copies) before a step.
+
+{table}
+"""
 
 
 def _torch_version() -> str:
