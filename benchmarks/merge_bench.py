@@ -153,6 +153,24 @@ def _write_config(spec: ModelSpec, model_dir: Path) -> None:
     cfg.save_pretrained(str(model_dir))
 
 
+def draw_trio(spec: ModelSpec, shape: tuple[int, ...], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """One tensor of base, ft_a and ft_b (bf16): base ~ N(0, base_std) (norms ~ N(1, 0.05)), each fine-tune the
+    base plus its own N(0, delta_std) delta (5x larger on norms)."""
+    base = torch.empty(shape, dtype=torch.float32)
+    if len(shape) == 1:
+        base.normal_(1.0, 0.05, generator=gen)
+        dstd = spec.delta_std * 5
+    else:
+        base.normal_(0.0, spec.base_std, generator=gen)
+        dstd = spec.delta_std
+    out = {"base": base.to(torch.bfloat16)}
+    delta = torch.empty_like(base)
+    for ft in MODEL_NAMES[1:]:
+        delta.normal_(0.0, dstd, generator=gen)
+        out[ft] = (base + delta).to(torch.bfloat16)
+    return out
+
+
 def build_trio(spec: ModelSpec, workdir: Path, *, log: bool = True) -> dict[str, Path]:
     """Build (or reuse) base + two fine-tunes for ``spec`` under ``workdir``; return their dirs.
 
@@ -189,18 +207,8 @@ def build_trio(spec: ModelSpec, workdir: Path, *, log: bool = True) -> dict[str,
             shard: dict[str, dict[str, torch.Tensor]] = {m: {} for m in MODEL_NAMES}
             for tname in group:
                 shape = shape_of[tname]
-                base = torch.empty(shape, dtype=torch.float32)
-                if len(shape) == 1:
-                    base.normal_(1.0, 0.05, generator=gen)
-                    dstd = spec.delta_std * 5
-                else:
-                    base.normal_(0.0, spec.base_std, generator=gen)
-                    dstd = spec.delta_std
-                shard["base"][tname] = base.to(torch.bfloat16)
-                delta = torch.empty_like(base)
-                for ft in MODEL_NAMES[1:]:
-                    delta.normal_(0.0, dstd, generator=gen)
-                    shard[ft][tname] = (base + delta).to(torch.bfloat16)
+                for m, t in draw_trio(spec, shape, gen).items():
+                    shard[m][tname] = t
                 weight_map[tname] = fname
                 total_bytes += _numel(shape) * 2
             for m in MODEL_NAMES:

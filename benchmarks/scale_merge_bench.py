@@ -91,19 +91,8 @@ def build_streaming(spec: Spec7B, root: Path) -> dict[str, Path]:
                 f.write(header)
             for tname in group:
                 shape = shapes[tname]
-                base = torch.empty(shape, dtype=torch.float32)
-                if len(shape) == 1:
-                    base.normal_(1.0, 0.05, generator=gen)
-                    dstd = spec.delta_std * 5
-                else:
-                    base.normal_(0.0, spec.base_std, generator=gen)
-                    dstd = spec.delta_std
-                outs["base"].write(base.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
-                delta = torch.empty_like(base)
-                for ft in mb.MODEL_NAMES[1:]:
-                    delta.normal_(0.0, dstd, generator=gen)
-                    outs[ft].write((base + delta).to(torch.bfloat16).view(torch.int16).numpy().tobytes())
-                del base, delta
+                for m, t in mb.draw_trio(spec, shape, gen).items():
+                    outs[m].write(t.view(torch.int16).numpy().tobytes())
                 weight_map[tname] = fname
                 done += mb._numel(shape)
                 print(f"\r  building: {100 * done / total:5.1f}% ({time.perf_counter() - t0:.0f}s)", end="", flush=True)
