@@ -339,3 +339,20 @@ def test_instruction_texts_are_split_by_module() -> None:
         seen[split] = mods
         assert all(r["messages"][1]["content"] == r["response"] for r in rows)
     assert not seen["train"] & seen["dev"] and not seen["test"] & (seen["train"] | seen["dev"])
+
+
+def test_training_checkpoint_loads_weights_only_and_restores_every_rng(tmp_path: Path) -> None:
+    import random
+
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    np.random.standard_normal()  # a cached Gaussian is part of numpy's state too
+    torch.save({"rng": train._rng_state()}, tmp_path / "c.pt")
+    expected = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    state = torch.load(tmp_path / "c.pt", weights_only=True)  # no pickled numpy objects in a checkpoint
+    train._set_rng_state(state["rng"])
+    assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected

@@ -105,13 +105,17 @@ def _save(path: Path, state: dict) -> None:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    # Only tensors and plain Python values, so the checkpoint loads with torch.load(weights_only=True).
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def train_phases(
@@ -127,7 +131,7 @@ def train_phases(
     The checkpoint is left in place; the caller deletes it once the trained model is saved.
     """
     ckpt_path = Path(work_dir) / CHECKPOINT
-    state = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
+    state = torch.load(ckpt_path, weights_only=True) if ckpt_path.exists() else None
     start_phase, start_step = 0, 0
     history: dict = {"phases": {}}
     spent = 0.0
