@@ -115,3 +115,23 @@ def make_llava_dir(path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     proc.save_pretrained(path)
     return path
+
+
+def assert_card_rebuilds(model_dir, tmp_path) -> None:
+    """The card's reproduce step (`souplm merge souplm_recipe.yaml -o OUT`), run from an unrelated working directory,
+    writes the same weight bytes as `model_dir` holds (issue 12 §4: every card's command rebuilds its output)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model_dir = Path(model_dir)
+    assert "souplm_recipe.yaml" in (model_dir / "README.md").read_text()
+    elsewhere = Path(tmp_path) / "rebuild-cwd"
+    elsewhere.mkdir(exist_ok=True)
+    r = subprocess.run([sys.executable, "-m", "souplm", "merge", str(model_dir / "souplm_recipe.yaml"), "-o", "again",
+                        "--quiet"], cwd=elsewhere, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in (elsewhere / "again").glob("*.safetensors"))
+    for name in files:
+        assert (model_dir / name).read_bytes() == (elsewhere / "again" / name).read_bytes(), name

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import VOCAB, make_llama
-from helpers_eval import make_model_dir, make_tokenizer, write_task
+from helpers_eval import assert_card_rebuilds, make_model_dir, make_tokenizer, write_task
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -444,6 +444,7 @@ def test_search_end_to_end_on_a_cogvlm_style_target(pair, tmp_path):
     for f in ("search.csv", "search.md", "search.png", "search.svg", "responses.jsonl"):
         assert (out / f).stat().st_size > 0
     assert "(chosen)" in (out / "search.md").read_text()
+    assert_card_rebuilds(out / "model", tmp_path)
     # The written model is the chosen soup, exactly as a plain mapped merge makes it.
     direct = tmp_path / "direct"
     souplm.merge(adamms_recipe(pair["cog"], pair["llama"], report["chosen"], "llama-to-cogvlm",

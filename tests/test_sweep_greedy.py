@@ -6,7 +6,15 @@ import csv
 from pathlib import Path
 
 import pytest
-from helpers_eval import make_llava_dir, make_model_dir, make_tokenizer, mc_task, text_task, write_task
+from helpers_eval import (
+    assert_card_rebuilds,
+    make_llava_dir,
+    make_model_dir,
+    make_tokenizer,
+    mc_task,
+    text_task,
+    write_task,
+)
 
 from souplm.errors import SoupError
 from souplm.evaluate.runner import evaluate
@@ -138,6 +146,7 @@ def test_greedy_soup_leaves_the_broken_ingredient_out(models, tasks, tmp_path):
     # The written soup is the uniform mean of the chosen, loads, and scores what the search measured.
     written = evaluate(tmp_path / "soup", [tasks[0]], progress=False)["results"]["text-ppl"]["score"]
     assert written == pytest.approx(res.greedy_score, rel=1e-5)
+    assert_card_rebuilds(tmp_path / "soup", tmp_path)
     assert "Greedy steps" in (tmp_path / "soup" / "greedy_soup.md").read_text()
 
 
