@@ -583,3 +583,20 @@ def test_pickle_index_must_agree_with_its_shards(family, tmp_path):
     (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     with pytest.raises(SoupError, match="outside the model directory"):
         Checkpoint(d, allow_pickle=True)
+
+
+def test_a_corrupt_or_deeply_nested_hash_memo_is_ignored_not_fatal(tmp_path, monkeypatch):
+    import hashlib as _hl
+
+    from souplm.io.checkpoint import content_hash
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"weights")
+    expected = _hl.sha256(b"model.safetensors\0" + _hl.sha256(b"weights").digest()).hexdigest()
+    monkeypatch.setenv("SOUPLM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    memo = tmp_path / "cache" / "content_hashes.json"
+    for bad in ("[" * 200_000, "{not json", "[1, 2]", '{"x": {"y": 1}}'):
+        memo.write_text(bad)
+        assert content_hash(d) == expected

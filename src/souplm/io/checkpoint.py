@@ -19,6 +19,7 @@ from ..errors import SoupError
 from .checkdir import check_index_agrees, contained_file, read_config, read_index, unlisted_shards
 from .dtypes import FLOAT32, DType, dtype_of, torch_dtype
 from .hub import resolve_model
+from .jsonsafe import load_json
 from .safetensors_file import SafetensorsFile
 
 if TYPE_CHECKING:
@@ -243,13 +244,16 @@ def content_hash(path: str | os.PathLike) -> str:
     stats = [(f, f.stat()) for f in files]
     stamp = ";".join(f"{f.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}" for f, st in stats)
     cache_file = _hash_cache_path()
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, json.JSONDecodeError):
+    try:  # a memo only: anything unreadable, too deep or of the wrong shape is ignored and rewritten
+        cache = load_json(cache_file.read_bytes(), str(cache_file), max_depth=2)
+    except (OSError, SoupError):
+        cache = {}
+    if not isinstance(cache, dict):
         cache = {}
     key = f"{p}|{stamp}"
-    if key in cache:
-        return cache[key]
+    hit = cache.get(key)
+    if isinstance(hit, str) and len(hit) == 64:
+        return hit
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode() + b"\0")
