@@ -342,6 +342,15 @@ def test_perplexity_task_field_types(tmp_path, key, value):
         load_task_file(tmp_path / "t.yaml")
 
 
+def test_task_file_with_a_non_string_key(tmp_path):
+    from souplm.evaluate.tasks import load_task_file
+
+    (tmp_path / "d.jsonl").write_text('{"text": "hi"}\n')
+    (tmp_path / "t.yaml").write_text("kind: perplexity\ndata: d.jsonl\n1: a\n")
+    with pytest.raises(SoupError, match="task file keys must be strings, not 1"):
+        load_task_file(tmp_path / "t.yaml")
+
+
 @pytest.mark.parametrize("value", [-5, 0, "8", 2.5])
 def test_generation_max_new_tokens(tmp_path, value):
     from souplm.evaluate.tasks import load_task_file

@@ -244,6 +244,9 @@ def task_from_dict(spec: dict[str, Any], base_dir: Path, source: str = "") -> Ta
     source = source or str(spec.get("name", "task") if isinstance(spec, dict) else "task")
     if not isinstance(spec, dict):
         raise SoupError(f"{source}: a task file must hold a mapping")
+    odd = next((k for k in spec if not isinstance(k, str)), None)
+    if odd is not None:
+        raise SoupError(f"{source}: task file keys must be strings, not {short_repr(odd)}")
     kind = spec.get("kind")
     if kind not in KINDS:
         raise SoupError(f"{source}: unknown task kind {short_repr(kind)} (one of {', '.join(KINDS)})")
