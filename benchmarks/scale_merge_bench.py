@@ -145,12 +145,22 @@ def disk_floor(inputs: list[Path], out_bytes: int, scratch: Path) -> tuple[float
     return read_s, write_s
 
 
+class NoHashBench(mb.Bench):
+    """merge_bench's runner plus the tool `souplm-nohash`: souplm without the card's input hashes."""
+
+    def command(self, tool: str, recipe: Path, out: Path) -> list[str]:
+        if tool == "souplm-nohash":
+            return [*super().command("souplm", recipe, out), "--no-hash"]
+        return super().command(tool, recipe, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=Path("/work/bench7b"))
     p.add_argument("--venv", type=Path, default=mb.DEFAULT_CACHE / "mergekit-venv")
     p.add_argument("--methods", default="linear,ties")
-    p.add_argument("--tools", default="souplm,mergekit")
+    p.add_argument("--tools", default="souplm,mergekit",
+                   help="comma-separated: souplm, mergekit, souplm-nohash (souplm merge --no-hash: no card hashes)")
     p.add_argument("--layers", type=int, default=32, help="32 is Llama-2-7B; fewer for a dry run")
     p.add_argument("--density", type=float, default=0.5)
     p.add_argument("--out", type=Path, default=None)
@@ -171,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                     str(args.layers)], check=True)
     dirs = {m: args.workdir / "models" / m for m in mb.MODEL_NAMES}
     env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1))
-    bench = mb.Bench(dirs, args.workdir, mb.find_souplm(), mk, env, "7b")
+    bench = NoHashBench(dirs, args.workdir, mb.find_souplm(), mk, env, "7b")
     out_bytes = spec.num_params() * 2
     rows = []
     try:
@@ -192,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                 if res.returncode != 0:
                     print(res.stderr_tail)
             agree = ""
-            if len(cells) == 2 and method == "linear" and all(c[0].returncode == 0 for c in cells.values()):
+            if {"souplm", "mergekit"} <= set(cells) and method == "linear" and all(
+                    cells[t][0].returncode == 0 for t in ("souplm", "mergekit")):
                 cmp = mb.compare_outputs(bench.out_dir("souplm", method), bench.out_dir("mergekit", method))
                 agree = "agree" if cmp["agree"] else f"DIFFER ({cmp['worst_tensor']})"
             for tool in tools:
@@ -217,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {method} | {in_bytes / GB:.1f} | {read_s:.1f} | {write_s:.1f} | {fmax:.1f} / {fsum:.1f} | {tool}{status} "
                 f"| {total:.1f} | {total / fmax:.2f} | {total / fsum:.2f} | {res.peak_rss_bytes / 2**30:.2f} | {res.cpu_s:.0f} |"
             )
-        if len(cells) == 2:
+        if {"souplm", "mergekit"} <= set(cells):
             s, m = cells["souplm"][1], cells["mergekit"][1]
             lines.append(f"| {method} | | | | | mergekit / souplm | **{m / s:.2f}x** | | | | {agree} |")
     text = "\n".join(lines) + "\n"
