@@ -139,6 +139,18 @@ def test_demo_shows_a_soup_with_both_skills(tmp_path, capsys, monkeypatch):
     assert "ties" in _front_matter(card)["tags"]
 
 
+def test_demo_never_rewrites_a_folder_it_did_not_make(tmp_path, capsys):
+    from souplm.cli import main
+
+    keep = tmp_path / "mine"
+    (keep / "models").mkdir(parents=True)
+    (keep / "models" / "precious.txt").write_text("user data")
+    assert main(["demo", "--quick", "-o", str(keep)]) == 2
+    assert "was not made by souplm demo" in capsys.readouterr().err
+    assert (keep / "models" / "precious.txt").read_text() == "user data"
+    assert sorted(p.name for p in keep.rglob("*")) == ["models", "precious.txt"]
+
+
 def test_demo_help_describes_it(capsys):
     import pytest
 

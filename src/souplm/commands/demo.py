@@ -41,8 +41,28 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+MARKER = ".souplm-demo"  # a folder holding this was made by the demo, so the demo may rewrite it
+
+
+def claim_demo_folder(root: Path) -> None:
+    """The demo rewrites its own folder only: a non-empty folder without the demo's marker is refused, so
+    `demo -o ~/somewhere` can never replace what a user keeps there."""
+    from ..errors import SoupError
+    from ..io.output import check_output, os_error
+
+    check_output(root, what="demo folder")
+    try:
+        if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / MARKER).is_file())):
+            raise SoupError(f"demo folder {root} exists and was not made by souplm demo; choose another -o")
+        root.mkdir(parents=True, exist_ok=True)
+        (root / MARKER).write_text("made by souplm demo; the demo may rewrite this folder\n")
+    except OSError as e:
+        raise os_error(e, "cannot write the demo folder", root) from None
+
+
 def run(args: argparse.Namespace) -> int:
     root = Path(args.out).resolve()
+    claim_demo_folder(root)
     if args.real:
         return _real(root, args.cache)
     return _toy(root, quick=args.quick)
