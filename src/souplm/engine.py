@@ -13,7 +13,6 @@ independent of model size.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from . import __version__
 from .arch.layouts import GENERIC, detect_layout
 from .coefficients import CoefficientTable
 from .errors import SoupError
-from .io.checkpoint import WEIGHT_SUFFIXES, Checkpoint, open_checkpoint
+from .io.checkpoint import WEIGHT_SUFFIXES, Checkpoint, file_sha256, open_checkpoint
 from .io.output import AtomicDir, check_output, fault, os_error
 from .io.pool import BufferPool
 from .io.safetensors_file import SafetensorsWriter
@@ -345,12 +344,6 @@ def _check_unchanged(before: dict[Path, tuple[int, ...] | None]) -> None:
         if _fingerprint(f) != fp:
             raise SoupError(f"input {f} changed while the merge was reading it (rewritten, replaced or removed); "
                             "nothing was written: run the merge again once the inputs are stable")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The plain sha256 of a file's bytes: what `sha256sum FILE` prints."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _sigterm_as_interrupt():

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from souplm.errors import SoupError
+from souplm.io.checkpoint import plain_sha256 as file_sha256
 
 RECORD = "stage.json"
 MANIFEST = "family.json"
@@ -56,14 +57,6 @@ class Stage:
 def stable_hash(obj: object) -> str:
     """sha256 of a JSON-able object, independent of dict ordering."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def dir_digest(path: Path) -> str:

@@ -229,37 +229,17 @@ def _hash_cache_path() -> Path:
     return root / "content_hashes.json"
 
 
-def content_hash(path: str | os.PathLike) -> str:
-    """sha256 over a model's weight files (names and bytes), memoised on (path, size, mtime).
-
-    This is the identity the evaluation cache and the model card use: two directories with the same
-    weights hash the same, and a rewritten file is re-hashed.
-    """
-    p = Path(path).resolve()
-    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.suffix in WEIGHT_SUFFIXES)
-    if not files:
-        raise SoupError(f"{p}: no weight files to hash")
-    # The memo may skip rehashing only when provably safe: size and mtime can be restored (touch -d),
-    # but inode and ctime cannot, so a file rewritten in place or replaced always misses.
-    stats = [(f, f.stat()) for f in files]
-    stamp = ";".join(f"{f.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}" for f, st in stats)
-    cache_file = _hash_cache_path()
+def _memo() -> dict:
     try:  # a memo only: anything unreadable, too deep or of the wrong shape is ignored and rewritten
-        cache = load_json(cache_file.read_bytes(), str(cache_file), max_depth=2)
+        cache = load_json(_hash_cache_path().read_bytes(), str(_hash_cache_path()), max_depth=2)
     except (OSError, SoupError):
-        cache = {}
-    if not isinstance(cache, dict):
-        cache = {}
-    key = f"{p}|{stamp}"
-    hit = cache.get(key)
-    if isinstance(hit, str) and len(hit) == 64:
-        return hit
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            h.update(hashlib.file_digest(fh, "sha256").digest())
-    digest = h.hexdigest()
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _memo_store(key: str, digest: str) -> None:
+    cache_file = _hash_cache_path()
+    cache = _memo()
     cache[key] = digest
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -268,4 +248,43 @@ def content_hash(path: str | os.PathLike) -> str:
         os.replace(tmp, cache_file)
     except OSError:
         pass  # the cache is an optimisation; a read-only home must not break merging
+
+
+def plain_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, what `sha256sum FILE` prints (always read)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """`plain_sha256`, memoised where that is provably safe.
+
+    Size and mtime can be restored by hand (touch -d), but inode and ctime cannot, so a file rewritten in
+    place or replaced always misses the memo and is read again.
+    """
+    p = Path(path).resolve()
+    st = p.stat()
+    key = f"file:{p}|{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
+    hit = _memo().get(key)
+    if isinstance(hit, str) and len(hit) == 64:
+        return hit
+    digest = plain_sha256(p)
+    _memo_store(key, digest)
     return digest
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """sha256 over a model's weight files: each file's name and the sha256 of its bytes (`file_sha256`).
+
+    This is the identity the evaluation cache and coefficient tables use: two directories with the same
+    weights hash the same, and a rewritten file is re-hashed.
+    """
+    p = Path(path).resolve()
+    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        raise SoupError(f"{p}: no weight files to hash")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        h.update(bytes.fromhex(file_sha256(f)))
+    return h.hexdigest()
