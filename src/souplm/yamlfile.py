@@ -8,9 +8,7 @@ Every YAML read goes through `load_yaml` (directly or via `parse_mapping` / `rea
   contain itself. An exponential "billion laughs" document is therefore refused after composing its
   few distinct nodes, before anything is constructed or formatted.
 Numbers like `1e-3` read as floats (YAML 1.1 would read a string); everything else is PyYAML's safe schema.
-
-The typed getters (`get_bool`, `get_number`, `get_int`, `get_str`) take a value as written: `"false"`
-(a string) is not a boolean, `true` is not a number.
+Types are checked where the values are read (recipe.py, learn/config.py, evaluate/tasks.py, arch/mapping.py).
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, SequenceNode
 
-from .errors import SoupError, short_repr
+from .errors import SoupError
 
 MAX_YAML_BYTES = 16 * 1024 * 1024
 MAX_YAML_DEPTH = 100
@@ -140,48 +138,3 @@ def parse_mapping(text: str, where: str, what: str) -> dict:
 def read_mapping(path: str | os.PathLike, what: str) -> dict:
     """Read a YAML/JSON file that must hold a mapping, with one-line errors naming the file."""
     return parse_mapping(read_text_bounded(path, what), str(path), what)
-
-
-# -- typed getters: a value must already have the type it is read as -------------------------------
-_MISSING = object()
-
-
-def _get(data: dict, key: str, where: str, default: Any) -> Any:
-    value = data.get(key, _MISSING)
-    if value is _MISSING or value is None:
-        if default is _MISSING:
-            raise SoupError(f"{where}: missing required key '{key}'")
-        return default
-    return value
-
-
-def get_bool(data: dict, key: str, where: str, default: Any = _MISSING) -> bool:
-    """`data[key]` as a real boolean (true/false); a string such as "false" is refused."""
-    value = _get(data, key, where, default)
-    if not isinstance(value, bool):
-        raise SoupError(f"{where}: '{key}' must be true or false, got {short_repr(value)}")
-    return value
-
-
-def get_number(data: dict, key: str, where: str, default: Any = _MISSING) -> float:
-    """`data[key]` as a real number (int or float, not a boolean or a string)."""
-    value = _get(data, key, where, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SoupError(f"{where}: '{key}' must be a number, got {short_repr(value)}")
-    return value
-
-
-def get_int(data: dict, key: str, where: str, default: Any = _MISSING) -> int:
-    """`data[key]` as a real integer (not a boolean, a float or a string)."""
-    value = _get(data, key, where, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SoupError(f"{where}: '{key}' must be an integer, got {short_repr(value)}")
-    return value
-
-
-def get_str(data: dict, key: str, where: str, default: Any = _MISSING) -> str:
-    """`data[key]` as a string (a number or boolean is refused, not converted)."""
-    value = _get(data, key, where, default)
-    if not isinstance(value, str):
-        raise SoupError(f"{where}: '{key}' must be a string, got {short_repr(value)}")
-    return value
