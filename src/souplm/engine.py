@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .arch.layouts import GENERIC, detect_layout
 from .coefficients import CoefficientTable
-from .errors import SoupError
+from .errors import SoupError, input_not_finite, output_not_finite
 from .io.checkpoint import WEIGHT_SUFFIXES, Checkpoint, file_sha256, open_checkpoint
 from .io.output import AtomicDir, check_output, fault, os_error
 from .io.pool import BufferPool
@@ -134,7 +134,7 @@ def _finite(t: torch.Tensor, name: str, where: Path) -> torch.Tensor:
     import torch
 
     if t.is_floating_point() and not torch.isfinite(t.sum()) and not bool(torch.isfinite(t).all()):
-        raise SoupError(f"tensor {name} of model {where} contains NaN or Inf")
+        raise input_not_finite(name, where)
     return t
 
 
@@ -180,9 +180,7 @@ def _compute_on(plan: Plan, sources: Sources, item: Item, tensors, base) -> torc
         out = torch.cat([out, extra.to(device=out.device, dtype=out.dtype)])
     out = out.to(item.dtype.torch)
     if not bool(torch.isfinite(out.sum(dtype=torch.float32))) and not bool(torch.isfinite(out).all()):
-        from .fused import output_not_finite  # finite inputs, non-finite result: overflow or the final cast
-
-        raise output_not_finite(item)
+        raise output_not_finite(item.out_name, item.dtype.torch_name)  # overflow or the final cast
     return out
 
 

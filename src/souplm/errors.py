@@ -50,3 +50,14 @@ def _bounded_repr(value: object, limit: int, depth: int = 0) -> str:
             out.append("...")
             break
     return opener + ", ".join(out) + closer
+
+
+def input_not_finite(tensor: str, model) -> SoupError:
+    """The one message for an input tensor holding NaN or Inf (every executor and path raises this)."""
+    return SoupError(f"tensor {tensor} of model {model} contains NaN or Inf")
+
+
+def output_not_finite(out_name: str, dtype_name: str) -> SoupError:
+    """The one message for finite inputs whose merged value is not finite (overflow or the final cast)."""
+    return SoupError(f"output tensor {out_name} would hold Inf or NaN although its inputs are finite "
+                     f"(the merge overflows {dtype_name}); nothing was written: use a wider dtype or smaller weights")

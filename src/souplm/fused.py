@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import SoupError
+from .errors import SoupError, input_not_finite
+from .errors import output_not_finite as _output_not_finite
 from .io.checkpoint import Checkpoint
 from .io.dtypes import DType
 from .methods.dare import draw_keys, keep_level, survivor_scale
@@ -201,7 +202,7 @@ class Executor:
                 raise output_not_finite(item)
             where = plan.checkpoints[k if k < n_models else plan.base_index]
             tensor = item.inputs[k] if k < n_models else item.base
-            raise SoupError(f"tensor {tensor} of model {where.path} contains NaN or Inf")
+            raise input_not_finite(tensor, where.path)
         if item.extra_from is not None:  # rows only the larger vocabulary has: converted, not merged
             extra = inputs[-1]
             isz, osz = extra.dtype.itemsize, item.dtype.itemsize
@@ -214,7 +215,7 @@ class Executor:
                 ck, nm = plan.checkpoints[item.extra_from[0]], item.extra_from[1]
                 if min(r for r in results if r >= 0) == 2:
                     raise output_not_finite(item)
-                raise SoupError(f"tensor {nm} of model {ck.path} contains NaN or Inf")
+                raise input_not_finite(nm, ck.path)
 
     def _threshold(self, x: np.ndarray, code: int, base: np.ndarray, base_code: int, n: int, density: float) -> float:
         """TIES's trim threshold: the exact k-th largest |x - base|, k = round(density * n), by a two-pass
@@ -331,8 +332,7 @@ def _normalized(weight: np.ndarray) -> np.ndarray:
 
 # -- the stream ---------------------------------------------------------------------------------------
 def output_not_finite(item: Item) -> SoupError:
-    return SoupError(f"output tensor {item.out_name} would hold Inf or NaN although its inputs are finite "
-                     f"(the merge overflows {item.dtype.torch_name}); nothing was written: use a wider dtype or smaller weights")
+    return _output_not_finite(item.out_name, item.dtype.torch_name)
 
 
 _EXPONENT = {"float32": (np.uint32, 0x7F800000), "float16": (np.uint16, 0x7C00), "bfloat16": (np.uint16, 0x7F80)}
