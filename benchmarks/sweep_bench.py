@@ -87,11 +87,11 @@ def main() -> None:
 
     import torch
 
+    from souplm.engine.recipe import Recipe
     from souplm.evaluate.cache import model_hash, soup_key
     from souplm.evaluate.lm import HFModel, load_model
     from souplm.evaluate.runner import run_task
     from souplm.evaluate.tasks import load_task
-    from souplm.recipe import Recipe
     from souplm.search.sweep import SoupModel, evaluate_candidate, parse_alphas
 
     root = Path(args.workdir)

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 import souplm
+from souplm.engine.recipe import Recipe
 from souplm.errors import SoupError
-from souplm.recipe import Recipe
 
 
 def _weights(d):

@@ -254,7 +254,7 @@ def test_card_records_each_input_files_plain_sha256(family, tmp_path, capsys):
 
 @pytest.mark.parametrize("how", ["rewrite", "replace", "touch"])
 def test_input_changed_during_the_merge_fails_it(family, tmp_path, monkeypatch, how):
-    from souplm import engine
+    from souplm.engine import write as engine
 
     a = tmp_path / "a"
     shutil.copytree(family["a"], a)

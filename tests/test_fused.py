@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import souplm
-from souplm import fused
+from souplm.engine import execute_fused as fused
+from souplm.engine.recipe import Recipe
 from souplm.errors import SoupError
-from souplm.recipe import Recipe
 
 pytestmark = pytest.mark.skipif(fused._kernels is None, reason="souplm._kernels is not built")
 
@@ -149,16 +149,16 @@ def test_fused_slerp_equals_torch(family, tmp_path, monkeypatch, t):
         torch.testing.assert_close(v, b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_covers_names_why_not(family, tmp_path, monkeypatch):
+def test_fused_blocker_names_why_not(family, tmp_path, monkeypatch):
     from souplm.engine import prepare
 
     plan, _ = prepare(Recipe.vanilla(family["a"], family["b"], 0.5))
-    assert fused.covers(plan) is None
+    assert fused.fused_blocker(plan) is None
     monkeypatch.setenv("SOUPLM_EXECUTOR", "torch")
-    assert fused.covers(plan) == "SOUPLM_EXECUTOR=torch"
+    assert fused.fused_blocker(plan) == "SOUPLM_EXECUTOR=torch"
     monkeypatch.delenv("SOUPLM_EXECUTOR")
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     torch.save(weights(family["b"]), pickled / "pytorch_model.bin")
     plan, _ = prepare(Recipe.vanilla(family["a"], pickled, 0.5).model_copy(update={"allow_pickle": True}))
-    assert fused.covers(plan) == "an input is not a plain safetensors checkpoint (pickle or mapped)"
+    assert fused.fused_blocker(plan) == "an input is not a plain safetensors checkpoint (pickle or mapped)"

@@ -28,11 +28,11 @@ from safetensors.torch import load_file, save_file
 
 import souplm
 from souplm.cli import main as cli
+from souplm.engine.recipe import Recipe
 from souplm.errors import SoupError, short_repr
 from souplm.io import safetensors_file as sf
 from souplm.io.checkpoint import Checkpoint
 from souplm.io.safetensors_file import SafetensorsFile, SafetensorsWriter
-from souplm.recipe import Recipe
 from souplm.yamlfile import load_yaml, read_mapping
 
 

@@ -18,8 +18,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from souplm.arch.units import unit_of
-from souplm.coefficients import CoefficientTable
 from souplm.data.metasets import IGNORE, MetaSet, RowEncoder, load_meta_sets, split_by_ratio
+from souplm.engine.coefficients import CoefficientTable
 from souplm.errors import SoupError
 from souplm.learn import learn, load_config
 from souplm.learn.activations import get_activation

@@ -14,7 +14,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, Llama
 
 import souplm.learn.soup_module as sm
 from souplm.arch.units import unit_of
-from souplm.coefficients import CoefficientTable
+from souplm.engine.coefficients import CoefficientTable
 from souplm.learn import final_merge_table
 from souplm.learn.activations import get_activation
 from souplm.learn.regularizers import penalty
@@ -331,7 +331,7 @@ def test_final_merge_copies_what_the_table_does_not_name(tmp_path):
     from safetensors.torch import save_file
 
     from souplm.engine import merge
-    from souplm.recipe import Recipe
+    from souplm.engine.recipe import Recipe
 
     paths = []
     for i, w in enumerate((1.0, 3.0)):

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from souplm.cli import main
 from souplm.engine import merge
+from souplm.engine.recipe import Recipe
 from souplm.errors import SoupError
-from souplm.recipe import Recipe
 
 
 def tiny_llama(dtype=torch.float32, tie=False, seed=0):

@@ -18,9 +18,9 @@ import yaml
 from safetensors.numpy import load_file, save_file
 
 from souplm.cli import main
-from souplm.coefficients import CoefficientTable
+from souplm.engine.coefficients import CoefficientTable
+from souplm.engine.recipe import Recipe
 from souplm.errors import SoupError
-from souplm.recipe import Recipe
 
 H, V = 4, 8
 

@@ -14,10 +14,10 @@ they load on first use.
 
 __version__ = "0.1.0"
 
-from .coefficients import CoefficientTable
 from .engine import merge, open_sources, soup_into
+from .engine.coefficients import CoefficientTable
+from .engine.recipe import Recipe
 from .errors import SoupError
-from .recipe import Recipe
 
 __all__ = [
     "CoefficientTable",

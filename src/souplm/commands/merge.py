@@ -44,9 +44,9 @@ def _recipe(args: argparse.Namespace):
     """The recipe the flags describe. Every flag takes effect or is refused by name (never ignored)."""
     import math
 
+    from ..engine.recipe import Recipe
     from ..errors import SoupError
     from ..io.sizes import parse_size
-    from ..recipe import Recipe
 
     overrides = {k: v for k, v in {
         "dtype": args.dtype, "vocab_policy": args.vocab_policy, "output_model": args.output_model,
@@ -103,14 +103,14 @@ def _refuse_unused(recipe, args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine import merge
+    from ..engine import executor_for, merge
 
     recipe = _recipe(args)
     report = merge(recipe, args.out, coefficients=args.coefficients, force=args.force, dry_run=args.dry_run,
                    progress=not args.quiet, hash_inputs=not args.no_hash, device=args.device,
                    protect=[args.recipe] if args.recipe else [])
     if args.dry_run:
-        print(report.plan.summary())
+        print(report.plan.summary(executor=executor_for(report.plan, args.device)[1]))
     else:
         for note in report.plan.notes:
             print(f"note: {note}")

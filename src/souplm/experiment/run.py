@@ -483,7 +483,7 @@ def _data_digest(ctx: Context, spec: LearnSpec) -> list[str]:
 
 def run_learn(ctx: Context, spec: LearnSpec) -> dict[str, Any]:
     """Learn one soup (or find it learned) and score it on every test task; returns its record."""
-    from souplm.coefficients import CoefficientTable
+    from souplm.engine.coefficients import CoefficientTable
     from souplm.learn import learn
 
     key_cfg = learn_config(ctx, spec, Path("."))
@@ -518,8 +518,8 @@ def run_learn(ctx: Context, spec: LearnSpec) -> dict[str, Any]:
 
 def evaluate_table(ctx: Context, table: Any, table_path: Path) -> dict[str, float]:
     """Scores of the (LLaVA, Vicuna) soup a coefficient table describes, in memory, through the cache."""
+    from souplm.engine.recipe import Recipe
     from souplm.evaluate.cache import soup_key
-    from souplm.recipe import Recipe
     from souplm.search.sweep import METHOD, SoupModel, evaluate_candidate
 
     llava, vicuna = ctx.pair_paths
@@ -535,7 +535,7 @@ def evaluate_table(ctx: Context, table: Any, table_path: Path) -> dict[str, floa
 
 def unit_alphas(ctx: Context, run: dict[str, Any]) -> dict[str, float]:
     """LLaVA's share per soup unit of a learned run."""
-    from souplm.coefficients import CoefficientTable
+    from souplm.engine.coefficients import CoefficientTable
 
     table = CoefficientTable.load(ctx.work / run["table"])
     return {k: float(v[0]) for k, v in table.coefficients.items() if k != "default"}
@@ -543,7 +543,7 @@ def unit_alphas(ctx: Context, run: dict[str, Any]) -> dict[str, float]:
 
 def role_table(ctx: Context, run: dict[str, Any]) -> Any:
     """A learned run's table with the models named by their roles (LLaVA, Vicuna), for the plots."""
-    from souplm.coefficients import CoefficientTable
+    from souplm.engine.coefficients import CoefficientTable
 
     table = CoefficientTable.load(ctx.work / run["table"])
     return CoefficientTable([_role_of(ctx, m) for m in table.models], table.coefficients, table.meta)

@@ -1,6 +1,6 @@
 """Tensor element types without importing torch.
 
-A merge that runs on the fused kernels (`souplm.fused`) never needs torch, and importing it costs about
+A merge that runs on the fused kernels (`souplm.engine.execute_fused`) never needs torch, and importing it costs about
 a second, as long as the whole merge of a 370M-parameter model. Headers, plans and writers therefore
 speak of dtypes as `DType` values (the safetensors name and the item size); code that computes with
 torch asks a `DType` for its `.torch` twin, and only then is torch imported.

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..coefficients import CoefficientTable
+from ..engine.coefficients import CoefficientTable
 from ..errors import SoupError
 from .config import LearnConfig, load_config
 
@@ -368,7 +368,7 @@ def _learn(
     merged_dir = None
     if cfg.merge:
         from ..engine import merge
-        from ..recipe import Recipe
+        from ..engine.recipe import Recipe
 
         recipe = Recipe.from_models(
             cfg.models, method="linear", normalize=False, output_model=cfg.models[s],

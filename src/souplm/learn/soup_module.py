@@ -31,7 +31,7 @@ from torch import nn
 
 from ..arch.layouts import Layout, detect_layout
 from ..arch.units import layer_count, parse_unit_key, unit_of
-from ..coefficients import CoefficientTable
+from ..engine.coefficients import CoefficientTable
 from ..errors import SoupError
 from .activations import Activation, get_activation
 from .granularity import GRANULARITIES, group_of, rows_of, table_key

@@ -7,7 +7,7 @@ The keep/drop draws come from a counter-based stream: entry j of a tensor gets 1
 output for counter j // 4 (four entries per 64-bit word), under a key hashed from (seed, tensor name,
 model index). Any entry's draw can be computed on its own, so the merge is reproducible, independent of
 the order in which tensors are processed, and identical between this torch implementation and the
-fused kernels (`souplm.fused`), which split a tensor across threads. The keep probability is density
+fused kernels (`souplm.engine.execute_fused`), which split a tensor across threads. The keep probability is density
 rounded to a multiple of 2**-16, and survivors are rescaled by the inverse of that exact probability,
 so the merge stays unbiased.
 """

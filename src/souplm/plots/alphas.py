@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..arch.units import MAPPING_KINDS, Unit, parse_unit_key, unit_of
-from ..coefficients import CoefficientTable
+from ..engine.coefficients import CoefficientTable
 from ..errors import SoupError
 
 # Model colours: the paper's green for model 1 and red for model 2, then a few more for N > 2.

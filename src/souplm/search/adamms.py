@@ -42,7 +42,7 @@ def adamms_recipe(
     method: str = "linear", base_model: str | Path | None = None, **fields: Any,
 ) -> Any:
     """The recipe of one candidate: weights (1 - alpha) for the target and alpha for the source."""
-    from ..recipe import Recipe
+    from ..engine.recipe import Recipe
 
     return Recipe.from_models([str(target), str(source)], method, [1.0 - alpha, alpha],
                               base_model=None if base_model is None else str(base_model), mapping=mapping, **fields)

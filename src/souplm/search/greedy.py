@@ -119,7 +119,7 @@ def greedy_soup(
     """Greedy soup of `models` chosen on `heldout`; writes the soup to `out_dir` through the engine."""
     from tqdm.auto import tqdm
 
-    from ..recipe import Recipe
+    from ..engine.recipe import Recipe
 
     paths = [str(Path(m)) for m in models]
     if len(paths) < 2:
@@ -209,7 +209,7 @@ def write_soup(
 ) -> Path:
     """Write the greedy soup (uniform mean of the chosen) through the engine, plus the search report."""
     from ..engine import merge
-    from ..recipe import Recipe
+    from ..engine.recipe import Recipe
 
     # output_model is the best ingredient: the soup takes its config, tokenizer and layout.
     extra = {"vocab_policy": vocab_policy} if vocab_policy else {}

@@ -212,7 +212,7 @@ def sweep(
     """
     from tqdm.auto import tqdm
 
-    from ..recipe import Recipe
+    from ..engine.recipe import Recipe
 
     if len(models) != 2:
         raise SoupError(f"a vanilla sweep takes exactly 2 models (--model A --model B), got {len(models)}")

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .arch.units import layer_count, unit_of
+from ..arch.units import layer_count, unit_of
+from ..errors import SoupError
+from ..io.checkpoint import EMBED, LM_HEAD, Checkpoint
+from ..io.dtypes import BY_NAME, DType
+from ..methods import Method
 from .coefficients import CoefficientTable
-from .errors import SoupError
-from .io.checkpoint import EMBED, LM_HEAD, Checkpoint
-from .io.dtypes import BY_NAME, DType
-from .methods import Method
 from .recipe import Recipe
 
 VOCAB_TENSORS = (EMBED, LM_HEAD)
@@ -63,7 +63,7 @@ class Plan:
         """The recipe written beside the output (`souplm_recipe.yaml`): `souplm merge` of it, from any
         directory, rebuilds the same bytes (absolute model paths; the applied table and mapping by the copies
         saved beside it)."""
-        from .arch.mapping import builtin_mappings
+        from ..arch.mapping import builtin_mappings
 
         m = self.recipe.mapping
         builtin = isinstance(m, str) and m in builtin_mappings() and not os.path.exists(m)
@@ -89,7 +89,8 @@ class Plan:
     def write_bytes(self) -> int:
         return sum(i.nbytes for i in self.items)
 
-    def summary(self) -> str:
+    def summary(self, executor: str | None = None) -> str:
+        """What the merge will do, one line per fact (`executor`: which executor runs it, and why)."""
         merged = sum(1 for i in self.items if i.canonical)
         copied = len(self.items) - merged
         units = {unit_of(i.canonical).key for i in self.items if i.canonical}
@@ -103,10 +104,8 @@ class Plan:
         ]
         if self.coefficients:
             lines.append(f"coefficients {len(self.coefficients.coefficients)} table entries override per-model weights")
-        from .fused import covers  # (fused imports this module)
-
-        why_not = covers(self)
-        lines.append("executor    " + ("fused C kernels" if why_not is None else f"torch ({why_not})"))
+        if executor is not None:
+            lines.append(f"executor    {executor}")
         lines += [f"note        {n}" for n in self.notes]
         return "\n".join(lines)
 

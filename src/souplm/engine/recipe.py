@@ -31,10 +31,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import SoupError, short_repr
-from .io.sizes import DEFAULT_SHARD_SIZE, parse_size
-from .methods import get_method
-from .yamlfile import read_mapping
+from ..errors import SoupError, short_repr
+from ..io.sizes import DEFAULT_SHARD_SIZE, parse_size
+from ..methods import get_method
+from ..yamlfile import read_mapping
 
 # mergekit keys we read but that change nothing for souplm (documented, not silently ignored).
 MERGEKIT_NOOP_KEYS = {"int8_mask"}
@@ -180,7 +180,7 @@ class Recipe(BaseModel):
                     _walk(self.parameters[key], m.spec(key), f"parameters.{key}", self.allow_extrapolation)
 
     def _check_mapping(self) -> None:
-        from .arch.mapping import load_mapping
+        from ..arch.mapping import load_mapping
 
         if len(self.models) != 2:
             raise SoupError(f"mapping {self.mapping}: a mapped merge takes two models (models[0] the target, "
@@ -241,7 +241,7 @@ def _walk(value: Any, spec, where: str, extrapolate: bool) -> None:
 def _resolve_relative_paths(data: dict, root: Path) -> dict:
     """Model paths in a recipe file are relative to the file, when such a path exists."""
 
-    from .io.hub import _HUB_ID
+    from ..io.hub import _HUB_ID
 
     root = Path(os.path.abspath(root))
 
@@ -302,7 +302,7 @@ def _from_mergekit(data: dict, where: str) -> dict:
 
 def _adapted(spec: dict, where: str) -> str:
     """souplm's `model: {base: B, adapters: [A1, ...]}` as mergekit's `B+A1+...` (souplm.lora)."""
-    from .lora.checkpoint import join_spec
+    from ..lora.checkpoint import join_spec
 
     adapters = spec.get("adapters") or []
     if set(spec) - {"base", "adapters"} or not isinstance(spec.get("base"), str) or not isinstance(adapters, list):

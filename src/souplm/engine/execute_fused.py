@@ -12,7 +12,7 @@ the inputs for NaN/Inf, split across the CPU's cores. Merging with it never impo
 Both executors state the same formula (each method's docstring and `methods/`), in fp32 with the same
 operation order; the tests hold them to each other and to NumPy references. DARE draws its random bits
 from the same counter-based stream in both (`methods/dare.py`). `engine.merge` picks this executor when
-it covers the whole plan and the kernels are built (`covers`); `SOUPLM_EXECUTOR=torch` forces the other.
+nothing blocks it (`fused_blocker`: the kernels are built and cover every tensor); `SOUPLM_EXECUTOR=torch` forces the other.
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import SoupError, input_not_finite
-from .errors import output_not_finite as _output_not_finite
-from .io.checkpoint import Checkpoint
-from .io.dtypes import DType
-from .methods.dare import draw_keys, keep_level, survivor_scale
+from ..errors import SoupError, input_not_finite
+from ..errors import output_not_finite as _output_not_finite
+from ..io.checkpoint import Checkpoint
+from ..io.dtypes import DType
+from ..methods.dare import draw_keys, keep_level, survivor_scale
 from .plan import Item, Plan
 
 try:
-    from . import _kernels
+    from .. import _kernels
 except ImportError:  # the extension is optional: without a C compiler the torch executor does everything
     _kernels = None
 
@@ -45,8 +45,8 @@ SUM, ELECT = 0, 1
 MIN_SPLIT = 1 << 18  # elements below which a tensor is not worth splitting across threads
 
 
-def covers(plan: Plan) -> str | None:
-    """None when this executor can run the whole plan, else why not (the engine then uses torch)."""
+def fused_blocker(plan: Plan) -> str | None:
+    """Why this executor cannot run the whole plan (the engine then uses torch), or None when it can."""
     if _kernels is None:
         return "the C kernels are not built (souplm._kernels)"
     if os.environ.get("SOUPLM_EXECUTOR", "").lower() == "torch":

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .arch.units import parse_unit_key, unit_of
-from .errors import SoupError
+from ..arch.units import parse_unit_key, unit_of
+from ..errors import SoupError
 
 FORMAT = "souplm.coefficients/1"
 
@@ -60,7 +60,7 @@ class CoefficientTable:
     @classmethod
     def identified(cls, models: list[str], coefficients: dict, meta: dict | None = None) -> CoefficientTable:
         """A table that names its models by absolute path and content hash (what `learn` writes)."""
-        from .io.checkpoint import content_hash
+        from ..io.checkpoint import content_hash
 
         paths = [os.path.abspath(m) if Path(m).exists() else m for m in models]
         return cls(paths, coefficients, meta or {}, [_hash_or_empty(m, content_hash) for m in models])
@@ -68,7 +68,7 @@ class CoefficientTable:
     def aligned_to(self, models: list[str | os.PathLike]) -> tuple[CoefficientTable, str | None]:
         """This table with its columns in the order of `models` (the recipe's), and a note when it had to
         reorder or could only trust the position. Refuses a table made for other models."""
-        from .io.checkpoint import content_hash
+        from ..io.checkpoint import content_hash
 
         n = len(models)
         if self.n_models != n:
@@ -147,7 +147,7 @@ class CoefficientTable:
         path = Path(path)
         if not path.is_file():
             raise SoupError(f"coefficient table not found: {path}")
-        from .io.jsonsafe import read_json
+        from ..io.jsonsafe import read_json
 
         data = read_json(path, "coefficient table")  # bounded in size and nesting; one-line errors
         if not isinstance(data, dict) or data.get("format") != FORMAT:

@@ -1,14 +1,10 @@
-"""The merge engine: recipe -> plan -> stream tensors -> write.
+"""Step 4, the sinks: merged tensors written as a checkpoint directory, or into an in-memory model.
 
-Every soup in souplm ends here: hand-written recipes, learned coefficient tables and searched alphas
-all become a `Recipe` (+ optional `CoefficientTable`) and run through `merged_tensors`. Two sinks:
+Two sinks for the tensors an executor yields:
 
 - `merge(...)` streams into sharded safetensors in a temporary directory beside the target and
   renames it into place at the end (nothing half-written survives an error or Ctrl-C);
 - `soup_into(model, ...)` writes into an existing torch model's parameters, for in-memory sweeps.
-
-Memory is bounded by the largest tensor times the number of inputs (plus one prefetched tensor),
-independent of model size.
 """
 
 from __future__ import annotations
@@ -19,23 +15,24 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
-from .arch.layouts import GENERIC, detect_layout
+from .. import __version__
+from ..arch.layouts import GENERIC, detect_layout
+from ..errors import SoupError
+from ..io.checkpoint import WEIGHT_SUFFIXES, file_sha256
+from ..io.output import AtomicDir, check_output, fault, os_error
+from ..io.safetensors_file import SafetensorsWriter
+from . import execute_fused
 from .coefficients import CoefficientTable
-from .errors import SoupError, input_not_finite, output_not_finite
-from .io.checkpoint import WEIGHT_SUFFIXES, Checkpoint, file_sha256, open_checkpoint
-from .io.output import AtomicDir, check_output, fault, os_error
-from .io.pool import BufferPool
-from .io.safetensors_file import SafetensorsWriter
-from .methods.dare import draw_keys
-from .plan import Item, Plan, build_plan
+from .execute_torch import merged_tensors, resolve_device
+from .plan import Item, Plan
 from .recipe import Recipe
+from .sources import Sources, prepare
 
 if TYPE_CHECKING:
     import torch
@@ -62,182 +59,6 @@ class MergeReport:
         how = f", {self.executor} executor" if self.executor else ""
         return (f"merged {len(self.plan.items)} tensors in {self.seconds:.1f}s "
                 f"({self.bytes_read / 1e9:.2f} GB read, {self.bytes_written / 1e9:.2f} GB written{how}) -> {where}")
-
-
-class Sources:
-    """The recipe's input checkpoints (models in order, then the base); optionally held in memory."""
-
-    def __init__(self, recipe: Recipe, in_memory: bool = False):
-        self.paths = recipe.all_paths()
-        self.mapping = recipe.mapping
-        self.notes: list[str] = []
-        # A mapping names every tensor of a custom architecture, so an unknown layout is allowed there.
-        mapped = recipe.mapping is not None
-        self.checkpoints: list[Checkpoint] = [
-            open_checkpoint(p, allow_pickle=recipe.allow_pickle, generic_layout=mapped) for p in self.paths
-        ]
-        if mapped:
-            from .arch.mapping import apply_mapping
-
-            # The source (and base) are presented under the target's names, joined or cut on read.
-            self.checkpoints, self.notes = apply_mapping(recipe.mapping, self.checkpoints)
-        self._memory: dict[tuple[int, str], torch.Tensor] | None = None
-        if in_memory:
-            self._memory = {(k, n): c.get(n) for k, c in enumerate(self.checkpoints) for n in c.names}
-
-    def get(self, k: int, name: str, pool: BufferPool | None = None) -> torch.Tensor:
-        """A fresh fp32 copy (methods may work in place on it), on a pooled buffer when `pool` is given."""
-        import torch
-
-        ck = self.checkpoints[k]
-        if pool is not None and (self._memory is not None or isinstance(ck, Checkpoint)):
-            out = pool.empty(ck.shape(name), torch.float32)
-            if self._memory is not None:
-                return out.copy_(self._memory[(k, name)])
-            return ck.read_into(name, out)
-        if self._memory is not None:
-            return self._memory[(k, name)].clone()
-        return ck.get(name)
-
-    def index_for(self, recipe: Recipe) -> list[Checkpoint]:
-        paths = recipe.all_paths()
-        if paths != self.paths or recipe.mapping != self.mapping:
-            raise SoupError("the sources were opened for other models (or another mapping) than this recipe's")
-        return self.checkpoints
-
-
-def open_sources(recipe: Recipe, in_memory: bool = False) -> Sources:
-    return Sources(recipe, in_memory=in_memory)
-
-
-def _load_coefficients(recipe: Recipe, coefficients) -> CoefficientTable | None:
-    if coefficients is None and recipe.coefficients:
-        coefficients = recipe.coefficients
-    if coefficients is None or isinstance(coefficients, CoefficientTable):
-        return coefficients
-    return CoefficientTable.load(coefficients)
-
-
-def prepare(recipe: Recipe | str | os.PathLike | dict, coefficients=None, sources: Sources | None = None) -> tuple[Plan, Sources]:
-    if not isinstance(recipe, Recipe):
-        recipe = Recipe.load(recipe)
-    table = _load_coefficients(recipe, coefficients)
-    sources = sources or open_sources(recipe)
-    plan = build_plan(recipe, sources.index_for(recipe), table)
-    plan.notes.extend(sources.notes)
-    return plan, sources
-
-
-# -- computing one output tensor ------------------------------------------------------------------
-def _finite(t: torch.Tensor, name: str, where: Path) -> torch.Tensor:
-    # A finite sum proves every entry finite; only a non-finite sum pays for the exact check.
-    import torch
-
-    if t.is_floating_point() and not torch.isfinite(t.sum()) and not bool(torch.isfinite(t).all()):
-        raise input_not_finite(name, where)
-    return t
-
-
-def _load_inputs(plan: Plan, sources: Sources, item: Item, pool: BufferPool | None = None):
-    if item.copy_from is not None:
-        return None
-    ck = plan.checkpoints
-    tensors = [_finite(sources.get(k, n, pool), n, ck[k].path) for k, n in enumerate(item.inputs)]
-    base = None
-    if item.base is not None:
-        base = _finite(sources.get(plan.base_index, item.base, pool), item.base, ck[plan.base_index].path)
-    if item.common_rows is not None:
-        tensors = [t[: item.common_rows] for t in tensors]
-        base = base[: item.common_rows] if base is not None else None
-    return tensors, base
-
-
-def _compute(plan: Plan, sources: Sources, item: Item, loaded, device: torch.device | None = None) -> torch.Tensor:
-    if item.copy_from is not None:  # copied unchanged: finite too
-        k, name = item.copy_from
-        return _finite(plan.checkpoints[k].get(name, dtype=None), name, plan.checkpoints[k].path)
-    tensors, base = loaded
-    if device is not None:  # (on "cpu" the moves are no-ops, which is how CI runs this path)
-        # The inputs stay on the host's pooled buffers; the method runs on the device and its result comes back.
-        tensors = [t.to(device, non_blocking=True) for t in tensors]
-        base = base.to(device, non_blocking=True) if base is not None else None
-        return _compute_on(plan, sources, item, tensors, base).to("cpu")
-    return _compute_on(plan, sources, item, tensors, base)
-
-
-def _compute_on(plan: Plan, sources: Sources, item: Item, tensors, base) -> torch.Tensor:
-    import torch
-
-    dev = tensors[0].device
-    kwargs = {k: torch.tensor(v, device=dev) for k, v in item.model_params.items()}
-    kwargs.update({k: v for k, v in item.global_params.items() if v is not None})
-    if plan.method.random:
-        kwargs["keys"] = draw_keys(plan.recipe.seed, item.canonical, len(item.inputs))
-    out = plan.method.fn(tensors, base, **kwargs)
-    if item.extra_from is not None:
-        k, name = item.extra_from
-        extra = sources.get(k, name)[item.common_rows :]
-        out = torch.cat([out, extra.to(device=out.device, dtype=out.dtype)])
-    out = out.to(item.dtype.torch)
-    if not bool(torch.isfinite(out.sum(dtype=torch.float32))) and not bool(torch.isfinite(out).all()):
-        raise output_not_finite(item.out_name, item.dtype.torch_name)  # overflow or the final cast
-    return out
-
-
-def merged_tensors(
-    recipe: Recipe | str | os.PathLike | dict,
-    *,
-    coefficients=None,
-    sources: Sources | None = None,
-    plan: Plan | None = None,
-    progress=None,
-    device: str | None = None,
-) -> Iterator[tuple[Item, torch.Tensor]]:
-    """Yield (plan item, merged tensor) in plan order; the next item's inputs load in a thread meanwhile.
-
-    `device` (e.g. "cuda") runs each method on that device, one tensor at a time; the yielded tensors are on the CPU.
-    """
-    dev = resolve_device(device)
-    if plan is None:
-        plan, sources = prepare(recipe, coefficients, sources)
-    # Input copies and the methods' temporaries live on reused buffers (io/pool.py): fresh pages for
-    # every tensor cost about as much CPU time as the merge arithmetic itself.
-    buffers = BufferPool()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="souplm-read") as pool:
-        pending: Future | None = None
-        items = plan.items
-        for idx, item in enumerate(items):
-            loaded = pending.result() if pending is not None else _load_inputs(plan, sources, item, buffers)
-            pending = (pool.submit(_load_inputs, plan, sources, items[idx + 1], buffers)
-                       if idx + 1 < len(items) else None)
-            with buffers.scope() as temporaries:
-                out = _compute(plan, sources, item, loaded, dev)
-            if loaded is not None:
-                for t in [*loaded[0], loaded[1], *temporaries]:
-                    if t is not None:
-                        buffers.give(t, keep_alive=out)
-            if progress is not None:
-                progress.update(item.read_bytes)
-            yield item, out
-
-
-def resolve_device(device: str | None) -> torch.device | None:
-    """The torch device for `--device`, checked before any tensor is read (None: the host, any executor)."""
-    if device is None:
-        return None
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise SoupError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SoupError(f"--device {device}: CUDA is not available on this machine")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise SoupError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type not in ("cpu", "cuda"):
-        raise SoupError(f"--device {device}: only cpu and cuda are supported")
-    return dev
 
 
 # -- sink 1: a checkpoint directory ---------------------------------------------------------------
@@ -364,8 +185,6 @@ def _write_shards(plan: Plan, sources: Sources, tmp: Path, progress: bool,
     """Stream the merged tensors into shards; returns the bytes written and the executor that ran."""
     from tqdm.auto import tqdm
 
-    from . import fused
-
     by_shard: dict[int, list[Item]] = {}
     for it in plan.items:
         by_shard.setdefault(it.shard, []).append(it)
@@ -375,15 +194,14 @@ def _write_shards(plan: Plan, sources: Sources, tmp: Path, progress: bool,
         for s, items in by_shard.items()
     }
     bar = tqdm(total=plan.read_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress, leave=False)
-    # The fused kernels when they cover the plan (no torch import at all), else the torch executor.
-    executor = "torch" if device is not None or fused.covers(plan) else "fused"
+    executor, _ = executor_for(plan, device)
     try:
         if executor == "fused":
             # Each tensor is written in a thread while the next one is computed (the fused stream keeps a
             # buffer valid for one more item); one write at a time keeps the shards in order.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="souplm-write") as writer:
                 written: Future | None = None
-                for item, data in fused.merged_buffers(plan, progress=bar):
+                for item, data in execute_fused.merged_buffers(plan, progress=bar):
                     if written is not None:
                         written.result()
                     written = writer.submit(writers[item.shard].write_bytes, item.out_name, data)
@@ -406,6 +224,15 @@ def _write_shards(plan: Plan, sources: Sources, tmp: Path, progress: bool,
     return sum(w.total_bytes for w in writers.values()), executor
 
 
+def executor_for(plan: Plan, device=None) -> tuple[str, str]:
+    """Which executor runs the plan ("fused" or "torch") and a line saying why: the fused C kernels when
+    nothing blocks them (no torch import at all), else torch; a `device` always means torch."""
+    if device is not None:
+        return "torch", f"torch (on {device})"
+    blocker = execute_fused.fused_blocker(plan)
+    return ("fused", "fused C kernels") if blocker is None else ("torch", f"torch ({blocker})")
+
+
 def _write_side_files(plan: Plan, tmp: Path, hashes: dict[Path, str]) -> None:
     src_dir = plan.output.path if plan.output.path.is_dir() else plan.output.path.parent
     for name in SIDE_FILES:
@@ -417,7 +244,7 @@ def _write_side_files(plan: Plan, tmp: Path, hashes: dict[Path, str]) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     (tmp / "souplm_recipe.yaml").write_text(plan.saved_recipe.to_yaml())
     if plan.recipe.mapping is not None:
-        from .arch.mapping import load_mapping
+        from ..arch.mapping import load_mapping
 
         # The spec as used, beside the recipe that names it (a spec file may change or move later).
         (tmp / "souplm_mapping.yaml").write_text(load_mapping(plan.recipe.mapping).text)

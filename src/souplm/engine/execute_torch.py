@@ -1,0 +1,137 @@
+"""Step 3, the torch executor: any method on fp32 copies of the inputs, on the host or a torch device.
+
+The plan's items are computed one at a time, the next item's inputs read in a thread meanwhile. Memory is
+bounded by the largest tensor times the number of inputs (plus one prefetched tensor), independent of
+model size. `execute_fused` runs the same plans without torch where it can (`fused_blocker`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import SoupError, input_not_finite, output_not_finite
+from ..io.pool import BufferPool
+from ..methods.dare import draw_keys
+from .plan import Item, Plan
+from .recipe import Recipe
+from .sources import Sources, prepare
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _finite(t: torch.Tensor, name: str, where: Path) -> torch.Tensor:
+    # A finite sum proves every entry finite; only a non-finite sum pays for the exact check.
+    import torch
+
+    if t.is_floating_point() and not torch.isfinite(t.sum()) and not bool(torch.isfinite(t).all()):
+        raise input_not_finite(name, where)
+    return t
+
+
+def _load_inputs(plan: Plan, sources: Sources, item: Item, pool: BufferPool | None = None):
+    if item.copy_from is not None:
+        return None
+    ck = plan.checkpoints
+    tensors = [_finite(sources.get(k, n, pool), n, ck[k].path) for k, n in enumerate(item.inputs)]
+    base = None
+    if item.base is not None:
+        base = _finite(sources.get(plan.base_index, item.base, pool), item.base, ck[plan.base_index].path)
+    if item.common_rows is not None:
+        tensors = [t[: item.common_rows] for t in tensors]
+        base = base[: item.common_rows] if base is not None else None
+    return tensors, base
+
+
+def _compute(plan: Plan, sources: Sources, item: Item, loaded, device: torch.device | None = None) -> torch.Tensor:
+    if item.copy_from is not None:  # copied unchanged: finite too
+        k, name = item.copy_from
+        return _finite(plan.checkpoints[k].get(name, dtype=None), name, plan.checkpoints[k].path)
+    tensors, base = loaded
+    if device is not None:  # (on "cpu" the moves are no-ops, which is how CI runs this path)
+        # The inputs stay on the host's pooled buffers; the method runs on the device and its result comes back.
+        tensors = [t.to(device, non_blocking=True) for t in tensors]
+        base = base.to(device, non_blocking=True) if base is not None else None
+        return _compute_on(plan, sources, item, tensors, base).to("cpu")
+    return _compute_on(plan, sources, item, tensors, base)
+
+
+def _compute_on(plan: Plan, sources: Sources, item: Item, tensors, base) -> torch.Tensor:
+    import torch
+
+    dev = tensors[0].device
+    kwargs = {k: torch.tensor(v, device=dev) for k, v in item.model_params.items()}
+    kwargs.update({k: v for k, v in item.global_params.items() if v is not None})
+    if plan.method.random:
+        kwargs["keys"] = draw_keys(plan.recipe.seed, item.canonical, len(item.inputs))
+    out = plan.method.fn(tensors, base, **kwargs)
+    if item.extra_from is not None:
+        k, name = item.extra_from
+        extra = sources.get(k, name)[item.common_rows :]
+        out = torch.cat([out, extra.to(device=out.device, dtype=out.dtype)])
+    out = out.to(item.dtype.torch)
+    if not bool(torch.isfinite(out.sum(dtype=torch.float32))) and not bool(torch.isfinite(out).all()):
+        raise output_not_finite(item.out_name, item.dtype.torch_name)  # overflow or the final cast
+    return out
+
+
+def merged_tensors(
+    recipe: Recipe | str | os.PathLike | dict,
+    *,
+    coefficients=None,
+    sources: Sources | None = None,
+    plan: Plan | None = None,
+    progress=None,
+    device: str | None = None,
+) -> Iterator[tuple[Item, torch.Tensor]]:
+    """Yield (plan item, merged tensor) in plan order; the next item's inputs load in a thread meanwhile.
+
+    `device` (e.g. "cuda") runs each method on that device, one tensor at a time; the yielded tensors are on the CPU.
+    """
+    dev = resolve_device(device)
+    if plan is None:
+        plan, sources = prepare(recipe, coefficients, sources)
+    # Input copies and the methods' temporaries live on reused buffers (io/pool.py): fresh pages for
+    # every tensor cost about as much CPU time as the merge arithmetic itself.
+    buffers = BufferPool()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="souplm-read") as pool:
+        pending: Future | None = None
+        items = plan.items
+        for idx, item in enumerate(items):
+            loaded = pending.result() if pending is not None else _load_inputs(plan, sources, item, buffers)
+            pending = (pool.submit(_load_inputs, plan, sources, items[idx + 1], buffers)
+                       if idx + 1 < len(items) else None)
+            with buffers.scope() as temporaries:
+                out = _compute(plan, sources, item, loaded, dev)
+            if loaded is not None:
+                for t in [*loaded[0], loaded[1], *temporaries]:
+                    if t is not None:
+                        buffers.give(t, keep_alive=out)
+            if progress is not None:
+                progress.update(item.read_bytes)
+            yield item, out
+
+
+def resolve_device(device: str | None) -> torch.device | None:
+    """The torch device for `--device`, checked before any tensor is read (None: the host, any executor)."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise SoupError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SoupError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SoupError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise SoupError(f"--device {device}: only cpu and cuda are supported")
+    return dev
+
+
