@@ -122,8 +122,12 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, **contract) -> Callable:
+def register(name: str, specs: dict[str, ParamSpec] | None = None, **contract) -> Callable:
+    """Register `fn` as method `name`. `specs`: the type and range of parameters this method names (or
+    gives a narrower meaning than PARAM_SPECS), declared beside the method itself."""
     def deco(fn: Callable) -> Callable:
+        for key, spec in (specs or {}).items():
+            METHOD_PARAM_SPECS[(name, key)] = spec
         for key in (*contract.get("model_params", {}), *contract.get("global_params", {})):
             param_spec(name, key)  # every parameter declares its type and range
         METHODS[name] = Method(name=name, fn=fn, summary=(fn.__doc__ or "").strip().split("\n")[0], **contract)
