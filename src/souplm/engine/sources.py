@@ -29,7 +29,7 @@ class Sources:
             open_checkpoint(p, allow_pickle=recipe.allow_pickle, generic_layout=mapped) for p in self.paths
         ]
         if mapped:
-            from .arch.mapping import apply_mapping
+            from ..arch.mapping import apply_mapping
 
             # The source (and base) are presented under the target's names, joined or cut on read.
             self.checkpoints, self.notes = apply_mapping(recipe.mapping, self.checkpoints)
