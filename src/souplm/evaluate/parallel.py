@@ -22,7 +22,16 @@ from typing import Any
 from .. import distributed as D
 from .cache import ResultCache, as_cache, model_hash
 from .lm import LanguageModel
-from .runner import N_SAMPLES, aggregate, checked_tasks, evaluate, model_getter, score_rows, task_result
+from .runner import (
+    N_SAMPLES,
+    aggregate,
+    checked_tasks,
+    evaluate,
+    item_scores,
+    model_getter,
+    score_rows,
+    task_result,
+)
 from .tasks import Task
 
 
@@ -34,6 +43,7 @@ def score_task_sharded(get_lm: Callable[[], LanguageModel], task: Task, limit: i
     # A rank with no rows (fewer examples than ranks) never loads or soups its model.
     records = D.unsplit(D.gather_results(lambda: score_rows(get_lm(), task, mine) if mine else []))
     result = task_result(task, aggregate(task, records), n=len(records), limit=limit)
+    result["items"] = item_scores(task, records)
     result["seconds"] = round(time.perf_counter() - t0, 3)
     samples = [{k: v for k, v in r.items() if k in ("output", "pred", "gold")} for r in records[:N_SAMPLES]]
     if samples and samples[0]:
@@ -73,6 +83,8 @@ def evaluate_parallel(
     for task in task_objs:
         # Rank 0 decides hit or miss for everyone, so all ranks take the same collectives.
         hit = D.on_main(lambda t=task: store.get(key, t.name, t.cache_version, limit)) if (store and key) else None
+        if hit is not None and "items" not in hit:
+            hit = None  # as in runner.evaluate: an entry without per-example values is scored again
         if hit is not None:
             results[task.name] = {**hit, "cached": True}
             continue

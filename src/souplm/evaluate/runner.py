@@ -139,12 +139,29 @@ def aggregate(task: Task, records: Sequence[dict[str, Any]]) -> dict[str, float]
     return {"exact_match": M.mean([r["exact_match"] for r in records])}
 
 
+# The per-example values a result keeps (`items`), by task kind: enough to recompute every metric and to
+# bootstrap or pair it over examples (souplm.experiment.stats), without the outputs and log-likelihoods.
+ITEM_FIELDS: dict[str, tuple[str, ...]] = {
+    "perplexity": ("nll", "tokens", "bytes", "words"),
+    "multiple_choice": ("acc", "acc_norm"),
+    "generation": ("exact_match",),
+    "vqa": ("exact_match",),
+}
+
+
+def item_scores(task: Task, records: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per-example values of `records`, one list per field of `ITEM_FIELDS`, in example order."""
+    fields = [f for f in ITEM_FIELDS.get(task.kind, ()) if all(f in r for r in records)]
+    return {f: [r[f] for r in records] for f in fields}
+
+
 def run_task(lm: LanguageModel, task: Task, limit: int | None = None) -> dict[str, Any]:
     """Score one task on a loaded model; the result is what the cache stores."""
     t0 = time.perf_counter()
     rows = task.rows(limit)
     records = score_rows(lm, task, rows)
     result = task_result(task, aggregate(task, records), n=len(records), limit=limit)
+    result["items"] = item_scores(task, records)
     result["seconds"] = round(time.perf_counter() - t0, 3)
     samples = [
         {k: v for k, v in r.items() if k in ("output", "pred", "gold")} for r in records[:N_SAMPLES]
@@ -240,6 +257,8 @@ def evaluate(
     for task in task_objs:
         version = task.cache_version
         hit = store.get(key, task.name, version, limit) if (store and key) else None
+        if hit is not None and "items" not in hit:
+            hit = None  # cached before results kept their per-example values: scored again, once
         if hit is not None:
             results[task.name] = {**hit, "cached": True}
             continue
