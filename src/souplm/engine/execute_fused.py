@@ -1,24 +1,22 @@
 """The fused CPU executor: a plan's tensors computed by one-pass C kernels (`souplm._kernels`), without torch.
 
-The engine has two executors for the same plan. The torch executor (`engine.merged_tensors`) runs any
-method on fp32 copies of the inputs, one element-wise pass per operation. This one covers the methods
-that are a weighted combination of (optionally trimmed or randomly dropped) task vectors: `linear`,
-`uniform`, `wise_ft`, `task_arithmetic`, `ties`, `dare_linear` and `dare_ties`, and `slerp` (a weighted
-sum whose two coefficients come from the angle between the tensors, one reduction pass). It reads the stored
-bytes (bf16, fp16 or fp32) and computes each output element in a single pass that converts, subtracts
-the base, masks, weighs, elects the sign, divides, adds the base, rounds to the output dtype and checks
-the inputs for NaN/Inf, split across the CPU's cores. Merging with it never imports torch.
+The engine has two executors for the same plan, and both run each method's one statement, its `Form`
+(methods/form.py). This one runs every method stated as a Form: a weighted combination of (optionally
+trimmed or randomly dropped) task vectors, with TIES's sign election or without, and weights that may come
+from the tensors' Gram matrix (SLERP). It reads the stored bytes (bf16, fp16 or fp32) and computes each
+output element in a single pass that converts, subtracts the base, masks, weighs, elects the sign,
+divides, adds the base, rounds to the output dtype and checks the inputs for NaN/Inf, split across the
+CPU's cores. Merging with it never imports torch.
 
-Both executors state the same formula (each method's docstring and `methods/`), in fp32 with the same
-operation order; the tests hold them to each other and to NumPy references. DARE draws its random bits
-from the same counter-based stream in both (`methods/dare.py`). `engine.merge` picks this executor when
-nothing blocks it (`fused_blocker`: the kernels are built and cover every tensor); `SOUPLM_EXECUTOR=torch` forces the other.
+The kernels state the Form's steps in fp32 with the same operation order as the torch statement
+(methods/steps.py); tests hold them to each other and to NumPy references. DARE draws its random bits
+from the same counter-based stream in both. `engine.merge` picks this executor when nothing blocks it
+(`fused_blocker`: the kernels are built and cover every tensor); `SOUPLM_EXECUTOR=torch` forces the other.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import threading
 from collections.abc import Iterator
@@ -31,7 +29,8 @@ from ..errors import SoupError, input_not_finite
 from ..errors import output_not_finite as _output_not_finite
 from ..io.checkpoint import Checkpoint
 from ..io.dtypes import DType
-from ..methods.dare import draw_keys, keep_level, survivor_scale
+from ..methods.form import Form
+from ..methods.steps import draw_keys, gram_of, keep_level, survivor_scale
 from .plan import Item, Plan
 
 try:
@@ -40,7 +39,6 @@ except ImportError:  # the extension is optional: without a C compiler the torch
     _kernels = None
 
 KERNEL_DTYPES = {"F32": 0, "F16": 1, "BF16": 2}
-METHODS = ("linear", "uniform", "wise_ft", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
 SUM, ELECT = 0, 1
 MIN_SPLIT = 1 << 18  # elements below which a tensor is not worth splitting across threads
 
@@ -51,16 +49,16 @@ def fused_blocker(plan: Plan) -> str | None:
         return "the C kernels are not built (souplm._kernels)"
     if os.environ.get("SOUPLM_EXECUTOR", "").lower() == "torch":
         return "SOUPLM_EXECUTOR=torch"
-    if plan.method.name not in METHODS:
-        return f"method {plan.method.name} has no fused kernel"
+    if plan.method.form is None:
+        return f"method {plan.method.name} is stated in torch, not as a one-pass Form"
     if not all(isinstance(c, Checkpoint) and c.is_safetensors for c in plan.checkpoints):
         return "an input is not a plain safetensors checkpoint (pickle or mapped)"
     for item in plan.items:
         if item.copy_from is not None:
             continue
-        names = [(k, n) for k, n in enumerate(item.inputs)]
+        names = list(zip(item.sources, item.inputs))
         if item.base is not None:
-            names.append((plan.base_index, item.base))
+            names.append((item.base_from, item.base))
         if item.extra_from is not None:
             names.append(item.extra_from)
         codes = {plan.checkpoints[k].dtype(n).code for k, n in names} | {item.dtype.code}
@@ -119,9 +117,9 @@ def _load(plan: Plan, buffers: Buffers, item: Item) -> list[Tensor] | None:
     if item.copy_from is not None:
         return None
     ck = plan.checkpoints
-    out = [_read(buffers, ck[k], n) for k, n in enumerate(item.inputs)]
+    out = [_read(buffers, ck[k], n) for k, n in zip(item.sources, item.inputs)]
     if item.base is not None:
-        out.append(_read(buffers, ck[plan.base_index], item.base))
+        out.append(_read(buffers, ck[item.base_from], item.base))
     if item.extra_from is not None:
         out.append(_read(buffers, ck[item.extra_from[0]], item.extra_from[1]))
     return out
@@ -180,27 +178,31 @@ class Executor:
         xs = [_head(t, merged) for t in models]
         b = _head(base, merged) if base is not None else None
 
-        form = kernel_form(method.name, item, plan.recipe.seed, rows)
-        if method.name == "slerp":
-            form.weight = slerp_weights(xs, models, merged, item.global_params, form.weight)
+        form = method.form_for(n_models, {**item.model_params, **item.global_params})
+        weight = form.weight if form.reweigh is None else form.reweigh(
+            gram_of(lambda i, lo, hi: _as_float32(xs[i][lo * models[i].dtype.itemsize: hi * models[i].dtype.itemsize],
+                                                  models[i].code), n_models, merged))
+        weight = weight[:, :rows] if weight.ndim == 2 else weight
+        dare = _dare_args(form, plan.recipe.seed, item.canonical, n_models)
         thresholds = None
         if form.trim:
             thresholds = _f32([self._threshold(x, t.code, b, base.code, merged, p)
                                for x, t, p in zip(xs, models, form.trim)])
-        weights = _f32(form.weight)
+        weights = _f32(weight)
         in_codes = [t.code for t in models]
         base_arg, base_code = (b, base.code) if form.use_base else (None, 0)
+        mode = ELECT if form.elect else SUM
 
         def run(start: int, stop: int) -> int:
             return _kernels.combine(out_view, out_code, xs, in_codes, base_arg, base_code, weights, row_len, start,
-                                    stop, form.mode, form.lam, form.normalize, thresholds, *form.dare)
+                                    stop, mode, form.lam, form.normalize, thresholds, *dare)
 
         bad = [r for r in self._parallel(run, merged) if r >= 0]
         if bad:
             k = min(bad)
             if k == len(xs) + 1:  # inputs finite, a written value not: overflow or the cast to the output dtype
                 raise output_not_finite(item)
-            where = plan.checkpoints[k if k < n_models else plan.base_index]
+            where = plan.checkpoints[item.sources[k] if k < n_models else item.base_from]
             tensor = item.inputs[k] if k < n_models else item.base
             raise input_not_finite(tensor, where.path)
         if item.extra_from is not None:  # rows only the larger vocabulary has: converted, not merged
@@ -243,43 +245,13 @@ class Executor:
         return float(np.array([(hi << 16) | lo], dtype=np.uint32).view(np.float32)[0])
 
 
-@dataclass
-class Form:
-    """A method as the `combine` kernel computes it (the formula in its docstring and in methods/)."""
-
-    weight: np.ndarray  # float32 [N] or [N, rows]
-    use_base: bool  # task vectors x_i - base, and base + lam * (...) at the end
-    mode: int  # SUM or ELECT (TIES sign election and disjoint merge)
-    normalize: bool  # ELECT: divide by the agreeing weight mass
-    lam: float
-    trim: list[float] | None = None  # TIES densities (magnitude trim)
-    dare: tuple = (None, None, None)  # DARE keys, keep levels, rescales (bytes) or Nones
-
-
-def kernel_form(name: str, item: Item, seed: int, rows: int) -> Form:
-    n = len(item.inputs)
-    params, g = item.model_params, item.global_params
-    weight = np.asarray(params.get("weight", np.ones(n, np.float32)), dtype=np.float32)
-    if name == "uniform":
-        weight = np.full(n, 1.0 / n, dtype=np.float32)
-    normalize = bool(g.get("normalize", False))
-    if normalize and name in ("linear", "task_arithmetic", "dare_linear"):  # (ties/dare_ties: the elect divide)
-        weight = _normalized(weight)
-    if weight.ndim == 2:
-        weight = weight[:, :rows]
-    form = Form(weight, use_base=name not in ("linear", "uniform", "slerp"), mode=ELECT if name in ("ties", "dare_ties") else SUM,
-                normalize=normalize, lam=float(g["lambda"]) if g.get("lambda") is not None else 1.0)
-    if name == "ties":
-        form.trim = [float(p) for p in params["density"]]
-    if name in ("dare_linear", "dare_ties"):
-        density = [float(p) for p in params["density"]]
-        levels = [keep_level(p) for p in density]
-        form.dare = (np.array(draw_keys(seed, item.canonical, n), np.uint64).tobytes(),
-                     np.array(levels, np.uint32).tobytes(), _f32([survivor_scale(lv) for lv in levels]))
-    return form
-
-
-SLERP_CHUNK = 1 << 20
+def _dare_args(form: Form, seed: int, canonical: str, n: int) -> tuple:
+    """DARE's kernel arguments: one draw key per model, keep levels and survivor scales (or Nones)."""
+    if form.drop is None:
+        return (None, None, None)
+    levels = [keep_level(p) for p in form.drop]
+    return (np.array(draw_keys(seed, canonical, n), np.uint64).tobytes(), np.array(levels, np.uint32).tobytes(),
+            _f32([survivor_scale(lv) for lv in levels]))
 
 
 def _as_float32(data: np.ndarray, code: int) -> np.ndarray:
@@ -290,29 +262,6 @@ def _as_float32(data: np.ndarray, code: int) -> np.ndarray:
     return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
-def slerp_weights(xs: list[np.ndarray], models: list[Tensor], n: int, g: dict, weight: np.ndarray) -> np.ndarray:
-    """SLERP as a weighted sum (methods/slerp.py): the two coefficients from the angle between the
-    flattened tensors. Norms and dot product are float32 dot products (BLAS) over chunks, summed in float64
-    across chunks; memory stays bounded by a chunk."""
-    t = g.get("t")
-    if t is None:  # from per-model weights (a coefficient table): t is model 2's share
-        t = float(weight[1] / weight.sum())
-    eps = float(g.get("epsilon", 1e-8))
-    aa = bb = ab = 0.0
-    for lo in range(0, n, SLERP_CHUNK):
-        hi = min(n, lo + SLERP_CHUNK)
-        a, b = (_as_float32(x[lo * m.dtype.itemsize: hi * m.dtype.itemsize], m.code) for x, m in zip(xs, models))
-        aa, bb, ab = aa + float(a @ a), bb + float(b @ b), ab + float(a @ b)
-    na, nb = math.sqrt(aa), math.sqrt(bb)
-    if na < eps or nb < eps:
-        return np.array([1 - t, t], np.float32)
-    omega = math.acos(min(1.0, max(-1.0, ab / (na * nb))))
-    if abs(math.sin(omega)) < 1e-6:  # (anti)parallel: the arc degenerates, fall back to lerp
-        return np.array([1 - t, t], np.float32)
-    s = math.sin(omega)
-    return np.array([math.sin((1 - t) * omega) / s, math.sin(t * omega) / s], np.float32)
-
-
 def _select(hist: np.ndarray, k: int) -> tuple[int, int]:
     """The bin holding the k-th largest key, and how many keys lie in bins above it (over the populated
     bins only: deltas fill a few hundred of the 65536)."""
@@ -321,13 +270,6 @@ def _select(hist: np.ndarray, k: int) -> tuple[int, int]:
     m = int(np.searchsorted(from_top, k))
     b = int(filled[m])
     return b, int(from_top[m] - hist[b])
-
-
-def _normalized(weight: np.ndarray) -> np.ndarray:
-    total = weight.sum(axis=0, dtype=np.float32)
-    if bool((np.abs(total) < 1e-12).any()):
-        raise SoupError("weights sum to zero and cannot be normalized (set normalize: false)")
-    return (weight / total).astype(np.float32)
 
 
 # -- the stream ---------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from ..errors import SoupError, input_not_finite, output_not_finite
 from ..io.pool import BufferPool
-from ..methods.dare import draw_keys
+from ..methods.form import run as run_form
+from ..methods.steps import draw_keys
 from .plan import Item, Plan
 from .recipe import Recipe
 from .sources import Sources, prepare
@@ -37,10 +38,10 @@ def _load_inputs(plan: Plan, sources: Sources, item: Item, pool: BufferPool | No
     if item.copy_from is not None:
         return None
     ck = plan.checkpoints
-    tensors = [_finite(sources.get(k, n, pool), n, ck[k].path) for k, n in enumerate(item.inputs)]
+    tensors = [_finite(sources.get(k, n, pool), n, ck[k].path) for k, n in zip(item.sources, item.inputs)]
     base = None
     if item.base is not None:
-        base = _finite(sources.get(plan.base_index, item.base, pool), item.base, ck[plan.base_index].path)
+        base = _finite(sources.get(item.base_from, item.base, pool), item.base, ck[item.base_from].path)
     if item.common_rows is not None:
         tensors = [t[: item.common_rows] for t in tensors]
         base = base[: item.common_rows] if base is not None else None
@@ -63,12 +64,18 @@ def _compute(plan: Plan, sources: Sources, item: Item, loaded, device: torch.dev
 def _compute_on(plan: Plan, sources: Sources, item: Item, tensors, base) -> torch.Tensor:
     import torch
 
-    dev = tensors[0].device
-    kwargs = {k: torch.tensor(v, device=dev) for k, v in item.model_params.items()}
-    kwargs.update({k: v for k, v in item.global_params.items() if v is not None})
-    if plan.method.random:
-        kwargs["keys"] = draw_keys(plan.recipe.seed, item.canonical, len(item.inputs))
-    out = plan.method.fn(tensors, base, **kwargs)
+    method = plan.method
+    keys = draw_keys(plan.recipe.seed, item.canonical, len(item.inputs)) if method.random else None
+    if method.form is not None:  # the method's one statement, run by torch (methods/form.py)
+        form = method.form_for(len(item.inputs), {**item.model_params, **item.global_params})
+        out = run_form(form, tensors, base, keys)
+    else:  # a method stated directly in torch
+        dev = tensors[0].device
+        kwargs = {k: torch.tensor(v, device=dev) for k, v in item.model_params.items()}
+        kwargs.update({k: v for k, v in item.global_params.items() if v is not None})
+        if keys is not None:
+            kwargs["keys"] = keys
+        out = method.fn(tensors, base, **kwargs)
     if item.extra_from is not None:
         k, name = item.extra_from
         extra = sources.get(k, name)[item.common_rows :]

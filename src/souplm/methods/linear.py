@@ -4,28 +4,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .registry import broadcast, register
+from .form import Form, as_weights
+from .registry import register
+from .steps import weighted_sum
 
 if TYPE_CHECKING:
     import torch
 
-
-def weighted_sum(tensors: list[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
-    """sum_i weight_i * tensors_i, with weight [N] or [N, rows]; accumulates in place, into tensors[0]
-    (the engine hands methods fresh copies they may overwrite): no new buffer of the tensor's size."""
-    if weight.dim() == 1:  # the common case: scalars, no stacked copy of the inputs
-        out = tensors[0].mul_(float(weight[0]))
-        for t, w in zip(tensors[1:], weight[1:].tolist()):
-            out.add_(t, alpha=w)
-        return out
-    w = broadcast(weight, tensors[0])
-    out = tensors[0].mul_(w[0])
-    for t, wi in zip(tensors[1:], w[1:]):
-        out.addcmul_(t, wi)
-    return out
+__all__ = ["linear", "normalized", "weighted_sum"]
 
 
 def normalized(weight: torch.Tensor, name: str = "weights") -> torch.Tensor:
+    """Torch weights [N] (or [N, rows]) divided by their sum (for methods stated directly in torch)."""
     total = weight.sum(dim=0)
     if bool((total.abs() < 1e-12).any()):
         from ..errors import SoupError
@@ -43,6 +33,6 @@ def normalized(weight: torch.Tensor, name: str = "weights") -> torch.Tensor:
     global_params={"normalize": True},
     reference="https://arxiv.org/abs/2203.05482 (model soups); https://arxiv.org/abs/2407.08196 Eq. 2",
 )
-def linear(tensors, base, weight, normalize=True):
+def linear(weight, normalize=True) -> Form:
     """Weighted average sum_i w_i theta_i (weights normalized to sum 1 unless normalize: false)."""
-    return weighted_sum(tensors, normalized(weight) if normalize else weight)
+    return Form(as_weights(weight, normalize))

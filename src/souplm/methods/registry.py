@@ -1,14 +1,23 @@
-"""The method registry: a merge method is a pure function on tensors plus a declared contract.
+"""The method registry: a merge method is one statement plus a declared contract.
 
-A method function receives the models' tensors (fp32, same shape), the base tensor when the method
-needs one, its per-model parameters as tensors of shape [N] (the `weight` may be [N, rows] when a
-coefficient table sets one weight per output row) and its global parameters. It returns the merged
-tensor. Inputs are fresh copies the method may overwrite in place. The contract (needs a base model? how many models? which parameters, with which defaults)
-is checked when the recipe is read, before any tensor is loaded.
+The statement is one of two kinds:
+
+- a *form builder* (`methods/form.py`): a function of the method's parameters that returns the `Form`
+  every executor runs (the fused C kernels in one pass, or torch). Its per-model parameters arrive as
+  float32 NumPy arrays [N] (the `weight` may be [N, rows] when a coefficient table sets one weight per
+  output row), its global parameters by name (`lambda` as `lam`), and `n_models` if it asks for it;
+- a *tensor function* `fn(tensors, base, **params)`, recognised by its first parameter `tensors`: the
+  models' tensors (fresh fp32 copies it may overwrite in place), the base tensor when the method needs
+  one, per-model parameters as torch tensors [N]; it returns the merged tensor. Only the torch executor
+  runs these: for methods that are not one pass of the Form pipeline.
+
+The contract (needs a base model? how many models? which parameters, with which defaults) is checked
+when the recipe is read, before any tensor is loaded.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +37,7 @@ class ParamSpec:
     may be left only when the recipe says `allow_extrapolation: true`. `optional`: None is allowed
     (slerp's `t`, taken from the weights when unset)."""
 
-    kind: type  # float or bool
+    kind: type  # float, int (a whole number, e.g. an iteration count) or bool
     lo: float | None = None
     hi: float | None = None
     lo_open: bool = False
@@ -43,7 +52,8 @@ class ParamSpec:
             return "a finite number"
         lo = "-inf" if self.lo is None else f"{self.lo:g}"
         hi = "inf" if self.hi is None else f"{self.hi:g}"
-        return f"in {'(' if self.lo_open or self.lo is None else '['}{lo}, {hi}{')' if self.hi_open or self.hi is None else ']'}"
+        whole = "a whole number " if self.kind is int else ""
+        return f"{whole}in {'(' if self.lo_open or self.lo is None else '['}{lo}, {hi}{')' if self.hi_open or self.hi is None else ']'}"
 
     def check(self, value: object, where: str, extrapolate: bool = False) -> None:
         """Raise a one-line SoupError naming `where` (parameter and model) and the value when it does not fit."""
@@ -58,6 +68,8 @@ class ParamSpec:
         v = float(value)
         if not math.isfinite(v):
             raise SoupError(f"{where} must be finite, got {short_repr(value)}")
+        if self.kind is int and not v.is_integer():
+            raise SoupError(f"{where} must be a whole number, got {short_repr(value)}")
         if self.extrapolable and extrapolate:
             return
         below = self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo))
@@ -103,12 +115,29 @@ class Method:
     global_params: dict[str, object] = field(default_factory=dict)
     random: bool = False  # takes `keys`, one 64-bit draw key per model (DARE)
     row_weights: bool = True  # accepts [N, rows] weights from a row-granularity table
+    # a check across one tensor's per-model values (name -> [N] array, where-suffix) -> why not, or None
+    check_params: Callable[[dict, str], str | None] | None = None
+    optional_base: bool = False  # uses base_model when the recipe names one (needs_base: must name one)
+    forbids_base: bool = False  # refuses a base_model (passthrough: one model, nothing else)
+    required: tuple[str, ...] = ()  # parameters without a default: the recipe must set them (as mergekit's)
     reference: str = ""
     summary: str = ""
+    form: Callable | None = None  # the form builder, when the method is stated as a Form (fn derives from it)
+
+    def form_for(self, n_models: int, params: dict) -> object:
+        """The method's Form for one tensor: `params` holds its per-model (NumPy [N]) and global values."""
+        accepted = inspect.signature(self.form).parameters
+        kwargs = {("lam" if k == "lambda" else k): v for k, v in params.items() if v is not None}
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        if "n_models" in accepted:
+            kwargs["n_models"] = n_models
+        return self.form(**kwargs)
 
     def check(self, n_models: int, has_base: bool) -> None:
         if self.needs_base and not has_base:
             raise SoupError(f"method {self.name} needs a base_model")
+        if self.forbids_base and has_base:
+            raise SoupError(f"method {self.name} takes no base_model (only its model(s))")
         if n_models < self.min_models or (self.max_models is not None and n_models > self.max_models):
             want = str(self.min_models) if self.max_models == self.min_models else (
                 f"at least {self.min_models}" if self.max_models is None else f"{self.min_models}-{self.max_models}"
@@ -130,10 +159,27 @@ def register(name: str, specs: dict[str, ParamSpec] | None = None, **contract) -
             METHOD_PARAM_SPECS[(name, key)] = spec
         for key in (*contract.get("model_params", {}), *contract.get("global_params", {})):
             param_spec(name, key)  # every parameter declares its type and range
-        METHODS[name] = Method(name=name, fn=fn, summary=(fn.__doc__ or "").strip().split("\n")[0], **contract)
+        summary = (fn.__doc__ or "").strip().split("\n")[0]
+        if next(iter(inspect.signature(fn).parameters), None) == "tensors":
+            METHODS[name] = Method(name=name, fn=fn, summary=summary, **contract)
+        else:
+            METHODS[name] = Method(name=name, fn=_torch_statement(name), summary=summary, form=fn, **contract)
         return fn
 
     return deco
+
+
+def _torch_statement(name: str) -> Callable:
+    """A form method as a tensor function: its Form, run by torch (`form.run`)."""
+    def fn(tensors, base, keys=None, **params):
+        from .form import as_numpy, run
+
+        method = METHODS[name]
+        form = method.form_for(len(tensors), {k: as_numpy(v) for k, v in params.items()})
+        return run(form, tensors, base, keys)
+
+    fn.__name__ = f"{name}_in_torch"
+    return fn
 
 
 def get_method(name: str) -> Method:

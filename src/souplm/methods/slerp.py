@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ..errors import SoupError
-from .linear import weighted_sum
+from .form import Form
 from .registry import register
+
+
+def slerp_coefficients(gram: np.ndarray, t: float, epsilon: float) -> np.ndarray:
+    """The two weights of SLERP from the tensors' Gram matrix: sin((1-t)O)/sin(O) and sin(tO)/sin(O),
+    O the angle between them; (1-t, t) when a tensor is (near) zero or the two are (anti)parallel."""
+    na, nb = math.sqrt(gram[0, 0]), math.sqrt(gram[1, 1])
+    if na < epsilon or nb < epsilon:
+        return np.array([1 - t, t], np.float32)
+    omega = math.acos(min(1.0, max(-1.0, gram[0, 1] / (na * nb))))
+    if abs(math.sin(omega)) < 1e-6:  # (anti)parallel: the arc degenerates, fall back to lerp
+        return np.array([1 - t, t], np.float32)
+    s = math.sin(omega)
+    return np.array([math.sin((1 - t) * omega) / s, math.sin(t * omega) / s], np.float32)
 
 
 @register(
@@ -19,21 +34,12 @@ from .registry import register
     row_weights=False,
     reference="Shoemake 1985, 'Animating rotation with quaternion curves'",
 )
-def slerp(tensors, base, weight, t=None, epsilon=1e-8):
+def slerp(weight, t=None, epsilon=1e-8) -> Form:
     """sin((1-t)O)/sin(O) a + sin(tO)/sin(O) b, O the angle between a and b; t = share of model 2."""
-    import torch
-
-    if weight.dim() != 1:
+    weight = np.asarray(weight, dtype=np.float32)
+    if weight.ndim != 1:
         raise SoupError("slerp takes one weight per model, not per row")
     if t is None:  # from per-model weights (a coefficient table): t is model 2's share
         t = float(weight[1] / weight.sum())
-    a, b = tensors
-    na, nb = a.norm(), b.norm()
-    if na < epsilon or nb < epsilon:
-        return weighted_sum(tensors, torch.tensor([1 - t, t]))
-    cos = float(((a / na) * (b / nb)).sum().clamp(-1.0, 1.0))
-    omega = math.acos(cos)
-    if abs(math.sin(omega)) < 1e-6:  # (anti)parallel: the arc degenerates, fall back to lerp
-        return weighted_sum(tensors, torch.tensor([1 - t, t]))
-    s = math.sin(omega)
-    return weighted_sum(tensors, torch.tensor([math.sin((1 - t) * omega) / s, math.sin(t * omega) / s]))
+    t, eps = float(t), float(epsilon)
+    return Form(np.array([1 - t, t], np.float32), reweigh=lambda g: slerp_coefficients(g, t, eps))

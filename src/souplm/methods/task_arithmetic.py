@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-from .linear import normalized, weighted_sum
+from .form import Form, as_weights
 from .registry import register
+from .steps import add_to_base, task_vectors
 
-
-def task_vectors(tensors, base):
-    """theta_i - base, in place: the engine hands each method fresh copies it may overwrite."""
-    return [t.sub_(base) for t in tensors]
-
-
-def add_to_base(merged, base, lam):
-    """base + lam * merged, written into `merged` (the method's own buffer): no fresh temporaries."""
-    if lam != 1.0:
-        merged.mul_(lam)
-    return merged.add_(base)
+__all__ = ["add_to_base", "task_arithmetic", "task_vectors"]
 
 
 @register(
@@ -27,7 +18,6 @@ def add_to_base(merged, base, lam):
     global_params={"lambda": 1.0, "normalize": False},
     reference="https://arxiv.org/abs/2212.04089",
 )
-def task_arithmetic(tensors, base, weight, normalize=False, **g):
+def task_arithmetic(weight, normalize=False, lam=1.0) -> Form:
     """theta_base + lambda * sum_i w_i (theta_i - theta_base)."""
-    w = normalized(weight) if normalize else weight
-    return add_to_base(weighted_sum(task_vectors(tensors, base), w), base, g.get("lambda", 1.0))
+    return Form(as_weights(weight, normalize), use_base=True, lam=lam)

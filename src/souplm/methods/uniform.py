@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .linear import weighted_sum
+import numpy as np
+
+from .form import Form
 from .registry import register
 
 
@@ -13,8 +15,6 @@ from .registry import register
     max_models=None,
     reference="https://arxiv.org/abs/2203.05482",
 )
-def uniform(tensors, base):
+def uniform(n_models: int) -> Form:
     """Plain mean (1/N) sum_i theta_i."""
-    import torch
-
-    return weighted_sum(tensors, torch.full((len(tensors),), 1.0 / len(tensors)))
+    return Form(np.full(n_models, 1.0 / n_models, dtype=np.float32))

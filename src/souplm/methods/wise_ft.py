@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .registry import broadcast, register
+from .form import Form, as_weights
+from .registry import register
 
 
 @register(
@@ -13,7 +14,7 @@ from .registry import broadcast, register
     model_params={"weight": 0.5},
     reference="https://arxiv.org/abs/2109.01903",
 )
-def wise_ft(tensors, base, weight):
-    """(1 - alpha) theta_base + alpha theta_ft, where alpha is the fine-tuned model's weight."""
-    alpha = broadcast(weight, tensors[0])[0]
-    return base + alpha * (tensors[0] - base)
+def wise_ft(weight) -> Form:
+    """(1 - alpha) theta_base + alpha theta_ft, where alpha is the fine-tuned model's weight:
+    theta_base + alpha (theta_ft - theta_base)."""
+    return Form(as_weights(weight), use_base=True)

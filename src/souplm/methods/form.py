@@ -1,0 +1,96 @@
+"""A merge method's one statement: a `Form`, the pipeline every executor runs.
+
+Most merge methods are one pipeline with different settings. For each model i, on every entry of a tensor:
+
+    d_i = x_i - base            (use_base; else d_i = x_i)
+    d_i = trim(d_i, density_i)  (trim: keep the k = density_i * n entries of largest |d_i|, TIES)
+    d_i = drop(d_i, density_i)  (drop: keep each entry with probability density_i, DARE, then rescale)
+    SUM:   m = sum_i w_i d_i
+    ELECT: s = sign(sum_i w_i d_i); m = sum over i with sign(w_i d_i) == s of w_i d_i,
+           divided by the agreeing weight sum when normalizing (TIES's disjoint mean)
+    out = base + lam * m        (use_base; else out = m)
+
+with w_i the model's weight (one per model, or one per model and output row from a coefficient table),
+optionally derived from the tensors' Gram matrix (`reweigh`: SLERP's two coefficients from the angle).
+
+A method states its settings once, as a function of its parameters that returns a `Form`
+(`methods/ties.py` is five lines). The fused executor (`engine/execute_fused.py`) runs a Form in one pass
+over the stored bytes with the C kernels; `run` below runs it with torch (pickled or mapped inputs,
+in-memory sweeps, the GPU). The steps themselves are stated once per executor (`methods/steps.py` for
+torch, `_kernels.c` for the kernels), method-independent, and held bit for bit to a NumPy statement by
+tests/test_kernels.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class Form:
+    weight: np.ndarray  # float32 [N] or [N, rows]
+    use_base: bool = False  # task vectors x_i - base, and base + lam * (...) at the end
+    elect: bool = False  # TIES sign election and disjoint merge (else a weighted sum)
+    normalize: bool = False  # ELECT: divide by the agreeing weight mass
+    lam: float = 1.0
+    trim: list[float] | None = None  # per-model densities of the magnitude trim (TIES)
+    drop: list[float] | None = None  # per-model keep probabilities of the random drop (DARE)
+    # The tensors' Gram matrix G[i, j] = <x_i, x_j> (float64, over the whole tensor) -> the weights to use.
+    reweigh: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+def as_weights(weight, normalize: bool = False) -> np.ndarray:
+    """Per-model weights as float32 [N] (or [N, rows]), divided by their sum when `normalize`."""
+    from ..errors import SoupError
+
+    w = np.asarray(weight, dtype=np.float32)
+    if not normalize:
+        return w
+    total = w.sum(axis=0, dtype=np.float32)
+    if bool((np.abs(total) < 1e-12).any()):
+        raise SoupError("weights sum to zero and cannot be normalized (set normalize: false)")
+    return (w / total).astype(np.float32)
+
+
+def as_numpy(value):
+    """A parameter as the form builders take it: tensors become NumPy, everything else stays."""
+    if hasattr(value, "detach"):
+        return value.detach().cpu().numpy()
+    return value
+
+
+def run(form: Form, tensors: list[torch.Tensor], base: torch.Tensor | None, keys: list[int] | None = None) -> torch.Tensor:
+    """The torch statement of a Form: the steps in the order the kernels take them, in fp32.
+    `tensors` (and `base`) are fresh copies, overwritten in place."""
+    import torch
+
+    from .steps import (
+        add_to_base,
+        drop_and_rescale,
+        elect_and_merge,
+        gram,
+        task_vectors,
+        trim_all,
+        weighted_sum,
+    )
+
+    weight = form.weight
+    if form.reweigh is not None:
+        weight = form.reweigh(gram(tensors))
+    w = torch.as_tensor(np.ascontiguousarray(weight, dtype=np.float32), device=tensors[0].device)
+    if w.dim() == 2:
+        w = w[:, : tensors[0].shape[0]]
+    terms = task_vectors(tensors, base) if form.use_base else tensors
+    if form.trim is not None:
+        terms = trim_all(terms, form.trim)
+    if form.drop is not None:
+        terms = [drop_and_rescale(d, p, k) for d, p, k in zip(terms, form.drop, keys)]
+    merged = elect_and_merge(terms, w, form.normalize) if form.elect else weighted_sum(terms, w)
+    return add_to_base(merged, base, form.lam) if form.use_base else merged.to(torch.float32)

@@ -1,0 +1,244 @@
+"""The steps a `Form` is made of (methods/form.py), stated in torch: what the C kernels do in one pass.
+
+Each step works in place on the fresh fp32 copies the engine hands a method, on pooled buffers
+(io/pool.py): fresh pages for every tensor cost about as much as the arithmetic. The DARE draw stream is
+counter-based: entry j of a tensor gets 16 bits of the SplitMix64 output for counter j // 4 (four entries
+per 64-bit word), under a key hashed from (seed, tensor name, model index). Any entry's draw can be
+computed on its own, so a merge is reproducible, independent of the order in which tensors are processed,
+and identical between this statement and the kernels, which split a tensor across threads. The keep
+probability is density rounded to a multiple of 2**-16, and survivors are rescaled by the inverse of that
+exact probability, so the merge stays unbiased.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..io import pool
+from .registry import broadcast
+
+if TYPE_CHECKING:
+    import torch
+
+
+def task_vectors(tensors, base):
+    """theta_i - base, in place: the engine hands each method fresh copies it may overwrite."""
+    return [t.sub_(base) for t in tensors]
+
+
+def add_to_base(merged, base, lam):
+    """base + lam * merged, written into `merged` (the method's own buffer): no fresh temporaries."""
+    if lam != 1.0:
+        merged.mul_(lam)
+    return merged.add_(base)
+
+
+def weighted_sum(tensors: list[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """sum_i weight_i * tensors_i, with weight [N] or [N, rows]; accumulates in place, into tensors[0]
+    (the engine hands methods fresh copies they may overwrite): no new buffer of the tensor's size."""
+    if weight.dim() == 1:  # the common case: scalars, no stacked copy of the inputs
+        out = tensors[0].mul_(float(weight[0]))
+        for t, w in zip(tensors[1:], weight[1:].tolist()):
+            out.add_(t, alpha=w)
+        return out
+    w = broadcast(weight, tensors[0])
+    out = tensors[0].mul_(w[0])
+    for t, wi in zip(tensors[1:], w[1:]):
+        out.addcmul_(t, wi)
+    return out
+
+
+def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact k-th largest entry of a non-negative tensor, in O(n) with a few vectorised passes.
+
+    A strided sample brackets the answer in [lo, hi]; counting the entries above hi tells which rank
+    to select inside the thin band [lo, hi], where `kthvalue` runs on a small fraction of the data.
+    The count proves the bracket right; if the sample misled us, a full `kthvalue` answers instead.
+    About twice as fast as `kthvalue` on the whole tensor, which is most of TIES's time.
+    """
+    import torch
+
+    flat = mag.reshape(-1)
+    n = flat.numel()
+    if n <= 65536:
+        return flat.kthvalue(n - k + 1).values
+    sample = flat[:: n // 32768].sort().values
+    m = sample.numel()
+    pos = (n - k) / (n - 1) * (m - 1)  # where the k-th largest sits in the sorted sample
+    slack = 4 * m**0.5  # a few standard deviations of a sample quantile's rank error
+    lo_i, hi_i = max(int(pos - slack), 0), min(int(pos + slack) + 1, m - 1)
+    lo = sample[lo_i] if lo_i > 0 else flat.new_zeros(())
+    hi = sample[hi_i] if hi_i < m - 1 else flat.max()
+    # Two pooled masks instead of four fresh ones (each fresh full-size mask is a round of page faults).
+    over = torch.gt(flat, hi, out=pool.empty((n,), torch.bool))
+    above = int(torch.count_nonzero(over))  # (a bool tensor's sum() is ~30x slower: it widens to int64)
+    inside = torch.ge(flat, lo, out=pool.empty((n,), torch.bool)).logical_and_(over.logical_not_())
+    band = flat[inside]  # lo <= |d| <= hi (magnitudes are finite: inputs are checked)
+    pool.release(over)
+    pool.release(inside)
+    need = k - above  # rank of the answer inside the band, counted from its top
+    if not 1 <= need <= band.numel():
+        return flat.kthvalue(n - k + 1).values
+    return band.kthvalue(band.numel() - need + 1).values
+
+
+def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero all but the `density` fraction of entries with the largest magnitude.
+
+    A k-th value threshold (selection, O(n)) replaces a full sort; entries tied with the threshold
+    are all kept.
+    """
+    import torch
+
+    if density >= 1.0:
+        return delta
+    n = delta.numel()
+    k = round(density * n)
+    if k <= 0:
+        return delta.zero_()
+    mag = torch.abs(delta, out=pool.empty_like(delta))
+    delta.mul_(mag.ge_(kth_largest(mag, k)))  # mag becomes the 0/1 keep mask, in place
+    pool.release(mag)
+    return delta
+
+
+def trim_all(deltas: list[torch.Tensor], density: torch.Tensor) -> list[torch.Tensor]:
+    """Trim every task vector, one thread per model: `kthvalue` runs on one core and releases the
+    GIL, so on a multi-core machine the models' selections run side by side."""
+    if len(deltas) == 1 or all(float(p) >= 1.0 for p in density):
+        return [trim_to_density(d, float(p)) for d, p in zip(deltas, density)]
+    with ThreadPoolExecutor(max_workers=min(len(deltas), os.cpu_count() or 1)) as workers:
+        return list(workers.map(pool.in_this_scope(trim_to_density), deltas, [float(p) for p in density]))
+
+
+def elect_and_merge(deltas: list[torch.Tensor], weight: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Sign election and disjoint (weighted) mean of task vectors (consumed: overwritten in place).
+
+    sign = sign(sum_i w_i d_i); model i agrees at an entry when w_i d_i has that sign (and d_i != 0);
+    the result is sum over agreeing i of w_i d_i, divided by the agreeing weight mass when normalizing.
+    Written as running sums over a few reused buffers: no [N, ...] stack, no temporary per model.
+    """
+    import torch
+
+    w = broadcast(weight, deltas[0])
+    sign = torch.mul(deltas[0], w[0], out=pool.empty_like(deltas[0]))
+    for d, wi in zip(deltas[1:], w[1:]):
+        sign.addcmul_(d, wi)
+    sign.sign_()
+    mass = pool.empty_like(sign) if normalize else None
+    merged = deltas[0]  # the running sum lives in the first task vector's storage: one buffer fewer
+    for i, (d, wi) in enumerate(zip(deltas, w)):
+        # |w_i d_i| where w_i d_i has the elected sign, else 0: "agrees" without a mask buffer. Times
+        # sign it is w_i d_i again (exactly: sign is +-1) or 0; its sign() is the 0/1 agreement.
+        d.mul_(wi).mul_(sign).clamp_(min=0.0)
+        if i == 0:
+            if mass is not None:
+                torch.sign(d, out=mass).mul_(wi)
+            merged.mul_(sign)
+        else:
+            merged.addcmul_(d, sign)
+            if mass is not None:
+                mass.addcmul_(d.sign_(), wi)
+    if mass is not None:
+        w_min = float(w.min())
+        if w_min > 0:
+            # Where a model agrees, mass >= w_min; below it are only the entries none agrees on (mass
+            # 0, merged 0), so lifting those to w_min / 2 divides 0 by a non-zero number. Exact, and ~20x
+            # faster than masked_fill_ with a boolean mask.
+            merged.div_(mass.clamp_(min=0.5 * w_min))
+        else:  # weights of both signs can cancel: entries of zero agreeing mass become 0
+            zero = mass == 0
+            merged.div_(mass.masked_fill_(zero, 1.0)).masked_fill_(zero, 0.0)
+    return merged
+
+
+
+DRAW_BITS = 16
+LEVELS = 1 << DRAW_BITS
+# SplitMix64 (Steele, Lea and Flood 2014): the state advances by GAMMA, the output mixes it.
+GAMMA, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_U64 = (1 << 64) - 1
+
+
+def draw_key(seed: int, canonical: str, model_index: int) -> int:
+    """The 64-bit key of one model's draws for one tensor."""
+    h = hashlib.sha256(f"{seed}|{canonical}|{model_index}".encode()).digest()
+    return int.from_bytes(h[:8], "little")
+
+
+def draw_keys(seed: int, canonical: str, n_models: int) -> list[int]:
+    """One key per model, from (seed, tensor, model index): order-independent and reproducible."""
+    return [draw_key(seed, canonical, i) for i in range(n_models)]
+
+
+def keep_level(density: float) -> int:
+    """An entry survives when its 16-bit draw is below this level: density rounded to a multiple of
+    2**-16, never 0 for density > 0 (0 for density <= 0, all of them from density 1 on)."""
+    return 0 if density <= 0.0 else min(LEVELS, max(1, round(density * LEVELS)))
+
+
+def survivor_scale(level: int) -> float:
+    """What a surviving entry is multiplied by: the inverse of its exact keep probability."""
+    return LEVELS / level if level else 1.0
+
+
+def _signed(x: int) -> int:
+    """A uint64 as the int64 with the same bits (torch has no full uint64 arithmetic)."""
+    x &= _U64
+    return x - (1 << 64) if x >> 63 else x
+
+
+def draws(key: int, n: int, device=None):
+    """The 16-bit draws of entries 0..n-1 under `key`, as an int32 tensor of values in [0, 65536) (on `device`)."""
+    import torch
+
+    def shr(z, s):  # logical shift right of int64 bits
+        return (z >> s) & ((1 << (64 - s)) - 1)
+
+    # int64 products wrap around like uint64 ones: the bits are SplitMix64's.
+    z = torch.arange(1, (n + 3) // 4 + 1, dtype=torch.int64, device=device).mul_(_signed(GAMMA)).add_(_signed(key))
+    z = (z ^ shr(z, 30)).mul_(_signed(MIX1))
+    z = (z ^ shr(z, 27)).mul_(_signed(MIX2))
+    z ^= shr(z, 31)
+    return z.view(torch.int16)[:n].to(torch.int32).bitwise_and_(0xFFFF)  # little-endian: lane j % 4
+
+
+def drop_and_rescale(delta: torch.Tensor, density: float, key: int) -> torch.Tensor:
+    """Zero each entry whose draw is not below the keep level, and scale the survivors by 1/q, in place."""
+    if density >= 1.0:
+        return delta
+    if density <= 0.0:
+        return delta.zero_()
+    level = keep_level(density)
+    keep = draws(key, delta.numel(), delta.device).lt_(level).view(delta.shape)
+    return delta.mul_(keep).mul_(survivor_scale(level))
+
+
+GRAM_CHUNK = 1 << 20
+
+
+def gram_of(chunk, n_models: int, n: int) -> np.ndarray:
+    """G[i, j] = <x_i, x_j> over n entries: float32 dot products (BLAS) over chunks of 2**20 entries,
+    summed in float64 across chunks; `chunk(i, lo, hi)` gives model i's entries lo..hi as float32. Both
+    executors compute it with this one function, so their coefficients agree to the bit."""
+    g = np.zeros((n_models, n_models), np.float64)
+    for lo in range(0, n, GRAM_CHUNK):
+        hi = min(n, lo + GRAM_CHUNK)
+        xs = [chunk(i, lo, hi) for i in range(n_models)]
+        for i in range(n_models):
+            for j in range(i, n_models):
+                g[i, j] += float(xs[i] @ xs[j])
+    return np.triu(g) + np.triu(g, 1).T
+
+
+def gram(tensors: list[torch.Tensor]) -> np.ndarray:
+    """The Gram matrix of fp32 torch tensors (moved to the host when they live on a device)."""
+    flat = [t.detach().reshape(-1).cpu().numpy() for t in tensors]
+    return gram_of(lambda i, lo, hi: flat[i][lo:hi], len(flat), flat[0].size)
+
+
