@@ -1,0 +1,124 @@
+"""Shared pieces of the sparsified task-vector methods (breadcrumbs, DELLA, SCE): exact-count selection
+by magnitude rank, the L1 rescale, and the final weighted (optionally sign-elected) combination.
+
+mergekit 0.1.5 runs these methods as "generalized task arithmetic": sparsify each task vector
+tau_i = theta_i - base on its own, multiply by its weight, then either sum (no consensus) or keep, per
+entry, the models whose weighted entry has the elected sign (sign of the weighted sum, + where the sum
+is exactly 0) and divide by their weight mass; normalize by the weight sum, scale by lambda, add the base.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import SoupError
+from . import ties
+from .linear import normalized, weighted_sum
+from .registry import broadcast
+from .task_arithmetic import add_to_base
+
+if TYPE_CHECKING:
+    import torch
+
+RESCALE_EPS = 1e-7  # below this L1 norm (before or after the mask) the masked tensor is not rescaled
+
+
+def exact(value: float) -> float:
+    """The decimal a recipe wrote, from the float32 copy the plan holds (0.01 stays 0.01, not 0.0099999998):
+    counts such as int(density * n) must see the recipe's number, as mergekit (float64) does."""
+    return float(str(np.float32(value)))
+
+
+def values(t: torch.Tensor) -> list[float]:
+    """Per-model parameter values ([N] tensor) as the recipe's decimals."""
+    return [exact(v) for v in t.reshape(-1).tolist()]
+
+
+def lam_of(g: dict) -> float:
+    """The recipe's `lambda` (a Python keyword, so it arrives in **kwargs, as `lambda` or `lam`)."""
+    return float(g.get("lam", g.get("lambda", 1.0)))
+
+
+def keep_positions(mag: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """0/1 mask (dtype of `mag`, flat) of the entries whose rank in ascending order of `mag` lies in [lo, hi).
+
+    Exactly hi - lo entries are kept: two selections (`ties.kth_largest`, O(n)) give the values at ranks lo
+    and hi - 1; entries strictly between are kept. Ties are broken by index, a lower index ranking as the
+    larger: the top k of a tensor keeps the lowest-indexed of the entries tied at the cut (mergekit's
+    sorts break such ties in an unspecified order)."""
+    import torch
+
+    n = mag.numel()
+    flat = mag.reshape(-1)
+    if hi <= lo:
+        return torch.zeros_like(flat)
+    if lo <= 0 and hi >= n:
+        return torch.ones_like(flat)
+    v_lo = ties.kth_largest(flat, n - lo)  # value at ascending rank lo
+    v_hi = ties.kth_largest(flat, n - hi + 1)  # value at ascending rank hi - 1
+    keep = torch.gt(flat, v_lo).logical_and_(torch.lt(flat, v_hi))
+    for v in (v_lo,) if bool(v_lo == v_hi) else (v_lo, v_hi):
+        tied = torch.nonzero(flat == v).reshape(-1).flip(0)  # in ascending rank: descending index
+        below = int(torch.count_nonzero(flat < v))
+        # the tied block holds ranks below .. below + len - 1; keep the part inside [lo, hi)
+        first, last = max(lo - below, 0), min(hi - below, tied.numel())
+        if last > first:
+            keep[tied[first:last]] = True
+    return keep.to(mag.dtype)
+
+
+def l1_rescaled(delta: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """delta * keep, in place; with `rescale`, times ||delta||_1 / ||delta * keep||_1 (mergekit's `rescale`:
+    the tensor keeps its L1 norm), unless either norm is below 1e-7."""
+    before = float(delta.abs().sum()) if rescale else 0.0
+    delta.mul_(keep)
+    if rescale:
+        after = float(delta.abs().sum())
+        if before >= RESCALE_EPS and after >= RESCALE_EPS:
+            delta.mul_(before / after)
+    return delta
+
+
+def elect_and_sum(deltas: list[torch.Tensor], weight: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """mergekit's sign consensus on weighted task vectors (consumed in place): e = +1 where
+    sum_i w_i d_i >= 0 (so + where it is exactly 0), else -1; model i agrees where w_i d_i has sign e;
+    result sum_{i agrees} w_i d_i, divided (normalize) by sum_{i agrees} w_i, or by 1 where that is 0."""
+    import torch
+
+    w = broadcast(weight, deltas[0])
+    for d, wi in zip(deltas, w):
+        d.mul_(wi)
+    elected = deltas[0].clone()
+    for d in deltas[1:]:
+        elected.add_(d)
+    elected = elected.ge_(0).mul_(2.0).sub_(1.0)  # +-1
+    merged = torch.zeros_like(elected)
+    mass = torch.zeros_like(elected) if normalize else None
+    agree = torch.empty_like(elected)
+    for d, wi in zip(deltas, w):
+        torch.mul(d, elected, out=agree).gt_(0)
+        merged.addcmul_(d, agree)
+        if mass is not None:
+            mass.addcmul_(agree, wi.expand_as(agree) if wi.dim() else wi)
+    if mass is not None:
+        merged.div_(mass.masked_fill_(mass == 0, 1.0))
+    return merged
+
+
+def combine(deltas: list[torch.Tensor], base: torch.Tensor, weight: torch.Tensor, consensus: bool,
+            normalize: bool, lam: float) -> torch.Tensor:
+    """base + lambda * merge of the (sparsified) task vectors, consumed in place.
+
+    consensus: the sign-elected sum above; otherwise the weighted sum, divided by the weight sum when
+    normalizing."""
+    if consensus:
+        merged = elect_and_sum(deltas, weight, normalize)
+    else:
+        merged = weighted_sum(deltas, normalized(weight) if normalize else weight)
+    return add_to_base(merged, base, lam)
+
+
+def refuse(method: str, where: str, why: str) -> None:
+    raise SoupError(f"method {method}: {where} {why}")
