@@ -2,4 +2,3 @@
 
 from . import dare, linear, slerp, task_arithmetic, ties, uniform, wise_ft  # noqa: F401
 from . import breadcrumbs, della, model_stock, sce  # noqa: F401  (sparsified task vectors, model stock)
-from . import arcee_fusion, karcher, multislerp, nearswap, nuslerp, passthrough, ram  # noqa: F401  (geometric & mergekit extras)
