@@ -9,8 +9,14 @@ string, the common currency of coefficient tables, recipes and learned soups:
     layers.7.o        layers.7.qkv        layers.7.experts        other
                       layers.7.gate_up    layers.7.router
 
-The table below is data: one regex per mapping kind. A tensor no rule names lands in the unit
-`other` (of its layer when it has one), so nothing is ever dropped.
+                                          embed_positions     embed_norm
+                                          vision              projector
+
+The table below is data: one regex per mapping kind, on canonical names. Which stored tensor gets
+which canonical name is the layout's data (souplm/arch/schemes/*.yaml): a scheme renames GPT-2's
+`attn.c_attn` to `self_attn.qkv_proj`, and so decides its unit here. A tensor no rule names lands in
+the unit `other` (of its layer when it has one), so nothing is ever dropped; `unnamed_weights` lists
+the 2-D ones, which a plan reports (they share one coefficient with every other leftover).
 """
 
 from __future__ import annotations
@@ -49,6 +55,13 @@ GLOBAL_MAPPINGS: tuple[tuple[str, str], ...] = (
     ("embed", r"model\.embed_tokens\."),
     ("final_norm", r"model\.norm\."),
     ("lm_head", r"lm_head\."),
+    # Learned positions (GPT-2, OPT) and BLOOM's norm after the embedding (layouts rename them so).
+    ("embed_positions", r"model\.embed_positions\."),
+    ("embed_norm", r"model\.embed_norm\."),
+    # Outside the LM, by the key a multimodal layout lines them up by (souplm.arch.layouts): merged with
+    # the LM's method when every model has them with one shape, each part under a unit of its own.
+    ("projector", r"(multi_modal_projector|visual\.merger|mm_projector)\."),
+    ("vision", r"(vision_tower|visual|vision_model)\."),
 )
 
 MAPPING_KINDS: tuple[str, ...] = tuple(k for k, _ in LAYER_MAPPINGS) + ("other",)
@@ -100,3 +113,18 @@ def layer_count(canonical_names) -> int:
     """Number of decoder layers, from the highest `model.layers.N` index."""
     idx = [int(m.group(1)) for n in canonical_names if (m := _LAYER_RE.match(n))]
     return max(idx) + 1 if idx else 0
+
+
+def unnamed_weights(canonical_shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The 2-D (or larger) tensors whose unit is `other`: weights no rule gives a unit of their own."""
+    return [c for c, shape in canonical_shapes.items() if len(shape) >= 2 and unit_of(c).mapping == "other"]
+
+
+def unnamed_note(canonical_shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """One line for a plan or a soup report about `unnamed_weights`, or None when there are none."""
+    names = unnamed_weights(canonical_shapes)
+    if not names:
+        return None
+    return (f"{len(names)} weight matri{'x' if len(names) == 1 else 'ces'} have no soup unit of their own and "
+            f"share the `other` unit's coefficient (e.g. {', '.join(names[:3])}); a layout rename "
+            "(docs/ARCHITECTURES.md) gives them one")

@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..arch.layouts import GENERIC, Layout, detect_layout
+from ..arch.layouts import GENERIC, Layout, account, detect_layout
 from ..errors import SoupError
 from .checkdir import check_index_agrees, contained_file, read_config, read_index, unlisted_shards
 from .dtypes import FLOAT32, DType, dtype_of, torch_dtype
@@ -41,12 +41,14 @@ class Checkpoint:
         self._index()
         # generic_layout: an unknown layout reads as canonical = stored name (only with a mapping spec).
         fallback = GENERIC if generic_layout else None
-        self.layout: Layout = detect_layout(self._where, where=str(self.path), fallback=fallback)
-        self._canonical = {}
-        for name in self._where:
-            c = self.layout.to_canonical(name)
-            if c is not None:
-                self._canonical[c] = name
+        self.layout: Layout = detect_layout(self._where, where=str(self.path), fallback=fallback,
+                                            shape=self.shape, config=self._config_or_none())
+        # Every stored tensor in exactly one place: the LM (canonical name), extra (outside the LM, by
+        # the key it lines up by across models) or dropped (declared buffers, with the reason).
+        acc = account(self.layout, self._where, str(self.path))
+        self._canonical: dict[str, str] = acc.lm
+        self._extra: dict[str, str] = acc.extra
+        self.dropped: dict[str, str] = acc.dropped
 
     # -- discovery ---------------------------------------------------------------------------
     def _index(self) -> None:
@@ -113,6 +115,13 @@ class Checkpoint:
     def config(self) -> dict:
         return read_config((self.path if self.path.is_dir() else self.path.parent) / "config.json")
 
+    def _config_or_none(self) -> dict | None:
+        """The config for layout detection; an unreadable one is reported later, where it is used."""
+        try:
+            return self.config
+        except SoupError:
+            return None
+
     @property
     def names(self) -> list[str]:
         return list(self._where)
@@ -129,16 +138,26 @@ class Checkpoint:
         return names
 
     def extra_names(self) -> list[str]:
-        """Stored tensors outside the language model (vision tower, projector, ...)."""
-        lm = set(self._canonical.values())
-        return [n for n in self._where if n not in lm]
+        """Stored tensors outside the language model (vision tower, projector, ...); dropped buffers are not."""
+        return list(self._extra.values())
+
+    def extra_keys(self) -> dict[str, str]:
+        """Key -> stored name of the tensors outside the LM; keys line the namings of one part up
+        (`vision_tower.x` is `model.vision_tower.x` in memory and `vision_tower.x` on disk)."""
+        return dict(self._extra)
+
+    def extra_key(self, name: str) -> str:
+        return self.layout.extra_key(name)
 
     def stored_name(self, canonical: str) -> str:
+        """The stored name of a canonical LM tensor (or of a non-LM tensor by its key)."""
         if canonical == LM_HEAD and self.tied:
             canonical = EMBED
         try:
             return self._canonical[canonical]
         except KeyError:
+            if canonical in self._extra:
+                return self._extra[canonical]
             raise SoupError(f"{self.path}: has no tensor {canonical}") from None
 
     # -- tensors -----------------------------------------------------------------------------
