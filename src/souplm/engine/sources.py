@@ -11,6 +11,7 @@ from ..io.pool import BufferPool
 from .coefficients import CoefficientTable
 from .plan import Plan, build_plan
 from .recipe import Recipe
+from .tokenizer import align_vocabularies, wants_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +34,10 @@ class Sources:
 
             # The source (and base) are presented under the target's names, joined or cut on read.
             self.checkpoints, self.notes = apply_mapping(recipe.mapping, self.checkpoints)
+        if wants_tokenizer(recipe):
+            # Embedding and lm_head presented in the output tokenizer's row order (engine/tokenizer.py).
+            self.checkpoints, notes = align_vocabularies(recipe, self.checkpoints)
+            self.notes += notes
         self._memory: dict[tuple[int, str], torch.Tensor] | None = None
         if in_memory:
             self._memory = {(k, n): c.get(n) for k, c in enumerate(self.checkpoints) for n in c.names}

@@ -33,6 +33,7 @@ from .execute_torch import merged_tensors, resolve_device
 from .plan import Item, Plan
 from .recipe import Recipe
 from .sources import Sources, prepare
+from .tokenizer import write_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -238,7 +239,8 @@ def _write_side_files(plan: Plan, tmp: Path, hashes: dict[Path, str]) -> None:
     for name in SIDE_FILES:
         if (src_dir / name).is_file():
             shutil.copy2(src_dir / name, tmp / name)
-    config = dict(plan.output.config)
+    write_tokenizer(plan, tmp)  # a built tokenizer or a chat_template replaces the copied tokenizer files
+    config = json.loads(json.dumps(plan.output.config))  # a deep copy: the checkpoint's own stays as read
     if config:
         _patch_config(config, plan)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -259,6 +261,7 @@ def _patch_config(config: dict, plan: Plan) -> None:
     for it in plan.items:
         if it.canonical == "model.embed_tokens.weight" and text.get("vocab_size") not in (None, it.shape[0]):
             text["vocab_size"] = it.shape[0]
+    text.update(plan.config_updates)  # slices: the stacked layers' count and per-layer lists (layer_types, ...)
     if plan.recipe.dtype:
         for key in ("torch_dtype", "dtype"):
             if key in config or key == "dtype":
