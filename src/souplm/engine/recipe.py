@@ -35,13 +35,11 @@ from ..errors import SoupError, short_repr
 from ..io.sizes import DEFAULT_SHARD_SIZE, parse_size
 from ..methods import get_method
 from ..yamlfile import read_mapping
+from .tokenizer import TokenizerSpec, absolute_fields, check_recipe, resolve_paths
 
 # mergekit keys we read but that change nothing for souplm (documented, not silently ignored).
 MERGEKIT_NOOP_KEYS = {"int8_mask"}
 MERGEKIT_UNSUPPORTED = {
-    "tokenizer_source": "souplm copies the tokenizer of output_model",
-    "tokenizer": "souplm copies the tokenizer of output_model",
-    "chat_template": "souplm copies the chat template of output_model",
     "out_dtype": "use dtype",
     "modules": "modular recipes are not supported",
 }
@@ -70,6 +68,9 @@ class Recipe(BaseModel):
     shard_size: int = Field(DEFAULT_SHARD_SIZE, gt=0)  # bytes; "5GB", "2GiB", mergekit's "5B" (io/sizes.py)
     mapping: str | dict[str, Any] | None = None  # spec file, built-in name, or the spec inline
     allow_extrapolation: bool = False  # let t and interpolation weights leave their documented range
+    tokenizer_source: str | None = None  # mergekit's: base | union | a model path (engine/tokenizer.py)
+    tokenizer: TokenizerSpec | None = None  # mergekit's block: source, tokens, pad_to_multiple_of
+    chat_template: str | None = None  # a template name (chatml, llama3, ...), a Jinja template, or auto
 
     @field_validator("shard_size", mode="before")
     @classmethod
@@ -163,6 +164,7 @@ class Recipe(BaseModel):
             raise SoupError(f"output_model {self.output_model} is not one of the recipe's models")
         if self.mapping is not None:
             self._check_mapping()
+        check_recipe(self)
 
     def check_values(self) -> None:
         """Every parameter value, as written (a number, a layer gradient's numbers, each filter entry's
@@ -214,6 +216,7 @@ class Recipe(BaseModel):
         }
         if mapping is not None:
             update["mapping"] = mapping
+        update.update(absolute_fields(self, absolute))
         return self.model_copy(update=update)
 
     def to_yaml(self) -> str:
@@ -265,6 +268,7 @@ def _resolve_relative_paths(data: dict, root: Path) -> dict:
     for key in ("base_model", "coefficients", "output_model"):
         if key in data:
             data[key] = fix(data[key])
+    resolve_paths(data, fix)
     if "mapping" in data:
         data["mapping"] = fix(data["mapping"], builtin_names=True)
     if isinstance(data.get("models"), list):
