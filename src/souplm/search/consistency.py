@@ -9,6 +9,12 @@ and the alpha of least difference is chosen. Where the response barely moves und
 alpha the merge sits on a plateau, and AdaMMS shows that if performance is convex near its optimum the
 best alpha is such a point (the paper finds that convexity in 62.75% of its settings).
 
+That is souplm's `mean` criterion. The authors' released search script scores an interior alpha
+differently (`criterion="adamms"`, the default of `souplm search`): the *number of inputs* whose answer
+differs from the answer at either neighbouring alpha (answers compared exactly, case-insensitively), or,
+with embeddings, the summed cosine distance to both neighbours; it smooths the curve over a window of
+neighbours and reports *every* alpha at the minimum (`minima`). docs/ADAMMS.md lists every difference.
+
 Everything here is a pure function of response strings, so it is checked on hand-made response sets;
 `minilm_embedder` is the one loader, for the optional embedding similarity.
 """
@@ -117,6 +123,64 @@ def difference_curve(
             pair.append(1.0 - set_similarity(responses[lo], responses[hi], metric, emb))
         curves[metric] = {alphas[i]: (pair[i - 1] + pair[i]) / 2 for i in range(1, len(alphas) - 1)}
     return curves
+
+
+CRITERIA: tuple[str, ...] = ("adamms", "mean")
+
+
+def same_answer(a: str, b: str) -> bool:
+    """The authors' exact comparison: the answers as strings, lowercased, otherwise untouched."""
+    return str(a).lower() == str(b).lower()
+
+
+def changed_count_curve(responses: Mapping[float, Sequence[str]]) -> dict[float, float]:
+    """The authors' criterion: {interior alpha -> how many inputs' answers differ from the answer at the
+    previous or at the next alpha} (a count, so more inputs mean larger values)."""
+    alphas = sorted(responses)
+    if len(alphas) < 3:
+        raise SoupError(f"generation consistency needs at least 3 alphas (an interior one has two neighbours), "
+                        f"got {len(alphas)}")
+    lengths = {len(responses[a]) for a in alphas}
+    if len(lengths) != 1:
+        raise SoupError(f"response sets differ in length ({sorted(lengths)}): they must answer the same inputs")
+    out = {}
+    for i in range(1, len(alphas) - 1):
+        prev, cur, nxt = (responses[alphas[j]] for j in (i - 1, i, i + 1))
+        out[alphas[i]] = float(sum(1 for p, c, n in zip(prev, cur, nxt, strict=True)
+                                   if not (same_answer(c, p) and same_answer(c, n))))
+    return out
+
+
+CHANGED = "changed"  # the key of the authors' count curve among the search's curves
+
+
+def chooser(criterion: str, metric: str) -> str:
+    """The key, among the search's curves, of the curve that chooses alpha.
+
+    `mean`: the metric's mean-difference curve. `adamms` with `exact`: the count of changed answers
+    (`changed_count_curve`); with `embedding`: the embedding curve (the authors sum the two neighbours'
+    distances where souplm averages them: the same minima). Other metrics have no form in the authors' code.
+    """
+    if criterion == "mean":
+        return metric
+    if criterion != "adamms":
+        raise SoupError(f"unknown criterion {criterion!r} (known: {', '.join(CRITERIA)})")
+    if metric == "exact":
+        return CHANGED
+    if metric == "embedding":
+        return "embedding"
+    raise SoupError(f"criterion adamms counts exact answer changes or sums embedding distances: metric exact "
+                    f"or embedding, not {metric} (or criterion mean)")
+
+
+def minima(curve: Mapping[float, float], window: int = 0, tol: float = 1e-9) -> list[float]:
+    """Every alpha at the least (optionally smoothed) value, in order: the authors report them all."""
+    values = smooth(curve, window) if window else dict(curve)
+    finite = [v for v in values.values() if not math.isnan(v)]
+    if not finite:
+        return []
+    best = min(finite)
+    return [a for a in sorted(values) if not math.isnan(values[a]) and values[a] <= best + tol]
 
 
 def smooth(curve: Mapping[float, float], window: int) -> dict[float, float]:
