@@ -9,6 +9,7 @@ byte is written.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,8 +33,10 @@ class Item:
     dtype: DType
     canonical: str | None = None  # None: copied unchanged (`copy_from` holds the source)
     copy_from: tuple[int, str] | None = None  # (checkpoint index, stored name)
-    inputs: list[str] = field(default_factory=list)  # stored names, one per model (recipe order)
+    inputs: list[str] = field(default_factory=list)  # stored names, one per input (the method's order)
     base: str | None = None  # stored name in the base checkpoint
+    sources: list[int] = field(default_factory=list)  # checkpoint index of each entry of `inputs`
+    base_from: int | None = None  # checkpoint index of `base`
     model_params: dict[str, np.ndarray] = field(default_factory=dict)  # name -> float32 [N] (or [N, rows])
     global_params: dict[str, object] = field(default_factory=dict)
     common_rows: int | None = None  # vocab mismatch: rows merged; the rest come from `extra_from`
@@ -57,6 +60,9 @@ class Plan:
     n_shards: int
     notes: list[str]
     coefficients: CoefficientTable | None
+    base_index: int | None = None  # the recipe's base checkpoint, when the method reads a base
+    layers: list[LayerSource] = field(default_factory=list)  # each output layer's input layers
+    config_updates: dict = field(default_factory=dict)  # text-config keys that follow the stacked layers
 
     @property
     def saved_recipe(self) -> Recipe:
@@ -72,10 +78,6 @@ class Plan:
             # a spec file or inline spec: the copy saved beside (a file may change or move); a built-in: its name
             mapping="souplm_mapping.yaml" if m is not None and not builtin else None,
         )
-
-    @property
-    def base_index(self) -> int | None:
-        return len(self.recipe.models) if self.recipe.base_model else None
 
     @property
     def output(self) -> Checkpoint:
@@ -117,43 +119,160 @@ def _nbytes(shape, dtype) -> int:
     return n * dtype.itemsize
 
 
-def resolve_param(value, canonical: str, n_layers: int, where: str):
-    """A parameter value for one tensor: number, layer gradient (list), or filter list."""
-    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+# -- parameters: mergekit's precedence, filters and gradients ----------------------------------------
+def evaluate_setting(value, name: str, t: float, where: str):
+    """One scope's setting of a parameter for tensor `name` at gradient position `t` (0..1), or None when
+    the setting says nothing for this tensor (a filter list none of whose entries matches, an empty list):
+    the next scope is asked then (mergekit's rule).
+
+    A filter entry matches when it has no `filter`, when its filter is `"*"`, or when the filter occurs in
+    the tensor name. A gradient [v0, ..., vm] puts the tensor at s = t*m and takes
+    (1 - (s - floor s)) * v[floor s] + (s - floor s) * v[min(floor s + 1, m)]; a list of non-numbers
+    (booleans) takes v[floor s]."""
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        return value
+    if not value:
+        return None
+    if all(isinstance(v, dict) for v in value):
         for entry in value:
             f = entry.get("filter")
-            if f is None or f in canonical:
+            if f is None or f == "*" or (name and isinstance(f, str) and f in name):
                 if "value" not in entry:
                     raise SoupError(f"{where}: a filter entry has no 'value'")
-                return resolve_param(entry["value"], canonical, n_layers, where)
-        raise SoupError(f"{where}: no filter entry matches tensor {canonical} (add one without 'filter')")
-    if isinstance(value, list):
-        if not value or not all(isinstance(v, (int, float)) for v in value):
-            raise SoupError(f"{where}: a gradient must be a non-empty list of numbers")
-        if len(value) == 1:
-            return float(value[0])
-        unit = unit_of(canonical)
-        if unit.layer is not None:
-            pos = unit.layer / max(n_layers - 1, 1)
+                return evaluate_setting(entry["value"], name, t, where)
+        return None
+    if any(isinstance(v, (dict, list)) for v in value):
+        raise SoupError(f"{where}: a list is either a gradient (numbers) or filter entries, not both")
+    scaled = t * (len(value) - 1)
+    i0 = int(scaled)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return value[i0]
+    i1 = min(len(value) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * value[i0] + frac * value[i1]
+
+
+def resolve_param(value, canonical: str, n_layers: int, where: str):
+    """A parameter value for one tensor of an n_layers-layer model (number, layer gradient or filter list),
+    positioned as mergekit positions it: layer i at i / (n_layers - 1) (the only layer at 1), every tensor
+    outside the layers at 0. None: no filter entry matches."""
+    layer = unit_of(canonical).layer
+    return evaluate_setting(value, canonical, _position(layer, n_layers) if layer is not None else 0.0, where)
+
+
+def _position(idx: int, length: int) -> float:
+    """Where layer `idx` of a slice of `length` layers sits on a gradient: mergekit's idx / (length - 1), 1 alone."""
+    return idx / (length - 1) if length > 1 else 1.0
+
+
+_UNSET = object()
+
+
+def _lookup(key: str, scopes, name: str, t: float):
+    """The first scope (highest precedence first) whose setting for `key` says something for `name`."""
+    for where, scope in scopes:
+        if scope and key in scope:
+            v = evaluate_setting(scope[key], name, t, f"{where}.{key}")
+            if v is not None:
+                return v, f"{where}.{key}"
+    return _UNSET, None
+
+
+# -- slices: which input layers feed each output layer --------------------------------------------------
+@dataclass(frozen=True)
+class Source:
+    """One input of a slice: checkpoint `k`, read from its layer `start` on, with its own parameters."""
+
+    k: int
+    start: int
+    params: dict
+    label: str  # "models[1] (model B)", "slices[0].sources[1] (model B)", "base_model"
+
+
+@dataclass
+class Slice:
+    """`length` consecutive output layers from `first_out` on; output layer first_out + i merges layer
+    start + i of every input (in the method's order: slerp's base first) onto `base` (methods that read one)."""
+
+    inputs: list[Source]
+    base: Source | None
+    params: dict
+    length: int
+    first_out: int
+    label: str
+    checked: list[Source] = field(default_factory=list)  # a base the method does not read: shapes checked only
+
+
+@dataclass(frozen=True)
+class LayerSource:
+    """Output layer `out`: slice `slice`, from (checkpoint, layer) of each input in method order, and of the base."""
+
+    out: int
+    slice: int
+    inputs: tuple[tuple[int, int], ...]
+    base: tuple[int, int] | None = None
+
+
+def _slices(recipe: Recipe, checkpoints: list[Checkpoint], uses_base: bool, base_index: int | None,
+            layer_counts: list[int]) -> list[Slice]:
+    """The recipe as slices: a `models:` recipe is one slice over every layer (as mergekit normalizes it);
+    `slices:` are checked against each model's layer count (the rest was checked on the recipe)."""
+    paths = recipe.all_paths()
+    if not recipe.slices:
+        base_path = recipe.base_model
+        inputs = [Source(i, 0, s.parameters, f"models[{i}] (model {s.model})") for i, s in enumerate(recipe.models)
+                  if not (uses_base and base_path is not None and s.model == base_path)]
+        base = Source(base_index, 0, {}, f"base_model ({base_path})") if uses_base and base_index is not None else None
+        # A base the method does not read (linear, slerp's models) still shapes the checks: its config may be the output's.
+        checked = [Source(base_index, 0, {}, f"base_model ({base_path})")] if (
+            base_index is not None and base is None and base_path not in (s.model for s in recipe.models)) else []
+        feeding = [s.k for s in inputs] + ([base.k] if base else []) + [s.k for s in checked]
+        return [Slice(inputs, base, {}, max(layer_counts[k] for k in feeding), 0, "models", checked)]
+    out: list[Slice] = []
+    first = 0
+    for j, spec in enumerate(recipe.slices):
+        base_path = spec.base_model or recipe.base_model
+        srcs = []
+        for i, src in enumerate(spec.sources):
+            k = paths.index(src.model)
+            a, b = src.layer_range
+            label = f"slices[{j}].sources[{i}] (model {src.model})"
+            if b > layer_counts[k]:
+                raise SoupError(f"{label}: layer_range [{a}, {b}] is out of range: the model has "
+                                f"{layer_counts[k]} layers (0..{layer_counts[k] - 1}; the range's end is exclusive)")
+            srcs.append(Source(k, a, src.parameters, label))
+        base = None
+        if uses_base or recipe.merge_method == "slerp":
+            base = next((s for s, src in zip(srcs, spec.sources) if src.model == base_path), None)
+        if recipe.merge_method == "slerp":  # t = 0 is the base
+            inputs = [base, *[s for s in srcs if s is not base]] if base is not None else srcs
+            base = None
         else:
-            pos = 0.0 if unit.mapping == "embed" else 1.0
-        return float(np.interp(pos, np.linspace(0, 1, len(value)), value))
-    return value
+            inputs = [s for s in srcs if s is not base]
+        length = spec.sources[0].layer_range[1] - spec.sources[0].layer_range[0]
+        out.append(Slice(inputs, base if uses_base else None, spec.parameters, length, first, f"slices[{j}]"))
+        first += length
+    return out
 
 
 def build_plan(recipe: Recipe, checkpoints: list[Checkpoint], coefficients: CoefficientTable | None = None) -> Plan:
     method = recipe.method
-    n = len(recipe.models)
-    base_index = n if recipe.base_model else None
+    uses_base = method.needs_base or getattr(method, "optional_base", False)
+    paths = recipe.all_paths()
+    base_index = paths.index(recipe.base_model) if recipe.base_model else None
     notes: list[str] = []
     if coefficients is not None:  # matched to the recipe's models by identity, columns in recipe order
+        if recipe.slices:
+            raise SoupError("a coefficient table applies to a models: recipe (one weight column per model), "
+                            "not to slices")
         local = [str(checkpoints[i].path) if "+" not in s.model else s.model for i, s in enumerate(recipe.models)]
         coefficients, note = coefficients.aligned_to(local)
         if note:
             notes.append(note)
 
     # Which model the output is: named, else the first multimodal one, else the base, else model 0.
-    paths = [s.model for s in recipe.models] + ([recipe.base_model] if base_index is not None else [])
     if recipe.mapping is not None:
         output_index = 0  # the mapping's target: its layout, config, vision tower and projector
     elif recipe.output_model is not None:
@@ -162,46 +281,40 @@ def build_plan(recipe: Recipe, checkpoints: list[Checkpoint], coefficients: Coef
         mm = [k for k, c in enumerate(checkpoints) if c.layout.multimodal]
         output_index = mm[0] if mm else (base_index if base_index is not None else 0)
     out = checkpoints[output_index]
-    feeding = list(range(n)) + ([base_index] if base_index is not None else [])
 
-    canon = [set(checkpoints[k].canonical_names()) for k in feeding]
-    names = sorted(set().union(*canon), key=_tensor_order)
-    if out.tied and LM_HEAD in names:
-        names.remove(LM_HEAD)
-        untied = [str(checkpoints[k].path) for k in feeding if not checkpoints[k].tied]
+    canon = [set(c.canonical_names()) for c in checkpoints]
+    layer_counts = [layer_count(names) for names in canon]
+    slices = _slices(recipe, checkpoints, uses_base, base_index, layer_counts)
+    dtype = DTYPES[recipe.dtype] if recipe.dtype else None
+    ctx = _Context(recipe, method, checkpoints, canon, output_index, dtype, coefficients, notes)
+
+    # Tensors outside the layers: those before them from the first slice's inputs, those after from the
+    # last slice's (mergekit's pre and post weights), all at gradient position 0.
+    first, last = slices[0], slices[-1]
+    pre = sorted({c for s in _feeding(first) for c in canon[s.k] if unit_of(c).layer is None and _tensor_order(c)[0] < 2},
+                 key=_tensor_order)
+    post = sorted({c for s in _feeding(last) for c in canon[s.k] if unit_of(c).layer is None and _tensor_order(c)[0] >= 2},
+                  key=_tensor_order)
+    if out.tied and LM_HEAD in post:
+        post.remove(LM_HEAD)
+        untied = [str(checkpoints[s.k].path) for s in _feeding(last) if not checkpoints[s.k].tied]
         if untied:
             notes.append(f"output ties lm_head to the embedding; the separate lm_head of {', '.join(untied)} is not used")
-    n_layers = layer_count(names)
-    dtype = DTYPES[recipe.dtype] if recipe.dtype else None
 
-    items: list[Item] = []
-    for c in names:
-        for k, have in zip(feeding, canon):
-            if c not in have:
-                raise SoupError(f"tensor {c} is missing from model {checkpoints[k].path}")
-        stored = {k: checkpoints[k].stored_name(c) for k in feeding}
-        shapes = {k: checkpoints[k].shape(stored[k]) for k in feeding}
-        ref = output_index if output_index in shapes else feeding[0]  # shape and dtype follow the output
-        item = Item(
-            out_name=out.layout.from_canonical(c),
-            shape=shapes[ref],
-            dtype=dtype or checkpoints[ref].dtype(stored[ref]),
-            canonical=c,
-            inputs=[stored[k] for k in range(n)],
-            base=stored[base_index] if base_index is not None and method.needs_base else None,
-        )
-        _check_shapes(item, c, shapes, checkpoints, recipe.vocab_policy, output_index, notes)
-        item.model_params = _model_params(recipe, method, c, n_layers, coefficients, item)
-        item.global_params = {
-            k: resolve_param(recipe.parameters.get(k, d), c, n_layers, f"parameters.{k}")
-            for k, d in method.global_params.items()
-        }
-        for k, v in item.global_params.items():  # the value this tensor gets, against the declared spec
-            method.spec(k).check(v, f"parameters.{k} (tensor {c})", recipe.allow_extrapolation)
-        # A base the method does not use (linear, uniform, slerp) shapes the checks above but is not read.
-        used = [k for k in feeding if k != base_index or item.base is not None]
-        item.read_bytes = sum(checkpoints[k].nbytes(stored[k]) for k in used)
-        items.append(item)
+    items: list[Item] = [ctx.item(c, first, None, 0.0) for c in pre]
+    layers: list[LayerSource] = []
+    for j, sl in enumerate(slices):
+        for i in range(sl.length):
+            o = sl.first_out + i
+            suffixes = sorted({m.group(2) for s in _feeding(sl) for c in canon[s.k]
+                               if (m := _LAYER_NAME.match(c)) and int(m.group(1)) == s.start + i})
+            if not suffixes:
+                raise SoupError(f"{sl.label}: layer {sl.inputs[0].start + i} of model "
+                                f"{checkpoints[sl.inputs[0].k].path} has no tensors")
+            items += [ctx.item(f"model.layers.{o}.{x}", sl, i, _position(i, sl.length)) for x in suffixes]
+            layers.append(LayerSource(o, j, tuple((s.k, s.start + i) for s in sl.inputs),
+                                      (sl.base.k, sl.base.start + i) if sl.base else None))
+    items += [ctx.item(c, last, None, 0.0) for c in post]
 
     # Tensors outside the language model (vision tower, projector): copied from the output model.
     for name in out.extra_names():
@@ -212,8 +325,173 @@ def build_plan(recipe: Recipe, checkpoints: list[Checkpoint], coefficients: Coef
             notes.append(f"{len(c.extra_names())} non-LM tensors of {c.path} (e.g. {c.extra_names()[0]}) are not in the output; "
                          "name it as output_model to keep them")
 
+    config_updates: dict = {}
+    if recipe.slices:
+        notes += [_slice_note(sl, recipe, checkpoints) for sl in slices]
+        for j, spec in enumerate(recipe.slices):
+            if spec.residual_weight is not None:
+                notes.append(f"slices[{j}].residual_weight is not applied (mergekit 0.1.5 reads it and applies it nowhere)")
+        config_updates = _layer_config(out, layers, checkpoints)
     n_shards = _assign_shards(items, recipe.shard_size)
-    return Plan(recipe, method, checkpoints, output_index, items, n_shards, notes, coefficients)
+    return Plan(recipe, method, checkpoints, output_index, items, n_shards, notes, coefficients,
+                base_index=base_index if uses_base else None, layers=layers, config_updates=config_updates)
+
+
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def _feeding(sl: Slice) -> list[Source]:
+    return sl.inputs + ([sl.base] if sl.base else [])
+
+
+def _canonical_at(c_out: str, layer: int | None) -> str:
+    """The input's name for an output tensor: the same name outside the layers, else at the input's layer."""
+    if layer is None:
+        return c_out
+    m = _LAYER_NAME.match(c_out)
+    return f"model.layers.{layer}.{m.group(2)}"
+
+
+@dataclass
+class _Context:
+    recipe: Recipe
+    method: Method
+    checkpoints: list[Checkpoint]
+    canon: list[set[str]]
+    output_index: int
+    dtype: DType | None
+    coefficients: CoefficientTable | None
+    notes: list[str]
+
+    def item(self, c_out: str, sl: Slice, offset: int | None, t: float) -> Item:
+        """The plan item of output tensor `c_out` (canonical): layer `offset` of slice `sl` (None: outside the layers)."""
+        ck, method, recipe = self.checkpoints, self.method, self.recipe
+        names = {}
+        for s in _feeding(sl) + sl.checked:
+            c_in = _canonical_at(c_out, None if offset is None else s.start + offset)
+            if c_in not in self.canon[s.k]:
+                raise SoupError(f"tensor {c_in} is missing from model {ck[s.k].path}"
+                                + (f" ({sl.label}, output tensor {c_out})" if recipe.slices else ""))
+            names[s.k] = c_in
+        stored = {k: ck[k].stored_name(c) for k, c in names.items()}
+        shapes = {k: ck[k].shape(stored[k]) for k in stored}
+        ref = self.output_index if self.output_index in shapes else sl.inputs[0].k  # shape and dtype follow the output
+        item = Item(
+            out_name=ck[self.output_index].layout.from_canonical(c_out),
+            shape=shapes[ref],
+            dtype=self.dtype or ck[ref].dtype(stored[ref]),
+            canonical=c_out,
+            inputs=[stored[s.k] for s in sl.inputs],
+            base=stored[sl.base.k] if sl.base else None,
+            sources=[s.k for s in sl.inputs],
+            base_from=sl.base.k if sl.base else None,
+        )
+        _check_shapes(item, c_out, shapes, ck, recipe.vocab_policy, self.output_index, self.notes)
+        item.model_params = self._model_params(sl, names, c_out, t, item)
+        item.global_params = {}
+        scopes = [(f"{sl.label}.parameters", sl.params), ("parameters", recipe.parameters)]
+        for key, default in method.global_params.items():
+            v, where = _lookup(key, scopes, c_out, t)
+            if v is _UNSET:
+                if key in getattr(method, "required", ()):
+                    raise SoupError(f"parameters.{key}: missing required parameter of method {method.name} for "
+                                    f"tensor {c_out} (no default; mergekit refuses it too)")
+                v, where = default, f"parameters.{key}"
+            method.spec(key).check(v, f"{where} (tensor {c_out})", recipe.allow_extrapolation)
+            item.global_params[key] = v
+        item.read_bytes = sum(ck[s.k].nbytes(stored[s.k]) for s in _feeding(sl))
+        return item
+
+    def _model_params(self, sl: Slice, names: dict[int, str], c_out: str, t: float, item: Item) -> dict[str, np.ndarray]:
+        method, recipe = self.method, self.recipe
+        out: dict[str, np.ndarray] = {}
+        for key, default in method.model_params.items():
+            vals = []
+            for s in sl.inputs:
+                scopes = [(s.label.split(" ")[0] + ".parameters", s.params), (f"{sl.label}.parameters", sl.params),
+                          ("parameters", recipe.parameters)]
+                v, where = _lookup(key, scopes, names[s.k], t)  # a per-model filter matches the input's own name
+                if v is _UNSET:
+                    if key in getattr(method, "required", ()):
+                        raise SoupError(f"{s.label}: missing required parameter {key} of method {method.name} for "
+                                        f"tensor {names[s.k]} (no default; mergekit refuses it too)")
+                    v, where = default, f"parameters.{key}"
+                method.spec(key).check(v, f"{where} ({s.label.split(' ', 1)[-1].strip('()')}, tensor {names[s.k]})",
+                                       recipe.allow_extrapolation)
+                vals.append(float(v))
+            out[key] = np.asarray(vals, dtype=np.float32)
+        check = getattr(method, "check_params", None)
+        why = check(out, f" (tensor {c_out})") if check is not None else None
+        if why is not None:
+            raise SoupError(f"method {method.name}: {why}")
+        coefficients = self.coefficients
+        if coefficients is not None and "weight" in out:
+            w = coefficients.lookup(c_out)
+            if w is not None:
+                if w.ndim == 2:
+                    rows = item.common_rows or item.shape[0]
+                    if not method.row_weights:
+                        raise SoupError(f"coefficient table: method {method.name} does not take per-row weights ({c_out})")
+                    if w.shape[1] < rows:
+                        raise SoupError(f"coefficient table: {c_out} has {w.shape[1]} row weights, tensor has {rows} rows")
+                    w = w[:, :rows]
+                out["weight"] = w
+        return out
+
+
+def _slice_note(sl: Slice, recipe: Recipe, checkpoints: list[Checkpoint]) -> str:
+    span = f"layer {sl.first_out}" if sl.length == 1 else f"layers {sl.first_out}-{sl.first_out + sl.length - 1}"
+    src = "; ".join(f"{checkpoints[s.k].path.name} {s.start}-{s.start + sl.length - 1}" for s in sl.inputs)
+    base = f" onto base {checkpoints[sl.base.k].path.name} {sl.base.start}-{sl.base.start + sl.length - 1}" if sl.base else ""
+    return f"output {span} ({sl.label}): {recipe.merge_method} of {src}{base}"
+
+
+# Config keys that count the decoder layers, and per-layer keys that hold layer indices rather than one entry per layer.
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+LAYER_INDEX_KEYS = ("mlp_only_layers",)
+NOT_PER_LAYER = {"architectures", "eos_token_id", "bos_token_id", "pad_token_id", "bad_words_ids", "suppress_tokens",
+                 "begin_suppress_tokens", "forced_decoder_ids", "image_grid_pinpoints", "vision_feature_layer"}
+
+
+def _text_config(config: dict) -> dict:
+    return config["text_config"] if isinstance(config.get("text_config"), dict) else config
+
+
+def _n_layers(cfg: dict) -> int | None:
+    return next((cfg[k] for k in LAYER_COUNT_KEYS if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool)),
+                None)
+
+
+def _layer_config(out: Checkpoint, layers: list[LayerSource], checkpoints: list[Checkpoint]) -> dict:
+    """The output text config's keys that follow the stacked layers: the layer count, and every per-layer list
+    (`layer_types`, ...) rebuilt entry by entry from the config of the model each output layer comes from
+    (its first input: slerp's base, passthrough's one model)."""
+    cfg = _text_config(out.config)
+    n_out = _n_layers(cfg)
+    if not cfg or n_out is None:
+        return {}
+    updates: dict = {k: len(layers) for k in LAYER_COUNT_KEYS if k in cfg}
+    for key, value in cfg.items():
+        if not isinstance(value, list) or key in NOT_PER_LAYER:
+            continue
+        if key in LAYER_INDEX_KEYS:
+            updates[key] = [ls.out for ls in layers
+                            if ls.inputs[0][1] in (_text_config(checkpoints[ls.inputs[0][0]].config).get(key) or [])]
+            continue
+        if len(value) != n_out:
+            continue
+        rebuilt = []
+        for ls in layers:
+            k, j = ls.inputs[0]
+            src = _text_config(checkpoints[k].config)
+            own = src.get(key)
+            if not isinstance(own, list) or len(own) != _n_layers(src):
+                raise SoupError(f"config key {key} lists one entry per layer in {out.path} but not in "
+                                f"{checkpoints[k].path}, whose layer {j} is output layer {ls.out}: cannot say "
+                                "what the output's entry is")
+            rebuilt.append(own[j])
+        updates[key] = rebuilt
+    return updates
 
 
 def _tensor_order(name: str):
@@ -245,31 +523,6 @@ def _check_shapes(item, c, shapes, checkpoints, policy, output_index, notes) -> 
     else:
         item.shape = (lo, *item.shape[1:])
         notes.append(f"{c}: truncated to the {lo} rows all models share")
-
-
-def _model_params(recipe, method, c, n_layers, coefficients, item) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for key, default in method.model_params.items():
-        vals = []
-        for i, spec in enumerate(recipe.models):
-            raw = spec.parameters.get(key, recipe.parameters.get(key, default))
-            v = resolve_param(raw, c, n_layers, f"models[{i}].parameters.{key}")
-            method.spec(key).check(v, f"models[{i}].parameters.{key} (model {spec.model}, tensor {c})",
-                                   recipe.allow_extrapolation)
-            vals.append(float(v))
-        out[key] = np.asarray(vals, dtype=np.float32)
-    if coefficients is not None and "weight" in out:
-        w = coefficients.lookup(c)
-        if w is not None:
-            if w.ndim == 2:
-                rows = item.common_rows or item.shape[0]
-                if not method.row_weights:
-                    raise SoupError(f"coefficient table: method {method.name} does not take per-row weights ({c})")
-                if w.shape[1] < rows:
-                    raise SoupError(f"coefficient table: {c} has {w.shape[1]} row weights, tensor has {rows} rows")
-                w = w[:, :rows]
-            out["weight"] = w
-    return out
 
 
 def _assign_shards(items: list[Item], shard_size: int) -> int:

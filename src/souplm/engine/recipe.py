@@ -51,12 +51,46 @@ class ModelSpec(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
+class SourceSpec(BaseModel):
+    """One input of a slice (mergekit's `sources:` entry): layers [start, end) of `model`, end exclusive."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str
+    layer_range: list[int]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v):
+        if len(v) != 2 or v[0] < 0 or v[1] <= v[0]:
+            raise ValueError("layer_range is [start, end): two whole numbers, 0 <= start < end")
+        return v
+
+
+class SliceSpec(BaseModel):
+    """One output slice (mergekit's `slices:` entry): the same number of layers from each source, merged."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    sources: list[SourceSpec]
+    base_model: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    residual_weight: float | None = None  # declared by mergekit 0.1.5, applied nowhere there: a plan note
+
+    @field_validator("sources")
+    @classmethod
+    def _some_sources(cls, v):
+        if not v:
+            raise ValueError("a slice needs at least one source")
+        return v
+
+
 class Recipe(BaseModel):
     # strict: a YAML string is never read as a boolean or a number (`allow_pickle: "false"` is refused)
     model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
     merge_method: str = Field("linear", alias="method")
-    models: list[ModelSpec]
+    models: list[ModelSpec]  # with `slices`: each model the slices read, once, in order (no parameters)
+    slices: list[SliceSpec] | None = None  # layer ranges stacked in order (mergekit's slices; engine/plan.py)
     base_model: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
@@ -147,7 +181,10 @@ class Recipe(BaseModel):
     def check(self) -> None:
         """The method's contract and parameter names, before any tensor is touched."""
         m = self.method
-        m.check(len(self.models), self.base_model is not None)
+        if self.slices:
+            self._check_slices()
+        else:
+            m.check(len(self.models), self.base_model is not None)
         known = set(m.model_params) | set(m.global_params)
         for key in self.parameters:
             if key not in known and key not in MERGEKIT_NOOP_KEYS:
@@ -180,6 +217,68 @@ class Recipe(BaseModel):
                     _walk(spec.parameters[key], m.spec(key), where, self.allow_extrapolation)
                 elif key in self.parameters:
                     _walk(self.parameters[key], m.spec(key), f"parameters.{key}", self.allow_extrapolation)
+        for j, sl in enumerate(self.slices or []):
+            for key, value in sl.parameters.items():
+                _walk(value, m.spec(key), f"slices[{j}].parameters.{key}", self.allow_extrapolation)
+            for i, src in enumerate(sl.sources):
+                for key, value in src.parameters.items():
+                    where = f"slices[{j}].sources[{i}].parameters.{key} (model {src.model})"
+                    _walk(value, m.spec(key), where, self.allow_extrapolation)
+
+    def _check_slices(self) -> None:
+        """Each slice against the method's contract, as mergekit checks it: a method that reads a base finds
+        it among the slice's sources (with its layer range), the sources of a slice are different models
+        spanning the same number of layers, and each parameter is one the method takes (and, without a
+        default, is set for every source that needs it). Layer ranges against each model's layer count are
+        checked on the plan, from the checkpoints' headers."""
+        m = self.method
+        if self.mapping is not None:
+            raise SoupError("a mapping merges a models: recipe, not slices")
+        reads_base = m.needs_base or getattr(m, "optional_base", False) or self.merge_method == "slerp"
+        known = set(m.model_params) | set(m.global_params)
+        for j, sl in enumerate(self.slices or []):
+            where = f"slices[{j}]"
+            models = [s.model for s in sl.sources]
+            dup = next((p for p in models if models.count(p) > 1), None)
+            if dup is not None:
+                raise SoupError(f"{where}: model {dup} is a source twice (the sources of one slice are different "
+                                "models; stack one model's ranges in separate slices)")
+            if len({s.layer_range[1] - s.layer_range[0] for s in sl.sources}) > 1:
+                ranges = ", ".join(f"{s.model} {s.layer_range}" for s in sl.sources)
+                raise SoupError(f"{where}: every source of a slice spans the same number of layers (got {ranges})")
+            base = sl.base_model or self.base_model
+            has_base = reads_base and base is not None and base in models
+            if reads_base and base is not None and not has_base and (m.needs_base or self.merge_method == "slerp"):
+                raise SoupError(f"{where}: base_model {base} is not one of the slice's sources (a slice reads its base's "
+                                "layers too: list it among the sources with its layer_range, as mergekit requires)")
+            if self.merge_method == "slerp" and not has_base:
+                raise SoupError(f"{where}: slerp needs a base_model among the slice's sources (t = 0 is the base)")
+            try:
+                if self.merge_method == "slerp":
+                    m.check(len(models), False)
+                else:
+                    m.check(len(models) - int(has_base), has_base)
+            except SoupError as e:
+                raise SoupError(f"{where}: {e}") from None
+            for key in sl.parameters:
+                if key not in known and key not in MERGEKIT_NOOP_KEYS:
+                    raise SoupError(f"{where}.parameters.{key}: unknown parameter for method {m.name} "
+                                    f"(known: {', '.join(sorted(known)) or 'none'})")
+            for i, src in enumerate(sl.sources):
+                for key in src.parameters:
+                    if key not in m.model_params:
+                        raise SoupError(f"{where}.sources[{i}].parameters.{key}: not a per-model parameter of "
+                                        f"{m.name} (per-model: {', '.join(sorted(m.model_params)) or 'none'})")
+            for key in getattr(m, "required", ()):
+                scopes = (sl.parameters, self.parameters)
+                if key in m.model_params:
+                    for i, src in enumerate(sl.sources):
+                        if (not has_base or src.model != base) and not any(key in p for p in (src.parameters, *scopes)):
+                            raise SoupError(f"{where}.sources[{i}] (model {src.model}): method {m.name} needs parameter "
+                                            f"{key} (set it for the source, the slice or the recipe)")
+                elif not any(key in p for p in scopes):
+                    raise SoupError(f"{where}: method {m.name} needs parameter {key} (set it in the slice's or the "
+                                    "recipe's parameters)")
 
     def _check_mapping(self) -> None:
         from ..arch.mapping import load_mapping
@@ -210,6 +309,10 @@ class Recipe(BaseModel):
 
         update: dict[str, Any] = {
             "models": [s.model_copy(update={"model": absolute(s.model)}) for s in self.models],
+            "slices": None if self.slices is None else [
+                sl.model_copy(update={"base_model": absolute(sl.base_model),
+                                      "sources": [s.model_copy(update={"model": absolute(s.model)}) for s in sl.sources]})
+                for sl in self.slices],
             "base_model": absolute(self.base_model),
             "output_model": absolute(self.output_model),
             "coefficients": coefficients,
@@ -221,6 +324,8 @@ class Recipe(BaseModel):
 
     def to_yaml(self) -> str:
         data = self.model_dump(by_alias=False, exclude_defaults=True)
+        if self.slices:
+            data.pop("models", None)  # each model the slices read: derived again on load
         data["merge_method"] = self.merge_method
         return yaml.safe_dump(data, sort_keys=False)
 
@@ -273,6 +378,12 @@ def _resolve_relative_paths(data: dict, root: Path) -> dict:
         data["mapping"] = fix(data["mapping"], builtin_names=True)
     if isinstance(data.get("models"), list):
         data["models"] = [dict(m, model=fix(m.get("model"))) if isinstance(m, dict) else m for m in data["models"]]
+    if isinstance(data.get("slices"), list):
+        data["slices"] = [dict(sl, **({"base_model": fix(sl["base_model"])} if "base_model" in sl else {}),
+                               sources=[dict(s, model=fix(s.get("model"))) if isinstance(s, dict) else s
+                                        for s in sl.get("sources") or []] if isinstance(sl.get("sources"), list)
+                               else sl.get("sources"))
+                          if isinstance(sl, dict) else sl for sl in data["slices"]]
     return data
 
 
@@ -282,11 +393,11 @@ def _from_mergekit(data: dict, where: str) -> dict:
     for key, why in MERGEKIT_UNSUPPORTED.items():
         if key in data:
             raise SoupError(f"{where}: mergekit key {key!r} is not supported by souplm ({why})")
-    if "slices" in data:
-        data["models"] = _models_from_slices(data.pop("slices"), where)
     params = data.get("parameters") or {}
     if isinstance(params, dict):
         data["parameters"] = {k: v for k, v in params.items() if k not in MERGEKIT_NOOP_KEYS}
+    if "slices" in data:
+        return _from_slices(data, where)
     method = data.get("merge_method", data.get("method"))
     models = data.get("models") or []
     # mergekit lists the base among `models` for some methods; souplm keeps it as base only.
@@ -318,12 +429,23 @@ def _model_path(m) -> str | None:
     return m if isinstance(m, str) else (m.get("model") if isinstance(m, dict) else None)
 
 
-def _models_from_slices(slices, where: str) -> list[dict]:
-    """Accept the one slice shape that is a plain whole-model merge: every source spans the same layers."""
-    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
-        raise SoupError(f"{where}: 'slices' with several slices (layer stacking, passthrough) is not supported")
-    sources = slices[0].get("sources") or []
-    ranges = {tuple(s.get("layer_range", ())) for s in sources if isinstance(s, dict)}
-    if len(ranges) != 1 or len(sources) < 1:
-        raise SoupError(f"{where}: 'slices' whose sources span different layer ranges are not supported")
-    return [{"model": s["model"], "parameters": s.get("parameters", {})} for s in sources]
+def _from_slices(data: dict, where: str) -> dict:
+    """mergekit's `slices:` kept as slices (the plan stacks them); `models` becomes each model they read, once."""
+    if data.get("models"):
+        raise SoupError(f"{where}: give either models or slices, not both (mergekit takes exactly one)")
+    slices = data["slices"]
+    if not isinstance(slices, list) or not slices or not all(isinstance(s, dict) for s in slices):
+        raise SoupError(f"{where}: slices must be a non-empty list of slices, each with sources")
+    data["slices"], distinct = [], []
+    for j, sl in enumerate(slices):
+        sources = sl.get("sources")
+        if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
+            raise SoupError(f"{where}: slices[{j}].sources must be a list of sources (model, layer_range)")
+        sources = [dict(s, model=_adapted(s["model"], where)) if isinstance(s.get("model"), dict) else s
+                   for s in sources]
+        data["slices"].append(dict(sl, sources=sources))
+        for s in sources:
+            if isinstance(s.get("model"), str) and s["model"] not in distinct:
+                distinct.append(s["model"])
+    data["models"] = [{"model": p} for p in distinct]
+    return data
