@@ -10,7 +10,9 @@ the same cache, keyed by (model content hash, task, lm-eval version + task file 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import subprocess
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,38 @@ def import_lm_eval() -> Any:
     except ImportError:
         raise _missing() from None
     return lm_eval
+
+
+def quiet_git_hash() -> str | None:
+    """lm-eval's record of the git commit it runs from (`git describe --always` in the working directory),
+    with git's own stderr dropped: outside a repository git prints "fatal: not a git repository", which
+    tells a souplm user nothing. Outside a repository (or without git) the hash is None, as lm-eval's
+    fallback then finds none either."""
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, check=True)
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return None
+    return out.stdout.decode().strip()
+
+
+@contextmanager
+def quiet_lm_eval_git() -> Iterator[None]:
+    """While lm-eval evaluates, its git-hash lookup is `quiet_git_hash` (its other output is untouched)."""
+    import importlib
+
+    try:
+        evaluator = importlib.import_module("lm_eval.evaluator")
+    except ImportError:
+        evaluator = None
+    old = getattr(evaluator, "get_git_commit_hash", None)
+    if old is None:
+        yield
+        return
+    evaluator.get_git_commit_hash = quiet_git_hash  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = old  # type: ignore[union-attr]
 
 
 def lm_eval_version() -> str:
@@ -124,15 +158,16 @@ def evaluate_lm_eval(
         manager = TaskManager(include_path=includes or None)
         import torch
 
-        out = lm_eval.simple_evaluate(
-            model="hf",
-            model_args=f"pretrained={model_dir},dtype={dtype}",
-            tasks=[n for n, _, _ in todo],
-            limit=limit,
-            batch_size=batch_size,
-            device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
-            task_manager=manager,
-        )
+        with quiet_lm_eval_git():
+            out = lm_eval.simple_evaluate(
+                model="hf",
+                model_args=f"pretrained={model_dir},dtype={dtype}",
+                tasks=[n for n, _, _ in todo],
+                limit=limit,
+                batch_size=batch_size,
+                device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                task_manager=manager,
+            )
         for name, _, v in todo:
             raw = out["results"].get(name)
             if raw is None:
