@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import SoupError, short_repr
 from ..io.checkpoint import EMBED, LM_HEAD
@@ -81,6 +81,18 @@ class TokenSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     source: str | TokenSource | None = None
     force: bool = False
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _mapping(cls, v: Any) -> Any:
+        if isinstance(v, dict):  # validated here, so its own complaint is the one reported
+            try:
+                return TokenSource.model_validate(v)
+            except ValidationError as e:
+                err = e.errors()[0]
+                where = ".".join(str(x) for x in err["loc"])
+                raise ValueError(f"{where + ': ' if where else ''}{err['msg'].removeprefix('Value error, ')}") from None
+        return v
 
 
 class TokenizerSpec(BaseModel):
