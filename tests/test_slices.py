@@ -345,13 +345,10 @@ def test_bad_slices_are_one_line_errors_and_nothing_is_written(zoo, tmp_path, ca
 def test_required_parameters_are_refused_when_missing(zoo):
     from souplm.methods import get_method
 
-    for method, key in [("ties", "weight"), ("task_arithmetic", "weight"), ("dare_ties", "weight"), ("slerp", "t")]:
-        if key not in get_method(method).required:
-            pytest.xfail(f"method {method} does not declare {key} required yet (methods/)")
-    with pytest.raises(SoupError, match="needs parameter weight"):
-        prepare({"merge_method": "ties", "base_model": str(zoo["base"]), "models": [{"model": str(zoo["a"])}]})
-    with pytest.raises(SoupError, match="needs parameter t"):
-        prepare({"merge_method": "slerp", "base_model": str(zoo["a"]), "models": [{"model": str(zoo["b"])}]})
+    for method in ("ties", "task_arithmetic", "dare_ties", "dare_linear"):  # mergekit: weight has no default
+        assert "weight" in get_method(method).required
+        with pytest.raises(SoupError, match="needs parameter weight"):
+            prepare({"merge_method": method, "base_model": str(zoo["base"]), "models": [{"model": str(zoo["a"])}]})
     # a filter list that leaves some tensor without a value: refused at plan time, before a byte is written
     with pytest.raises(SoupError, match="missing required parameter weight"):
         prepare({"merge_method": "ties", "base_model": str(zoo["base"]),
@@ -359,3 +356,28 @@ def test_required_parameters_are_refused_when_missing(zoo):
     with pytest.raises(SoupError, match=r"slices\[0\]\.sources\[1\].*needs parameter weight"):
         prepare({"merge_method": "ties", "base_model": str(zoo["base"]), "slices": [{"sources": [
             {"model": str(zoo["base"]), "layer_range": [0, 2]}, {"model": str(zoo["a"]), "layer_range": [0, 2]}]}]})
+
+
+def test_slerp_without_t_is_refused_like_mergekit(zoo):
+    from souplm.methods import get_method
+
+    if "t" not in get_method("slerp").required:
+        pytest.xfail("methods/slerp.py does not declare t required (souplm takes t from per-model weights)")
+    with pytest.raises(SoupError, match="needs parameter t"):
+        prepare({"merge_method": "slerp", "base_model": str(zoo["a"]), "models": [{"model": str(zoo["b"])}]})
+
+
+def test_filter_entry_shapes_and_boolean_gradients(zoo):
+    base, a = str(zoo["base"]), str(zoo["a"])
+    # one entry without the list (mergekit takes it), below it the recipe's value for what it does not match
+    plan, _ = prepare({"merge_method": "ties", "base_model": base, "parameters": {"weight": 0.3, "normalize": [True, False]},
+                       "models": [{"model": a, "parameters": {"weight": {"filter": "mlp", "value": 1.0}}}]})
+    by = {i.canonical: i for i in plan.items if i.canonical}
+    assert float(by[layer(UP, 2)].model_params["weight"][0]) == 1.0
+    assert float(by[layer(Q, 2)].model_params["weight"][0]) == np.float32(0.3)
+    # a boolean gradient steps: position t takes entry floor(t * (n - 1)): True below the last layer, False there
+    assert [by[layer(Q, i)].global_params["normalize"] for i in range(L)] == [True, True, True, False]
+    assert by["model.embed_tokens.weight"].global_params["normalize"] is True
+    with pytest.raises(SoupError, match="a filter entry takes filter and value, not fitler"):
+        Recipe.load({"merge_method": "ties", "base_model": base,
+                     "models": [{"model": a, "parameters": {"weight": [{"fitler": "mlp", "value": 1.0}]}}]})

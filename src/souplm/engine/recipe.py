@@ -331,15 +331,27 @@ class Recipe(BaseModel):
 
 
 def _walk(value: Any, spec, where: str, extrapolate: bool) -> None:
-    """Check one raw parameter value: a scalar, a gradient (list of scalars) or a filter list."""
+    """Check one raw parameter value: a scalar, a gradient (a list of scalars: numbers interpolate, booleans
+    step), or filter entries (`{filter: substring, value: ...}`, one alone or a list; no filter, or `"*"`,
+    matches every tensor)."""
+    if isinstance(value, dict):
+        value = [value]
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         for j, entry in enumerate(value):
-            if "value" in entry:
-                _walk(entry["value"], spec, f"{where}[{j}].value", extrapolate)
+            unknown = sorted(set(entry) - {"filter", "value"})
+            if unknown:
+                raise SoupError(f"{where}[{j}]: a filter entry takes filter and value, not {', '.join(map(str, unknown))}")
+            if "value" not in entry:
+                raise SoupError(f"{where}[{j}]: a filter entry has no 'value'")
+            if entry.get("filter") is not None and not isinstance(entry["filter"], str):
+                raise SoupError(f"{where}[{j}].filter must be a string (a substring of tensor names, or \"*\")")
+            _walk(entry["value"], spec, f"{where}[{j}].value", extrapolate)
         return
-    if isinstance(value, list) and spec.kind is not bool:
+    if isinstance(value, list):
         if not value:
             raise SoupError(f"{where}: a gradient must be a non-empty list of numbers")
+        if any(isinstance(v, (dict, list)) for v in value):
+            raise SoupError(f"{where}: a list is either a gradient (numbers) or filter entries, not both")
         for j, v in enumerate(value):
             spec.check(v, f"{where}[{j}]", extrapolate)
         return
