@@ -52,6 +52,9 @@ MERGEKIT_VERSION = "0.1.5"
 TORCH_PIN = "torch==2.13.0"
 METHODS = ("linear", "ties", "dare_ties")  # issue 2's targets (the default)
 OPTIONAL_METHODS = ("slerp",)  # measured on request: --methods linear,slerp
+# issue 14: mergekit's sparsified task-vector methods and model stock (base + ft_a + ft_b)
+SPARSE_METHODS = ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "model_stock")
+OPTIONAL_METHODS += SPARSE_METHODS
 TOOLS = ("souplm", "mergekit")
 MODEL_NAMES = ("base", "ft_a", "ft_b")
 DEFAULT_CACHE = Path(os.path.expanduser("~/.cache/souplm"))
@@ -329,6 +332,14 @@ def write_recipe(method: str, dirs: dict[str, Path], path: Path, density: float 
             "parameters:\n  t: 0.4\n"
             "dtype: bfloat16\n"
         )
+    elif method in SPARSE_METHODS:
+        per_model = {
+            "breadcrumbs": f"      density: {density}\n      gamma: 0.01\n      weight: 1.0\n",
+            "della": f"      density: {density}\n      epsilon: 0.15\n      weight: 1.0\n",
+        }.get(method.split("_")[0], "")
+        models = "".join(f"  - model: {m}\n" + (f"    parameters:\n{per_model}" if per_model else "") for m in (a, b))
+        shared = f"parameters:\n  select_topk: {density}\n" if method == "sce" else ""
+        text = f"models:\n{models}merge_method: {method}\nbase_model: {base}\n{shared}dtype: bfloat16\n"
     else:
         raise ValueError(f"unknown method {method!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -755,7 +766,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="skip the untimed warm-up run of each tool (linear) before timing",
     )
-    p.add_argument("--density", type=float, default=0.5, help="density for ties / dare_ties")
+    p.add_argument("--density", type=float, default=0.5, help="density for ties, dare_ties, breadcrumbs*, della* (select_topk for sce)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random models")
     p.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
     p.add_argument("--json", type=Path, default=None, help="also write raw per-run results as JSON")

@@ -435,3 +435,47 @@ def test_della_window_accepts_what_mergekit_accepts(tmp_path):
 def test_model_stock_needs_two_models(tmp_path):
     with pytest.raises(SoupError, match="at least 2 models"):
         souplm.merge(recipe_for(tmp_path, "model_stock", n=1), tmp_path / "o", progress=False, hash_inputs=False)
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "model_stock"])
+def test_embeddings_of_different_sizes_merge_the_shared_rows(tmp_path, method):
+    """vocab_policy: extend: the statistics (ranks, cosines) cover the rows every model has; the extra
+    rows come from the model that has them."""
+    paths, t = checkpoints(tmp_path, "float32")
+    big = tmp_path / "big"
+    big.mkdir()
+    gen = torch.Generator().manual_seed(9)
+    extra = {k: torch.randn(4, 16, generator=gen) for k in ("model.embed_tokens.weight", "lm_head.weight")}
+    stored = {k: torch.cat([torch.tensor(v, dtype=torch.float32), extra[k]]) if k in extra else
+              torch.tensor(v, dtype=torch.float32) for k, v in t["b"].items()}
+    save_file(stored, str(big / "model.safetensors"), metadata={"format": "pt"})
+    (big / "config.json").write_text(json.dumps({**CONFIG, "vocab_size": 44, "torch_dtype": "float32"}))
+    params = {"weight": 1.0, "density": 0.5} if method == "breadcrumbs" else {}
+    recipe = {"merge_method": method, "base_model": str(paths["base"]), "vocab_policy": "extend",
+              "models": [{"model": str(paths["a"]), "parameters": params}, {"model": str(big), "parameters": params}]}
+    souplm.merge(recipe, tmp_path / "out", progress=False, hash_inputs=False)
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for k in extra:
+        got = out[k].to(torch.float64).numpy()
+        assert got.shape == (44, 16)
+        base, ms = t["base"][k], [t["a"][k], t["b"][k]]
+        if method == "breadcrumbs":
+            ref = combine_ref(base, [breadcrumb_ref(m - base, 0.5, 0.01, False) for m in ms], [1, 1], False, False, 1.0)
+        else:
+            ref = model_stock_ref(base, ms, False)
+        ulp_close(got[:40], ref, "float32")
+        np.testing.assert_array_equal(got[40:], extra[k].numpy())
+
+
+def test_mergekit_recipe_listing_the_base_among_models(tmp_path):
+    """mergekit's model_stock recipes list base_model among `models`; it is the base, not a third model."""
+    import yaml
+
+    paths, t = checkpoints(tmp_path, "float32")
+    text = yaml.safe_dump({"merge_method": "model_stock", "base_model": str(paths["base"]), "dtype": "float32",
+                           "models": [{"model": str(paths[x])} for x in ("base", "a", "b")]})
+    (tmp_path / "mk.yaml").write_text(text)
+    souplm.merge(tmp_path / "mk.yaml", tmp_path / "out", progress=False, hash_inputs=False)
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    k = "model.layers.0.mlp.down_proj.weight"
+    ulp_close(out[k].numpy().astype(np.float64), model_stock_ref(t["base"][k], [t["a"][k], t["b"][k]], False), "float32")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import SoupError
+from ..io import pool
 from . import ties
 from .linear import normalized, weighted_sum
 from .registry import broadcast
@@ -56,8 +57,11 @@ def keep_positions(mag: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         return torch.zeros_like(flat)
     if lo <= 0 and hi >= n:
         return torch.ones_like(flat)
-    v_lo = ties.kth_largest(flat, n - lo)  # value at ascending rank lo
-    v_hi = ties.kth_largest(flat, n - hi + 1)  # value at ascending rank hi - 1
+    v_lo = _value_at_rank(flat, lo)
+    v_hi = _value_at_rank(flat, hi - 1)
+    keep = torch.ge(flat, v_lo).logical_and_(torch.le(flat, v_hi))
+    if int(torch.count_nonzero(keep)) == hi - lo:  # no ties straddle a cut (the common case for fp32)
+        return keep.to(mag.dtype)
     keep = torch.gt(flat, v_lo).logical_and_(torch.lt(flat, v_hi))
     for v in (v_lo,) if bool(v_lo == v_hi) else (v_lo, v_hi):
         tied = torch.nonzero(flat == v).reshape(-1).flip(0)  # in ascending rank: descending index
@@ -69,13 +73,27 @@ def keep_positions(mag: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return keep.to(mag.dtype)
 
 
+def _value_at_rank(flat: torch.Tensor, r: int) -> torch.Tensor:
+    """The value of ascending rank r (0-based): a selection, or `topk` when r is near either end
+    (breadcrumbs' outlier cut, a small top-k) where a partial heap is cheaper than a full selection."""
+    n = flat.numel()
+    near = max(n // 64, 1)
+    if n - r <= near:
+        return flat.topk(n - r, sorted=False).values.min()
+    if r < near:
+        return flat.topk(r + 1, largest=False, sorted=False).values.max()
+    return ties.kth_largest(flat, n - r)
+
+
 def l1_rescaled(delta: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
     """delta * keep, in place; with `rescale`, times ||delta||_1 / ||delta * keep||_1 (mergekit's `rescale`:
     the tensor keeps its L1 norm), unless either norm is below 1e-7."""
-    before = float(delta.abs().sum()) if rescale else 0.0
+    import torch
+
+    before = float(torch.linalg.vector_norm(delta, ord=1)) if rescale else 0.0
     delta.mul_(keep)
     if rescale:
-        after = float(delta.abs().sum())
+        after = float(torch.linalg.vector_norm(delta, ord=1))
         if before >= RESCALE_EPS and after >= RESCALE_EPS:
             delta.mul_(before / after)
     return delta
@@ -87,23 +105,31 @@ def elect_and_sum(deltas: list[torch.Tensor], weight: torch.Tensor, normalize: b
     result sum_{i agrees} w_i d_i, divided (normalize) by sum_{i agrees} w_i, or by 1 where that is 0."""
     import torch
 
-    w = broadcast(weight, deltas[0])
+    w = weight.tolist() if weight.dim() == 1 else list(broadcast(weight, deltas[0]))
     for d, wi in zip(deltas, w):
         d.mul_(wi)
-    elected = deltas[0].clone()
+    elected = pool.empty_like(deltas[0]).copy_(deltas[0])
     for d in deltas[1:]:
         elected.add_(d)
     elected = elected.ge_(0).mul_(2.0).sub_(1.0)  # +-1
-    merged = torch.zeros_like(elected)
-    mass = torch.zeros_like(elected) if normalize else None
-    agree = torch.empty_like(elected)
-    for d, wi in zip(deltas, w):
+    agree = pool.empty_like(elected)
+    merged = mass = None
+    for i, (d, wi) in enumerate(zip(deltas, w)):
         torch.mul(d, elected, out=agree).gt_(0)
-        merged.addcmul_(d, agree)
-        if mass is not None:
-            mass.addcmul_(agree, wi.expand_as(agree) if wi.dim() else wi)
+        if i == 0:
+            merged = d.mul_(agree)  # the running sum lives in the first task vector's storage
+            if normalize:
+                mass = agree.mul(wi)
+        else:
+            merged.addcmul_(d, agree)
+            if mass is not None:
+                mass.add_(agree.mul_(wi))
     if mass is not None:
-        merged.div_(mass.masked_fill_(mass == 0, 1.0))
+        w_min = min(float(x.min()) if hasattr(x, "min") else x for x in w)
+        if w_min > 0:  # agreeing mass is >= w_min, or 0 where none agrees (and merged is 0 there)
+            merged.div_(mass.clamp_(min=0.5 * w_min))
+        else:
+            merged.div_(mass.masked_fill_(mass == 0, 1.0))
     return merged
 
 
