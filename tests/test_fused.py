@@ -54,6 +54,8 @@ def assert_same(a: dict, b: dict) -> None:
 
 METHODS = [
     ("linear", {"weight": [0.3, 0.7]}),
+    ("dare_linear", {"weight": [0.6, 0.6], "density": [0.5, 0.2], "exact_rescale": True}),
+    ("dare_ties", {"weight": [1.0, 0.5], "density": [0.4, 0.9], "rescale": False, "normalize": True}),
     ("linear", {"weight": [1.0, 2.0], "normalize": False}),
     ("uniform", {}),
     ("task_arithmetic", dict(weight=[0.7, 0.4], **{"lambda": 0.8})),
@@ -120,7 +122,7 @@ def test_fused_names_a_nan_and_writes_nothing(family, tmp_path, monkeypatch):
     save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
     (bad / "config.json").write_text((family["b"] / "config.json").read_text())
     monkeypatch.setenv("SOUPLM_EXECUTOR", "fused")
-    r = Recipe.load({"merge_method": "ties", "base_model": str(family["base"]),
+    r = Recipe.load({"merge_method": "ties", "base_model": str(family["base"]), "parameters": {"weight": 1.0},
                      "models": [{"model": str(family["a"])}, {"model": str(bad)}]})
     with pytest.raises(SoupError, match=r"tensor model.layers.1.self_attn.o_proj.weight of model .*bad contains NaN or Inf"):
         souplm.merge(r, tmp_path / "out", progress=False, hash_inputs=False)
@@ -130,8 +132,8 @@ def test_fused_names_a_nan_and_writes_nothing(family, tmp_path, monkeypatch):
 def test_a_fused_merge_never_imports_torch(family, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({"merge_method": "dare_ties", "base_model": str(family["base"]),
-                                  "models": [{"model": str(family["a"]), "parameters": {"density": 0.5}},
-                                             {"model": str(family["b"]), "parameters": {"density": 0.5}}]}))
+                                  "models": [{"model": str(family["a"]), "parameters": {"density": 0.5, "weight": 1}},
+                                             {"model": str(family["b"]), "parameters": {"density": 0.5, "weight": 1}}]}))
     code = ("import sys; from souplm.cli import main; rc = main(['merge', sys.argv[1], '-o', sys.argv[2], '--quiet']); "
             "assert rc == 0, rc; assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code, str(recipe), str(tmp_path / "out")], check=True,
@@ -162,3 +164,32 @@ def test_fused_blocker_names_why_not(family, tmp_path, monkeypatch):
     torch.save(weights(family["b"]), pickled / "pytorch_model.bin")
     plan, _ = prepare(Recipe.vanilla(family["a"], pickled, 0.5).model_copy(update={"allow_pickle": True}))
     assert fused.fused_blocker(plan) == "an input is not a plain safetensors checkpoint (pickle or mapped)"
+
+
+def test_fused_ties_splits_tied_magnitudes_across_threads_like_torch(family, tmp_path, monkeypatch):
+    """bf16 fine-tunes whose deltas take a few values: the k-th largest |delta| ties with thousands of
+    entries, and both executors keep exactly k, the first ties in index order, even when the kernels split
+    a tensor across threads (each range gets its share of the ties)."""
+    monkeypatch.setattr(fused, "MIN_SPLIT", 256)
+    g = torch.Generator().manual_seed(0)
+    steps = torch.tensor([-0.5, -0.25, 0.25, 0.5])
+    for name in ("base", "a", "b"):
+        sd = {k: v.to(torch.bfloat16) for k, v in weights(family["base"]).items()}
+        if name != "base":
+            sd = {k: (v.float() + steps[torch.randint(0, 4, v.shape, generator=g)]).to(torch.bfloat16)
+                  for k, v in sd.items()}
+        (tmp_path / name).mkdir()
+        save_file(sd, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+        (tmp_path / name / "config.json").write_text((family["base"] / "config.json").read_text())
+    r = Recipe.load({"merge_method": "ties", "base_model": str(tmp_path / "base"), "parameters": {"weight": 1.0},
+                     "models": [{"model": str(tmp_path / "a"), "parameters": {"density": 0.3}},
+                                {"model": str(tmp_path / "b"), "parameters": {"density": 0.55}}]})
+    a, b = merge_both(r, tmp_path, monkeypatch)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    base = weights(tmp_path / "base")
+    name = "model.layers.0.mlp.up_proj.weight"
+    one = Recipe.load({"merge_method": "ties", "base_model": str(tmp_path / "base"), "parameters": {"weight": 1.0},
+                       "models": [{"model": str(tmp_path / "a"), "parameters": {"density": 0.3}}]})
+    solo, _ = merge_both(one, tmp_path, monkeypatch, name="solo")
+    assert int((solo[name] != base[name]).sum()) == int(0.3 * base[name].numel())

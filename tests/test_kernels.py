@@ -96,7 +96,7 @@ def np_draws(key: int, start: int, stop: int) -> np.ndarray:
 
 # -- the reference: combine --------------------------------------------------------------------------------
 def ref_combine(xs, codes, base, base_code, weights, row_len, start, stop, mode, lam, normalize, thr=None,
-                dare=None, out_code=F32):
+                dare=None, out_code=F32, quota=None):
     f = np.float32
     n = len(xs)
     j = np.arange(start, stop)
@@ -109,7 +109,11 @@ def ref_combine(xs, codes, base, base_code, weights, row_len, start, stop, mode,
         if b is not None:
             d = d - b
         if thr is not None:
-            d = np.where(np.abs(d) >= f(thr[i]), d, f(0))
+            keep = np.abs(d) >= f(thr[i])
+            if quota is not None and quota[i] >= 0:  # of the ties, only the range's first quota[i]
+                ties = np.flatnonzero(np.abs(d) == f(thr[i]))
+                keep[ties[quota[i]:]] = False
+            d = np.where(keep, d, f(0))
         if dare is not None:
             keys, levels, scales = dare
             d = np.where(np_draws(int(keys[i]), start, stop) < int(levels[i]), d * f(scales[i]), f(0))
@@ -124,7 +128,7 @@ def ref_combine(xs, codes, base, base_code, weights, row_len, start, stop, mode,
             t = ps[0]
             for p in ps[1:]:
                 t = t + p
-            s = np.where(t > 0, f(1), np.where(t < 0, f(-1), f(0))).astype(f)
+            s = np.where(t >= 0, f(1), f(-1)).astype(f)  # mergekit's election: + where the sum is >= 0
             vs = [np.where(p * s > 0, p * s, f(0)).astype(f) for p in ps]
             acc = vs[0] * s
             mass = np.where(vs[0] > 0, ws[0], f(0)).astype(f)
@@ -234,6 +238,41 @@ def test_combine_options(n_models, mode, normalize, use_thr, use_dare, row_len, 
     start, stop = (3, size - 2) if row_len != 300 else (301, size)
     check(xs, codes, base, BF16, weights, row_len, start, stop, mode, 1.25, normalize, thr, dare, out_code=BF16)
     check(xs, codes, base, BF16, weights, row_len, start, stop, mode, 1.25, normalize, thr, dare, out_code=F32)
+
+
+@pytest.mark.parametrize("quota", [0, 1, 5, 40])
+def test_tie_quota_keeps_the_first_ties_in_index_order(quota):
+    """Of the entries whose |delta| equals the threshold, the range keeps only the first `quota`; the
+    others tied with it are zeroed, the larger ones kept (TIES's exact-k trim)."""
+    rng = np.random.default_rng(quota)
+    size = 900
+    base = np.zeros(size, np.float32)
+    x = rng.choice(np.array([-0.5, -0.25, 0.25, 0.5, 1.0], np.float32), size)  # heavy ties
+    thr, q = np.array([0.5], np.float32), np.array([quota], np.int64)
+    expect = ref_combine([x], [F32], base, F32, np.ones(1, np.float32), 1, 11, size - 3, SUM, 1.0, False, thr,
+                         quota=q)
+
+    def run():
+        out = empty(size, F32)
+        assert K.combine(out, F32, [x], [F32], base, F32, np.ones(1, np.float32), 1, 11, size - 3, SUM, 1.0,
+                         False, thr, None, None, None, q) == -1
+        return out[11:size - 3]
+
+    got = each_isa(run)
+    np.testing.assert_array_equal(got, expect)
+    assert np.count_nonzero(np.abs(got) == 0.5) == min(quota, np.count_nonzero(np.abs(x[11:size - 3]) == 0.5))
+
+
+@pytest.mark.parametrize("code", CODES)
+def test_dare_abs_sums_against_numpy(code):
+    """sum |x - base| and the same over the entries the DARE stream keeps, against the stream's own statement."""
+    rng = np.random.default_rng(code)
+    size = 5000
+    xs, base = make_models(rng, 1, size, [code], BF16)
+    d = np.abs(decode(xs[0], code)[7:size] - decode(base, BF16)[7:size]).astype(np.float64)
+    keep = np_draws(12345, 7, size) < 20000
+    got = each_isa(lambda: K.dare_abs_sums(xs[0], code, base, BF16, 7, size, 12345, 20000))
+    np.testing.assert_allclose(got, (d.sum(), d[keep].sum()), rtol=1e-12)
 
 
 def test_combine_buffer_kinds():

@@ -78,14 +78,14 @@ def ties_reference(base, models, weights, densities, lam=1.0, normalize=True):
     deltas = []
     for m, d in zip(models, densities):
         delta = (m - base).ravel()
-        k = round(d * delta.size)
+        k = delta.size if d >= 1 else max(1, int(d * delta.size))  # mergekit's count: int(density * n), >= 1
         keep = np.zeros(delta.size, bool)
-        keep[np.argsort(-np.abs(delta), kind="stable")[:k]] = True
+        keep[np.argsort(-np.abs(delta), kind="stable")[:k]] = True  # ties: the first in index order
         deltas.append(np.where(keep, delta, 0.0))
     out = np.zeros(base.size)
     for j in range(base.size):
         vals = [w * dl[j] for w, dl in zip(weights, deltas)]
-        sign = np.sign(sum(vals))
+        sign = 1.0 if sum(vals) >= 0 else -1.0  # mergekit's election: + where the weighted sum is >= 0
         num = den = 0.0
         for w, dl, v in zip(weights, deltas, vals):
             if dl[j] != 0 and np.sign(v) == sign:
@@ -104,6 +104,19 @@ def test_ties_matches_reference(density, normalize, w):
     got = run("ties", models, base, weight=w, density=[density] * 3, normalize=normalize, **{"lambda": 0.8})
     expect = ties_reference(base, models, w, [density] * 3, 0.8, normalize)
     np.testing.assert_allclose(got, expect, atol=1e-5)
+
+
+@pytest.mark.parametrize("density", [0.3, 0.55])
+def test_ties_keeps_exactly_k_entries_when_magnitudes_tie(density):
+    """Heavy ties (deltas of a few values, as bf16 fine-tunes give): exactly k = int(density * n) entries
+    survive the trim, the first in index order among those tied with the k-th."""
+    base = rand(20, 30)
+    g = np.random.default_rng(5)
+    models = [base + g.choice(np.array([-1.0, -0.5, 0.5, 1.0], np.float32), (20, 30)) for _ in range(2)]
+    got = run("ties", models, base, weight=[1.0, 0.7], density=[density] * 2)
+    np.testing.assert_allclose(got, ties_reference(base, models, [1.0, 0.7], [density] * 2), atol=1e-6)
+    one = run("ties", models[:1], base, weight=[1.0], density=[density])
+    assert np.count_nonzero(one != base) == int(density * base.size)
 
 
 @settings(max_examples=40, deadline=None)
@@ -125,7 +138,7 @@ def test_dare_linear_drops_and_rescales():
     base = rand(200, 50)
     ft = base + rand(200, 50)
     density = 0.3
-    got = run("dare_linear", [ft], base, weight=[1.0], density=[density])
+    got = run("dare_linear", [ft], base, weight=[1.0], density=[density], exact_rescale=True)
     delta = ft - base
     changed = ~np.isclose(got, base)
     # every entry is either dropped (equals base) or its delta rescaled by 1/q, q the keep probability:
@@ -134,7 +147,23 @@ def test_dare_linear_drops_and_rescales():
     np.testing.assert_allclose(got[changed], (base + delta / q)[changed], rtol=1e-6, atol=1e-6)
     assert abs(changed.mean() - density) < 0.02  # drop rate p = 1 - density
     # reproducible: same keys, same output
-    np.testing.assert_array_equal(got, run("dare_linear", [ft], base, weight=[1.0], density=[density]))
+    np.testing.assert_array_equal(got, run("dare_linear", [ft], base, weight=[1.0], density=[density],
+                                           exact_rescale=True))
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_dare_linear_keeps_the_l1_norm_by_default_as_mergekit(rescale):
+    """mergekit's DARE: the dropped task vector scaled back to its own L1 norm (rescale: true, the default);
+    rescale: false leaves the survivors unscaled."""
+    base = rand(60, 40)
+    ft = base + rand(60, 40)
+    got = run("dare_linear", [ft], base, weight=[1.0], density=[0.3], rescale=rescale) - base
+    delta = (ft - base).astype(np.float64)
+    kept = got != 0
+    scale = np.abs(delta).sum() / np.abs(delta[kept]).sum() if rescale else 1.0
+    np.testing.assert_allclose(got[kept], delta[kept] * scale, rtol=1e-5, atol=1e-5)  # (base + d) - base: fp32 rounding
+    if rescale:
+        assert abs(np.abs(got).sum() - np.abs(delta).sum()) < 1e-3 * np.abs(delta).sum()
 
 
 def splitmix64_draws(key, n):
@@ -175,7 +204,8 @@ def test_dare_ties_elects_signs_on_sparsified_deltas():
     base = rand(30, 30)
     a, b = base + rand(30, 30), base + rand(30, 30)
     got = run("dare_ties", [a, b], base, weight=[1.0, 1.0], density=[1.0, 1.0])  # no drop: plain TIES at d=1
-    np.testing.assert_allclose(got, ties_reference(base, [a, b], [1, 1], [1, 1]), atol=1e-5)
+    # (mergekit's default for dare_ties: normalize false, unlike ties)
+    np.testing.assert_allclose(got, ties_reference(base, [a, b], [1, 1], [1, 1], normalize=False), atol=1e-5)
 
 
 def slerp_reference(a, b, t):
@@ -195,6 +225,22 @@ def test_slerp_matches_formula(t):
 def test_slerp_parallel_vectors_fall_back_to_lerp():
     a = rand(4, 4)
     np.testing.assert_allclose(run("slerp", [a, 2 * a], t=0.5), 1.5 * a, atol=1e-5)
+
+
+def test_slerp_lerps_when_nearly_parallel_as_mergekit():
+    """|cos| > 0.9995 is parallel in mergekit 0.1.5 (the sin(O) < 1e-6 rule would still slerp here)."""
+    a = rand(40, 5)
+    b = a + 0.02 * rand(40, 5)  # cos about 0.9998
+    cos = float((a.ravel() @ b.ravel()) / np.linalg.norm(a) / np.linalg.norm(b))
+    assert 0.9995 < cos < 1 - 1e-9
+    np.testing.assert_allclose(run("slerp", [a, b], t=0.3), 0.7 * a + 0.3 * b, atol=1e-6)
+
+
+def test_slerp_of_a_zero_tensor_treats_it_as_orthogonal_as_mergekit():
+    """A norm below epsilon counts as 1, so the zero tensor's cosine with the other is 0: O = pi/2."""
+    a, b = np.zeros((6, 4), np.float32), rand(6, 4)
+    t = 0.3
+    np.testing.assert_allclose(run("slerp", [a, b], t=t), math.sin(t * math.pi / 2) * b, atol=1e-6)
 
 
 def test_method_contracts_are_checked():

@@ -318,6 +318,8 @@ typedef struct {
     float lam;
     int normalize;
     const float *thr;        /* NULL or [n] */
+    const int64_t *quota;    /* NULL or [n]: entries tied with thr[i] kept in this range, first in index order; -1 all */
+    int64_t *qleft;          /* [n] scratch: quota left */
     const uint64_t *keys;    /* NULL or [n] (with levels and scales) */
     const uint32_t *levels;  /* [n] */
     const float *scales;     /* [n] */
@@ -382,8 +384,18 @@ SOUP_INLINE void combine_impl(const combine_args *a, int f16c)
                     d[k] = d[k] - bb[k];
             if (a->thr) {
                 const float th = a->thr[i];
-                for (int k = 0; k < n; k++)
-                    d[k] = keep_if(fabsf(d[k]) >= th, d[k]);
+                if (a->quota && a->quota[i] >= 0) { /* exactly k kept: the first ties in index order */
+                    int64_t q = a->qleft[i];
+                    for (int k = 0; k < n; k++) {
+                        const float m = fabsf(d[k]);
+                        const int tie = m == th && q > 0;
+                        q -= tie;
+                        d[k] = keep_if(m > th || tie, d[k]);
+                    }
+                    a->qleft[i] = q;
+                } else
+                    for (int k = 0; k < n; k++)
+                        d[k] = keep_if(fabsf(d[k]) >= th, d[k]);
             }
             if (a->keys) {
                 const uint16_t *SOUP_RESTRICT r = gen_draws(a->keys[i], (uint64_t)j0, n, a->draw_buf);
@@ -414,8 +426,8 @@ SOUP_INLINE void combine_impl(const combine_args *a, int f16c)
         }
 
         if (a->mode == MODE_ELECT) {
-            for (int k = 0; k < n; k++) { /* +1, -1 or +0 */
-                sgn[k] = keep_if(acc[k] > 0.0f, 1.0f) - keep_if(acc[k] < 0.0f, 1.0f);
+            for (int k = 0; k < n; k++) { /* +1 where the weighted sum is >= 0 (+-0 included), else -1 */
+                sgn[k] = 1.0f - keep_if(acc[k] < 0.0f, 2.0f);
             }
             for (int i = 0; i < N; i++) {
                 const float *SOUP_RESTRICT p = dd + (size_t)i * B;
@@ -650,12 +662,14 @@ static int block_for(int n_models)
 
 PyDoc_STRVAR(combine_doc,
 "combine(out, out_dtype, inputs, in_dtypes, base, base_dtype, weights, row_len, start, stop, mode, lam,\n"
-"        normalize, thresholds, dare_keys, keep_levels, scales) -> int\n"
+"        normalize, thresholds, dare_keys, keep_levels, scales, tie_quota=None) -> int\n"
 "\n"
 "Write elements [start, stop) of the merge of `inputs` into `out` (float32 arithmetic, fixed order):\n"
 "  d_i = x_i - base (or x_i); trimmed to 0 where |d_i| < thresholds[i]; DARE: kept (times scales[i])\n"
 "  where draw(dare_keys[i], j) < keep_levels[i], else 0; mode 0 (sum): acc = sum_i d_i * w_i;\n"
-"  mode 1 (elect): s = sign(sum_i d_i w_i), v_i = max(d_i w_i s, 0), acc = sum_i v_i s, divided by\n"
+"  tie_quota (int64 [N] or None): of the entries with |d_i| == thresholds[i], keep only the first\n"
+"  tie_quota[i] of the range (-1: all);\n"
+"  mode 1 (elect): s = +1 if sum_i d_i w_i >= 0 else -1, v_i = max(d_i w_i s, 0), acc = sum_i v_i s, divided by\n"
 "  the mass sum_i [v_i > 0] w_i when normalize (0 where the mass is 0); result = acc * lam + base (or acc).\n"
 "Dtype codes: 0 float32, 1 float16, 2 bfloat16. weights: float32 [N][R]; R == 1 one weight per model,\n"
 "else element j uses row j // row_len. thresholds: float32 [N] or None; dare_keys uint64 [N], keep_levels\n"
@@ -668,18 +682,18 @@ static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"out", "out_dtype", "inputs", "in_dtypes", "base", "base_dtype", "weights",
                              "row_len", "start", "stop", "mode", "lam", "normalize", "thresholds",
-                             "dare_keys", "keep_levels", "scales", NULL};
+                             "dare_keys", "keep_levels", "scales", "tie_quota", NULL};
     static const char *fn = "combine";
     PyObject *out_obj, *inputs_obj, *in_dtypes_obj, *base_obj, *weights_obj, *thr_obj, *keys_obj, *levels_obj,
-        *scales_obj;
+        *scales_obj, *quota_obj = Py_None;
     int out_code, base_code, mode, normalize;
     Py_ssize_t row_len, start, stop;
     double lam;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOOOiOnnnidpOOOO:combine", kwlist, &out_obj, &out_code,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOOOiOnnnidpOOOO|O:combine", kwlist, &out_obj, &out_code,
                                      &inputs_obj, &in_dtypes_obj, &base_obj, &base_code, &weights_obj, &row_len,
                                      &start, &stop, &mode, &lam, &normalize, &thr_obj, &keys_obj, &levels_obj,
-                                     &scales_obj))
+                                     &scales_obj, &quota_obj))
         return NULL;
 
     PyObject *result = NULL, *inputs_fast = NULL, *codes_fast = NULL;
@@ -691,6 +705,7 @@ static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kwargs)
     int *in_codes = NULL;
     float *thr = NULL, *scales = NULL, *wcopy = NULL, *scratch = NULL;
     uint64_t *keys = NULL;
+    int64_t *quota = NULL, *qleft = NULL;
     uint32_t *levels = NULL;
     uint16_t *draw_buf = NULL;
     unsigned char *bad = NULL;
@@ -734,8 +749,10 @@ static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kwargs)
     scales = PyMem_Calloc((size_t)N, sizeof(float));
     keys = PyMem_Calloc((size_t)N, sizeof(uint64_t));
     levels = PyMem_Calloc((size_t)N, sizeof(uint32_t));
+    quota = PyMem_Calloc((size_t)N, sizeof(int64_t));
+    qleft = PyMem_Calloc((size_t)N, sizeof(int64_t));
     bad = PyMem_Calloc((size_t)N + 2, 1);
-    if (!in_views || !in_ptrs || !in_codes || !thr || !scales || !keys || !levels || !bad) {
+    if (!in_views || !in_ptrs || !in_codes || !thr || !scales || !keys || !levels || !quota || !qleft || !bad) {
         PyErr_NoMemory();
         goto done;
     }
@@ -796,6 +813,15 @@ static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kwargs)
     int use_thr = thr_obj != Py_None;
     if (use_thr && get_params(thr_obj, thr, N, 4, fn, "thresholds", "float32") < 0)
         goto done;
+    int use_quota = quota_obj != Py_None;
+    if (use_quota && !use_thr) {
+        PyErr_SetString(PyExc_ValueError, "combine: tie_quota needs thresholds");
+        goto done;
+    }
+    if (use_quota && get_params(quota_obj, quota, N, 8, fn, "tie_quota", "int64") < 0)
+        goto done;
+    for (Py_ssize_t i = 0; use_quota && i < N; i++)
+        qleft[i] = quota[i];
     int n_dare = (keys_obj != Py_None) + (levels_obj != Py_None) + (scales_obj != Py_None);
     if (n_dare != 0 && n_dare != 3) {
         PyErr_SetString(PyExc_ValueError, "combine: dare_keys, keep_levels and scales must all be given or all None");
@@ -840,6 +866,8 @@ static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kwargs)
     a.lam = (float)lam;
     a.normalize = normalize;
     a.thr = use_thr ? thr : NULL;
+    a.quota = use_quota ? quota : NULL;
+    a.qleft = qleft;
     a.keys = use_dare ? keys : NULL;
     a.levels = levels;
     a.scales = scales;
@@ -878,6 +906,8 @@ done:
     PyMem_Free(scales);
     PyMem_Free(keys);
     PyMem_Free(levels);
+    PyMem_Free(quota);
+    PyMem_Free(qleft);
     PyMem_Free(bad);
     PyMem_Free(wcopy);
     PyMem_RawFree(scratch);
@@ -1049,6 +1079,139 @@ static PyObject *py_dare_draws(PyObject *self, PyObject *args, PyObject *kwargs)
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------------------------------------ */
+/* dare_abs_sums: the two L1 norms of DARE's norm-keeping rescale                                    */
+/* ------------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    const unsigned char *x;
+    int x_code;
+    const unsigned char *base;
+    int base_code;
+    Py_ssize_t start, stop;
+    uint64_t key;
+    uint32_t level;
+    float *scratch;  /* 2 * 1024 floats */
+    uint16_t *draws; /* 1024 + 8 */
+    double all, kept;
+} sums_args;
+
+SOUP_INLINE void sums_impl(sums_args *a, int f16c)
+{
+    const int B = 1024;
+    float *SOUP_RESTRICT xs = a->scratch;
+    float *SOUP_RESTRICT bs = xs + B;
+    const int xsz = dtype_size(a->x_code), bsz = dtype_size(a->base_code);
+    double all = 0.0, kept = 0.0;
+    for (Py_ssize_t j0 = a->start; j0 < a->stop; j0 += B) {
+        const int n = (int)(a->stop - j0 < B ? a->stop - j0 : B);
+        load_block(a->x_code, a->x + (size_t)j0 * xsz, xs, n, f16c);
+        if (a->base) {
+            load_block(a->base_code, a->base + (size_t)j0 * bsz, bs, n, f16c);
+            for (int k = 0; k < n; k++)
+                xs[k] = fabsf(xs[k] - bs[k]);
+        } else
+            for (int k = 0; k < n; k++)
+                xs[k] = fabsf(xs[k]);
+        const uint16_t *SOUP_RESTRICT r = gen_draws(a->key, (uint64_t)j0, n, a->draws);
+        for (int k = 0; k < n; k++) { /* float64 sums: any split of the tensor gives the same norms */
+            all += (double)xs[k];
+            kept += (double)keep_if((uint32_t)r[k] < a->level, xs[k]);
+        }
+    }
+    a->all = all;
+    a->kept = kept;
+}
+
+SOUP_NOINLINE static void sums_generic(sums_args *a) { sums_impl(a, 0); }
+
+#if SOUP_X86
+SOUP_TARGET_AVX2 SOUP_NOINLINE static void sums_avx2(sums_args *a) { sums_impl(a, 1); }
+#endif
+
+PyDoc_STRVAR(sums_doc,
+"dare_abs_sums(x, x_dtype, base, base_dtype, start, stop, key, keep_level) -> (float, float)\n"
+"\n"
+"Over j in [start, stop), with d_j = x[j] - base[j] (x[j] when base is None) in float32: the sum of |d_j|\n"
+"and the sum of |d_j| over the entries DARE keeps (dare_draws(key, j) < keep_level), in float64.");
+
+static PyObject *py_dare_abs_sums(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"x", "x_dtype", "base", "base_dtype", "start", "stop", "key", "keep_level", NULL};
+    static const char *fn = "dare_abs_sums";
+    PyObject *x_obj, *base_obj, *key_obj;
+    int x_code, base_code;
+    Py_ssize_t start, stop;
+    unsigned long level;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOinnOk:dare_abs_sums", kwlist, &x_obj, &x_code, &base_obj,
+                                     &base_code, &start, &stop, &key_obj, &level))
+        return NULL;
+    if (check_dtype(x_code, fn, "x_dtype") < 0 || check_range(start, stop, fn) < 0)
+        return NULL;
+    if (!PyLong_Check(key_obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: key must be an int, not %.100s", fn, Py_TYPE(key_obj)->tp_name);
+        return NULL;
+    }
+    unsigned long long key = PyLong_AsUnsignedLongLong(key_obj);
+    if (key == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: key must be in [0, 2**64)", fn);
+        return NULL;
+    }
+    if (level > N_LEVELS) {
+        PyErr_Format(PyExc_ValueError, "%s: keep_level = %lu is above 65536", fn, level);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    Py_buffer x_view, base_view;
+    int have_x = 0, have_base = 0;
+    float *scratch = NULL;
+    uint16_t *draws = NULL;
+    if (get_buffer(x_obj, &x_view, fn, "x", 0) < 0)
+        goto done;
+    have_x = 1;
+    if (check_length(&x_view, x_code, stop, fn, "x") < 0)
+        goto done;
+    if (get_base(base_obj, &base_code, &base_view, &have_base, stop, fn) < 0)
+        goto done;
+    scratch = PyMem_RawMalloc(sizeof(float) * 2 * 1024);
+    draws = PyMem_RawMalloc(sizeof(uint16_t) * (1024 + 8));
+    if (!scratch || !draws) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    sums_args a;
+    a.x = x_view.buf;
+    a.x_code = x_code;
+    a.base = have_base ? base_view.buf : NULL;
+    a.base_code = base_code;
+    a.start = start;
+    a.stop = stop;
+    a.key = (uint64_t)key;
+    a.level = (uint32_t)level;
+    a.scratch = scratch;
+    a.draws = draws;
+    a.all = a.kept = 0.0;
+    Py_BEGIN_ALLOW_THREADS
+#if SOUP_X86
+    if (use_avx2)
+        sums_avx2(&a);
+    else
+#endif
+        sums_generic(&a);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(dd)", a.all, a.kept);
+done:
+    if (have_x)
+        PyBuffer_Release(&x_view);
+    if (have_base)
+        PyBuffer_Release(&base_view);
+    PyMem_RawFree(scratch);
+    PyMem_RawFree(draws);
+    return result;
+}
+
 /* Private, for the tests: which copy of the kernels runs ("avx2" or "generic"); _set_isa("generic")
  * forces the portable copy, _set_isa("auto") returns to the choice made at import. */
 static int detect_avx2(void)
@@ -1088,6 +1251,7 @@ static PyMethodDef kernel_methods[] = {
     {"abs_delta_histogram", (PyCFunction)(void (*)(void))py_abs_delta_histogram, METH_VARARGS | METH_KEYWORDS,
      hist_doc},
     {"dare_draws", (PyCFunction)(void (*)(void))py_dare_draws, METH_VARARGS | METH_KEYWORDS, draws_doc},
+    {"dare_abs_sums", (PyCFunction)(void (*)(void))py_dare_abs_sums, METH_VARARGS | METH_KEYWORDS, sums_doc},
     {"isa", py_isa, METH_NOARGS, "isa() -> str: which copy of the kernels runs, 'avx2' or 'generic'."},
     {"_set_isa", py_set_isa, METH_O, "_set_isa(name): 'generic' forces the portable kernels, 'auto' re-detects."},
     {NULL, NULL, 0, NULL},

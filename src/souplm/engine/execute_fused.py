@@ -30,7 +30,7 @@ from ..errors import output_not_finite as _output_not_finite
 from ..io.checkpoint import Checkpoint
 from ..io.dtypes import DType
 from ..methods.form import Form
-from ..methods.steps import draw_keys, gram_of, keep_level, survivor_scale
+from ..methods.steps import draw_keys, gram_of, keep_level, l1_scale, survivor_scale, trim_count
 from .plan import Item, Plan
 
 try:
@@ -184,18 +184,27 @@ class Executor:
                                                   models[i].code), n_models, merged))
         weight = weight[:, :rows] if weight.ndim == 2 else weight
         dare = _dare_args(form, plan.recipe.seed, item.canonical, n_models)
-        thresholds = None
+        base_arg, base_code = (b, base.code) if form.use_base else (None, 0)
+        if form.drop is not None and form.rescale == "l1":  # each dropped task vector keeps its L1 norm
+            dare = (*dare[:2], _f32([self._l1_scale(x, t.code, base_arg, base_code, merged, key, level)
+                                     for x, t, key, level in zip(xs, models, np.frombuffer(dare[0], np.uint64),
+                                                                 np.frombuffer(dare[1], np.uint32))]))
+        elif form.drop is not None and form.rescale is None:
+            dare = (*dare[:2], _f32([1.0] * n_models))
+        thresholds, quotas = None, {}
         if form.trim:
-            thresholds = _f32([self._threshold(x, t.code, b, base.code, merged, p)
-                               for x, t, p in zip(xs, models, form.trim)])
+            cuts = [self._threshold(x, t.code, b, base.code, merged, p) for x, t, p in zip(xs, models, form.trim)]
+            thresholds = _f32([c[0] for c in cuts])
+            if any(c[1] is not None for c in cuts):  # ties to split: how many each range keeps, per model
+                for r, (start, _) in enumerate(_ranges(merged, self.threads)):
+                    quotas[start] = np.array([-1 if q is None else q[r] for _, q in cuts], np.int64).tobytes()
         weights = _f32(weight)
         in_codes = [t.code for t in models]
-        base_arg, base_code = (b, base.code) if form.use_base else (None, 0)
         mode = ELECT if form.elect else SUM
 
         def run(start: int, stop: int) -> int:
             return _kernels.combine(out_view, out_code, xs, in_codes, base_arg, base_code, weights, row_len, start,
-                                    stop, mode, form.lam, form.normalize, thresholds, *dare)
+                                    stop, mode, form.lam, form.normalize, thresholds, *dare, quotas.get(start))
 
         bad = [r for r in self._parallel(run, merged) if r >= 0]
         if bad:
@@ -219,30 +228,51 @@ class Executor:
                     raise output_not_finite(item)
                 raise input_not_finite(nm, ck.path)
 
-    def _threshold(self, x: np.ndarray, code: int, base: np.ndarray, base_code: int, n: int, density: float) -> float:
-        """TIES's trim threshold: the exact k-th largest |x - base|, k = round(density * n), by a two-pass
-        radix select over the float bits (the top 16 bits, then the low 16 within the chosen bin)."""
-        if density >= 1.0:
-            return 0.0  # |d| >= 0 keeps every entry
-        k = round(density * n)
+    def _threshold(self, x: np.ndarray, code: int, base: np.ndarray, base_code: int, n: int,
+                   density: float) -> tuple[float, list[int] | None]:
+        """TIES's trim: the exact k-th largest |x - base| (k = trim_count), by a two-pass radix select over
+        the float bits (the top 16 bits, then the low 16 within the chosen bin); and, when more entries tie
+        with it than there is room for, how many ties each of the executor's ranges keeps (the first in
+        index order), else None (all ties kept)."""
+        k = trim_count(density, n)
+        if k >= n:
+            return 0.0, None  # |d| >= 0 keeps every entry
         if k <= 0:
-            return float("inf")  # keeps none (inputs are finite)
+            return float("inf"), None  # keeps none (inputs are finite)
+        ranges = _ranges(n, self.threads)
 
-        def histogram(prefix: int) -> np.ndarray:
+        def histograms(prefix: int) -> list[np.ndarray]:
             def part(i: int, start: int, stop: int) -> np.ndarray:
                 hist = self._hists[i]
                 hist.fill(0)
                 _kernels.abs_delta_histogram(x, code, base, base_code, start, stop, hist, prefix)
                 return hist
-            ranges = _ranges(n, self.threads)
-            parts = list(self.workers.map(part, range(len(ranges)), *zip(*ranges)))
-            for h in parts[1:]:  # counts of one tensor fit uint32 (the kernel takes ranges below 2**32)
-                parts[0] += h
-            return parts[0]
+            return list(self.workers.map(part, range(len(ranges)), *zip(*ranges)))
 
-        hi, above = _select(histogram(-1), k)
-        lo, _ = _select(histogram(hi), k - above)
-        return float(np.array([(hi << 16) | lo], dtype=np.uint32).view(np.float32)[0])
+        def total(parts: list[np.ndarray]) -> np.ndarray:
+            out = parts[0].copy()
+            for h in parts[1:]:  # counts of one tensor fit uint32 (the kernel takes ranges below 2**32)
+                out += h
+            return out
+
+        hi, above = _select(total(histograms(-1)), k)
+        low = histograms(hi)
+        lo, above_lo = _select(total(low), k - above)
+        per_range = [int(h[lo]) for h in low]
+        threshold = float(np.array([(hi << 16) | lo], dtype=np.uint32).view(np.float32)[0])
+        need = k - above - above_lo  # ties kept
+        if need >= sum(per_range):
+            return threshold, None
+        quota, left = [], need
+        for ties in per_range:
+            quota.append(min(ties, left))
+            left -= quota[-1]
+        return threshold, quota
+
+    def _l1_scale(self, x: np.ndarray, code: int, base, base_code: int, n: int, key, level) -> float:
+        """DARE's norm-keeping rescale of one model's task vector: sum|d| / sum|kept d| (steps.l1_scale)."""
+        sums = self._parallel(lambda a, z: _kernels.dare_abs_sums(x, code, base, base_code, a, z, int(key), int(level)), n)
+        return l1_scale(sum(s[0] for s in sums), sum(s[1] for s in sums))
 
 
 def _dare_args(form: Form, seed: int, canonical: str, n: int) -> tuple:

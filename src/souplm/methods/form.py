@@ -3,10 +3,12 @@
 Most merge methods are one pipeline with different settings. For each model i, on every entry of a tensor:
 
     d_i = x_i - base            (use_base; else d_i = x_i)
-    d_i = trim(d_i, density_i)  (trim: keep the k = density_i * n entries of largest |d_i|, TIES)
-    d_i = drop(d_i, density_i)  (drop: keep each entry with probability density_i, DARE, then rescale)
+    d_i = trim(d_i, density_i)  (trim: keep the k = int(density_i * n) >= 1 entries of largest |d_i|, TIES;
+                                 of the entries tied with the k-th, the first in index order)
+    d_i = drop(d_i, density_i)  (drop: keep each entry with probability density_i, DARE, then rescale:
+                                 by sum|d_i| / sum|kept d_i|, or by 1/density_i, or not at all)
     SUM:   m = sum_i w_i d_i
-    ELECT: s = sign(sum_i w_i d_i); m = sum over i with sign(w_i d_i) == s of w_i d_i,
+    ELECT: s = +1 if sum_i w_i d_i >= 0 else -1; m = sum over i with sign(w_i d_i) == s of w_i d_i,
            divided by the agreeing weight sum when normalizing (TIES's disjoint mean)
     out = base + lam * m        (use_base; else out = m)
 
@@ -42,6 +44,7 @@ class Form:
     lam: float = 1.0
     trim: list[float] | None = None  # per-model densities of the magnitude trim (TIES)
     drop: list[float] | None = None  # per-model keep probabilities of the random drop (DARE)
+    rescale: str | None = "l1"  # the survivors of a drop: "l1" (keep the tensor's L1 norm), "inverse" (1/q), None
     # The tensors' Gram matrix G[i, j] = <x_i, x_j> (float64, over the whole tensor) -> the weights to use.
     reweigh: Callable[[np.ndarray], np.ndarray] | None = None
 
@@ -91,6 +94,6 @@ def run(form: Form, tensors: list[torch.Tensor], base: torch.Tensor | None, keys
     if form.trim is not None:
         terms = trim_all(terms, form.trim)
     if form.drop is not None:
-        terms = [drop_and_rescale(d, p, k) for d, p, k in zip(terms, form.drop, keys)]
+        terms = [drop_and_rescale(d, p, k, form.rescale) for d, p, k in zip(terms, form.drop, keys)]
     merged = elect_and_merge(terms, w, form.normalize) if form.elect else weighted_sum(terms, w)
     return add_to_base(merged, base, form.lam) if form.use_base else merged.to(torch.float32)

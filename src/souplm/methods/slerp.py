@@ -10,16 +10,19 @@ from ..errors import SoupError
 from .form import Form
 from .registry import register
 
+DOT_THRESHOLD = 0.9995  # above this |cos|, the two are treated as parallel (mergekit 0.1.5's threshold)
+
 
 def slerp_coefficients(gram: np.ndarray, t: float, epsilon: float) -> np.ndarray:
-    """The two weights of SLERP from the tensors' Gram matrix: sin((1-t)O)/sin(O) and sin(tO)/sin(O),
-    O the angle between them; (1-t, t) when a tensor is (near) zero or the two are (anti)parallel."""
+    """The two weights of SLERP from the tensors' Gram matrix: sin((1-t)O)/sin(O) and sin(tO)/sin(O), O the
+    angle between them. As mergekit 0.1.5: a norm at or below epsilon counts as 1 (so a zero tensor sits at
+    a right angle to the other), and |cos O| > 0.9995 falls back to lerp, (1-t, t)."""
     na, nb = math.sqrt(gram[0, 0]), math.sqrt(gram[1, 1])
-    if na < epsilon or nb < epsilon:
+    na, nb = na if na > epsilon else 1.0, nb if nb > epsilon else 1.0
+    cos = min(1.0, max(-1.0, gram[0, 1] / (na * nb)))
+    if abs(cos) > DOT_THRESHOLD:
         return np.array([1 - t, t], np.float32)
-    omega = math.acos(min(1.0, max(-1.0, gram[0, 1] / (na * nb))))
-    if abs(math.sin(omega)) < 1e-6:  # (anti)parallel: the arc degenerates, fall back to lerp
-        return np.array([1 - t, t], np.float32)
+    omega = math.acos(cos)
     s = math.sin(omega)
     return np.array([math.sin((1 - t) * omega) / s, math.sin(t * omega) / s], np.float32)
 

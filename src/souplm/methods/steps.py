@@ -87,23 +87,39 @@ def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
     return band.kthvalue(band.numel() - need + 1).values
 
 
-def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero all but the `density` fraction of entries with the largest magnitude.
+def trim_count(density: float, n: int) -> int:
+    """How many entries TIES's trim keeps: k = int(density * n), at least one (mergekit's count)."""
+    if density >= 1.0:
+        return n
+    return 0 if density <= 0.0 or n == 0 else max(1, int(density * n))
 
-    A k-th value threshold (selection, O(n)) replaces a full sort; entries tied with the threshold
-    are all kept.
+
+def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero all but the k = trim_count(density) entries of largest magnitude, in place.
+
+    A k-th value threshold (selection, O(n)) replaces a full sort; of the entries tied with the threshold,
+    the first in index order are kept, so exactly k survive (mergekit keeps k too, choosing among ties by
+    its sort's order, which no one can reproduce).
     """
     import torch
 
-    if density >= 1.0:
-        return delta
     n = delta.numel()
-    k = round(density * n)
+    k = trim_count(density, n)
+    if k >= n:
+        return delta
     if k <= 0:
         return delta.zero_()
     mag = torch.abs(delta, out=pool.empty_like(delta))
-    delta.mul_(mag.ge_(kth_largest(mag, k)))  # mag becomes the 0/1 keep mask, in place
+    flat = mag.reshape(-1)
+    threshold = kth_largest(mag, k)
+    keep = torch.ge(flat, threshold, out=pool.empty((n,), torch.bool))
+    excess = int(torch.count_nonzero(keep)) - k
+    if excess > 0:  # more entries tied with the k-th than room for them: drop the last ties
+        ties = torch.nonzero(flat == threshold).reshape(-1)
+        keep[ties[ties.numel() - excess:]] = False
+    delta.mul_(keep.view(delta.shape))
     pool.release(mag)
+    pool.release(keep)
     return delta
 
 
@@ -119,7 +135,7 @@ def trim_all(deltas: list[torch.Tensor], density: torch.Tensor) -> list[torch.Te
 def elect_and_merge(deltas: list[torch.Tensor], weight: torch.Tensor, normalize: bool) -> torch.Tensor:
     """Sign election and disjoint (weighted) mean of task vectors (consumed: overwritten in place).
 
-    sign = sign(sum_i w_i d_i); model i agrees at an entry when w_i d_i has that sign (and d_i != 0);
+    sign = +1 where sum_i w_i d_i >= 0, else -1; model i agrees at an entry when w_i d_i has that sign (and != 0);
     the result is sum over agreeing i of w_i d_i, divided by the agreeing weight mass when normalizing.
     Written as running sums over a few reused buffers: no [N, ...] stack, no temporary per model.
     """
@@ -129,7 +145,7 @@ def elect_and_merge(deltas: list[torch.Tensor], weight: torch.Tensor, normalize:
     sign = torch.mul(deltas[0], w[0], out=pool.empty_like(deltas[0]))
     for d, wi in zip(deltas[1:], w[1:]):
         sign.addcmul_(d, wi)
-    sign.sign_()
+    sign.ge_(0.0).mul_(2.0).sub_(1.0)  # +1 where the weighted sum is >= 0 (zero included), else -1: mergekit's rule
     mass = pool.empty_like(sign) if normalize else None
     merged = deltas[0]  # the running sum lives in the first task vector's storage: one buffer fewer
     for i, (d, wi) in enumerate(zip(deltas, w)):
@@ -208,15 +224,31 @@ def draws(key: int, n: int, device=None):
     return z.view(torch.int16)[:n].to(torch.int32).bitwise_and_(0xFFFF)  # little-endian: lane j % 4
 
 
-def drop_and_rescale(delta: torch.Tensor, density: float, key: int) -> torch.Tensor:
-    """Zero each entry whose draw is not below the keep level, and scale the survivors by 1/q, in place."""
+def drop_and_rescale(delta: torch.Tensor, density: float, key: int, rescale: str | None = "inverse") -> torch.Tensor:
+    """Zero each entry whose draw is not below the keep level, in place; then rescale the survivors:
+    `inverse` by 1/q, q the exact keep probability (unbiased entry by entry, the DARE paper's rule); `l1` by
+    sum|delta| / sum|survivors| (the tensor keeps its L1 norm, mergekit's rule; unchanged when either sum is
+    below 1e-7); None not at all."""
     if density >= 1.0:
         return delta
     if density <= 0.0:
         return delta.zero_()
+    import torch
+
     level = keep_level(density)
     keep = draws(key, delta.numel(), delta.device).lt_(level).view(delta.shape)
-    return delta.mul_(keep).mul_(survivor_scale(level))
+    before = float(delta.abs().sum(dtype=torch.float64)) if rescale == "l1" else 0.0
+    delta.mul_(keep)
+    if rescale == "inverse":
+        delta.mul_(survivor_scale(level))
+    elif rescale == "l1":
+        delta.mul_(l1_scale(before, float(delta.abs().sum(dtype=torch.float64))))
+    return delta
+
+
+def l1_scale(before: float, after: float) -> float:
+    """The factor that gives a dropped tensor back its L1 norm (1 when either norm is below 1e-7)."""
+    return 1.0 if before < 1e-7 or after < 1e-7 else float(np.float32(before / after))
 
 
 GRAM_CHUNK = 1 << 20

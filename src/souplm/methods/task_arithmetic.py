@@ -16,6 +16,7 @@ __all__ = ["add_to_base", "task_arithmetic", "task_vectors"]
     max_models=None,
     model_params={"weight": 1.0},
     global_params={"lambda": 1.0, "normalize": False},
+    required=("weight",),
     reference="https://arxiv.org/abs/2212.04089",
 )
 def task_arithmetic(weight, normalize=False, lam=1.0) -> Form:
