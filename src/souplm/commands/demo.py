@@ -115,9 +115,10 @@ def _toy(root: Path, quick: bool = False) -> int:
 
     _say("[3/4] soups of A and B, by souplm.merge and souplm.learn")
     recipes = {
-        "task arithmetic": souplm.Recipe.from_models([a, b], "task_arithmetic", base_model=str(base),
+        "task arithmetic": souplm.Recipe.from_models([a, b], "task_arithmetic", base_model=str(base), weight=1.0,
                                                      **{"lambda": 1.0}),
-        "TIES": souplm.Recipe.from_models([a, b], "ties", base_model=str(base), density=0.5, normalize=False),
+        "TIES": souplm.Recipe.from_models([a, b], "ties", base_model=str(base), weight=1.0, density=0.5,
+                                          normalize=False),
     }
     dirs: dict[str, Path] = {"base": base, "specialist A": spec["specialist_A"], "specialist B": spec["specialist_B"]}
     for label, recipe in recipes.items():
