@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..arch.extras import accounting_notes, plan_extras
 from ..arch.units import layer_count, unit_of
 from ..errors import SoupError
 from ..io.checkpoint import EMBED, LM_HEAD, Checkpoint
@@ -316,14 +317,20 @@ def build_plan(recipe: Recipe, checkpoints: list[Checkpoint], coefficients: Coef
                                       (sl.base.k, sl.base.start + i) if sl.base else None))
     items += [ctx.item(c, last, None, 0.0) for c in post]
 
-    # Tensors outside the language model (vision tower, projector): copied from the output model.
+    # Tensors outside the language model (vision tower, projector): merged like the LM where every model has
+    # them with one shape, else copied from the output model; arch/extras.py decides and writes the notes.
+    merged, extra_notes = plan_extras(recipe, checkpoints, [s.k for s in _feeding(last) + last.checked],
+                                      output_index, set().union(*canon))
+    for s in _feeding(last) + last.checked:
+        canon[s.k].update(merged)
+    ctx.extra_names = merged
+    items += [ctx.item(key, last, None, 0.0) for key in merged]
+    kept = set(merged.values())
     for name in out.extra_names():
-        items.append(Item(out_name=name, shape=out.shape(name), dtype=out.dtype(name), copy_from=(output_index, name),
-                          read_bytes=out.nbytes(name)))
-    for k, c in enumerate(checkpoints):
-        if k != output_index and c.extra_names():
-            notes.append(f"{len(c.extra_names())} non-LM tensors of {c.path} (e.g. {c.extra_names()[0]}) are not in the output; "
-                         "name it as output_model to keep them")
+        if name not in kept:
+            items.append(Item(out_name=name, shape=out.shape(name), dtype=out.dtype(name),
+                              copy_from=(output_index, name), read_bytes=out.nbytes(name)))
+    notes += extra_notes + accounting_notes(checkpoints, items)
 
     config_updates: dict = {}
     if recipe.slices:
@@ -362,6 +369,7 @@ class _Context:
     dtype: DType | None
     coefficients: CoefficientTable | None
     notes: list[str]
+    extra_names: dict[str, str] = field(default_factory=dict)  # merged non-LM tensors: key -> output's name
 
     def item(self, c_out: str, sl: Slice, offset: int | None, t: float) -> Item:
         """The plan item of output tensor `c_out` (canonical): layer `offset` of slice `sl` (None: outside the layers)."""
@@ -377,7 +385,7 @@ class _Context:
         shapes = {k: ck[k].shape(stored[k]) for k in stored}
         ref = self.output_index if self.output_index in shapes else sl.inputs[0].k  # shape and dtype follow the output
         item = Item(
-            out_name=ck[self.output_index].layout.from_canonical(c_out),
+            out_name=self.extra_names.get(c_out) or ck[self.output_index].layout.from_canonical(c_out),
             shape=shapes[ref],
             dtype=self.dtype or ck[ref].dtype(stored[ref]),
             canonical=c_out,

@@ -14,8 +14,9 @@ souplm's recipe format is a superset of mergekit's YAML, so a mergekit user's re
 
 souplm adds: `coefficients` (a coefficient table path), `vocab_policy` (error | extend | truncate),
 `output_model` (whose config, tokenizer and layout the output takes), `allow_pickle`, `seed`,
-`shard_size`, and `mapping` (a spec file or built-in name, `souplm.arch.mapping`): a merge of two
-models of different architectures, `models[0]` the target (its layout, vision tower and projector are
+`shard_size`, `vision_policy` (merge | copy: the vision tower and projector merged like the LM when
+every model has them with one shape, or copied from `output_model`), and `mapping` (a spec file or
+built-in name, `souplm.arch.mapping`): a merge of two models of different architectures, `models[0]` the target (its layout, vision tower and projector are
 kept) and `models[1]` the source, read through the spec under the target's names. A parameter value
 may be a number, a list of numbers (interpolated across layers, as in mergekit), or a list of
 `{filter: substring, value: ...}` entries (the first whose filter occurs in the tensor name wins; an
@@ -101,6 +102,9 @@ class Recipe(BaseModel):
     seed: int = 0
     shard_size: int = Field(DEFAULT_SHARD_SIZE, gt=0)  # bytes; "5GB", "2GiB", mergekit's "5B" (io/sizes.py)
     mapping: str | dict[str, Any] | None = None  # spec file, built-in name, or the spec inline
+    # Non-LM tensors (vision tower, projector): merged like the LM where all models have them with one
+    # shape, or all copied from output_model (souplm/arch/extras.py).
+    vision_policy: Literal["merge", "copy"] = "merge"
     allow_extrapolation: bool = False  # let t and interpolation weights leave their documented range
     tokenizer_source: str | None = None  # mergekit's: base | union | a model path (engine/tokenizer.py)
     tokenizer: TokenizerSpec | None = None  # mergekit's block: source, tokens, pad_to_multiple_of
