@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load_file
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 import souplm
@@ -54,7 +54,7 @@ def zoo(tmp_path_factory):
 def w(path: Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for f in sorted(Path(path).glob("*.safetensors")):
-        out.update({k: v.astype(np.float64) for k, v in load_file(f).items()})
+        out.update({k: v.double().numpy() for k, v in load_file(f).items()})
     return out
 
 
@@ -381,3 +381,34 @@ def test_filter_entry_shapes_and_boolean_gradients(zoo):
     with pytest.raises(SoupError, match="a filter entry takes filter and value, not fitler"):
         Recipe.load({"merge_method": "ties", "base_model": base,
                      "models": [{"model": a, "parameters": {"weight": [{"fitler": "mlp", "value": 1.0}]}}]})
+
+
+def test_both_executors_agree_on_stacked_slices(zoo, tmp_path, monkeypatch):
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(zoo["base"]), "dtype": "bfloat16", "slices": [
+        {"sources": [{"model": str(zoo["base"]), "layer_range": [0, 2]},
+                     {"model": str(zoo["a"]), "layer_range": [2, 4], "parameters": {"weight": 0.7}}]},
+        {"sources": [{"model": str(zoo["base"]), "layer_range": [1, 4]},
+                     {"model": str(zoo["b"]), "layer_range": [0, 3], "parameters": {"weight": [0.2, 1.0]}}]}]}
+    fused = merge(recipe, tmp_path / "fused")
+    monkeypatch.setenv("SOUPLM_EXECUTOR", "torch")
+    torch_out = merge(recipe, tmp_path / "torch")
+    assert set(fused) == set(torch_out) and all(np.array_equal(fused[k], torch_out[k]) for k in fused)
+    w0, wb = w(zoo["base"]), w(zoo["b"])
+    lam = 0.2 + 0.5 * 0.8  # slice 1's middle layer (output layer 3) sits at t = 1/2
+    want = w0[layer(UP, 2)] + lam * (wb[layer(UP, 1)] - w0[layer(UP, 2)])
+    np.testing.assert_allclose(torch_out[layer(UP, 3)], want, rtol=2 ** -7, atol=2 ** -9)  # one bf16 step
+    cfg = json.loads((tmp_path / "fused" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 5
+
+
+def test_slices_refuse_a_coefficient_table_and_note_residual_weight(zoo, tmp_path):
+    from souplm import CoefficientTable
+
+    recipe = {"merge_method": "linear", "slices": [{"residual_weight": 0.5, "sources": [
+        {"model": str(zoo["a"]), "layer_range": [0, 2], "parameters": {"weight": 1.0}}]}]}
+    plan, _ = prepare(recipe)
+    assert any("residual_weight is not applied" in n for n in plan.notes)
+    assert any("output layers 0-1 (slices[0]): linear of a 0-1" in n for n in plan.notes)
+    table = CoefficientTable([str(zoo["a"])], {"default": [1.0]})
+    with pytest.raises(SoupError, match="not to slices"):
+        prepare(recipe, coefficients=table)
