@@ -341,11 +341,8 @@ def _union(base_k: int, toks: dict[int, Any], limits: dict[int, int | None]):
             if limit is None or i < limit:
                 added.setdefault(info.content, info)
     out = _reloaded(toks[base_k])
-    for t in plain:
-        if t not in added and t not in base_vocab:
-            out.add_tokens(t)
-    for info in added.values():
-        out.add_tokens(info)
+    out.add_tokens([t for t in plain if t not in added and t not in base_vocab])  # in order, one id each
+    out.add_tokens(list(added.values()))  # those already in the vocabulary keep their ids
     return out
 
 
@@ -368,6 +365,7 @@ class VocabPlan:
         with self._lock:
             cache = self._cache.get(canonical)
             if cache is None or k not in cache:
+                self._cache.clear()  # rows a method never read (an unused base's) go once another tensor is asked for
                 cache = self._cache[canonical] = dict(enumerate(self._align(canonical)))
             t = cache.pop(k)
             if not cache:
