@@ -40,6 +40,9 @@ from .tokenizer import TokenizerSpec, absolute_fields, check_recipe, resolve_pat
 
 # mergekit keys we read but that change nothing for souplm (documented, not silently ignored).
 MERGEKIT_NOOP_KEYS = {"int8_mask"}
+# Methods whose base_model mergekit also accepts among `models` (it is then not a model of its own).
+BASE_LISTED_ONCE = {"nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl"}
+BASE_LISTED_ONCE |= {"breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "model_stock"}
 MERGEKIT_UNSUPPORTED = {
     "out_dtype": "use dtype",
     "modules": "modular recipes are not supported",
@@ -200,6 +203,11 @@ class Recipe(BaseModel):
                         f"models[{i}].parameters.{key}: not a per-model parameter of {m.name} "
                         f"(per-model: {', '.join(sorted(m.model_params)) or 'none'})"
                     )
+        for key in () if self.slices else m.required:  # no default: set globally, or for every model (mergekit's rule)
+            per_model = key in m.model_params and all(key in s.parameters for s in self.models)
+            if key not in self.parameters and not per_model:
+                where = "parameters or every model's parameters" if key in m.model_params else "parameters"
+                raise SoupError(f"method {m.name} needs parameter {key} (set it in {where})")
         self.check_values()
         if self.output_model is not None and self.output_model not in self.all_paths():
             raise SoupError(f"output_model {self.output_model} is not one of the recipe's models")
@@ -423,7 +431,9 @@ def _from_mergekit(data: dict, where: str) -> dict:
         others = [m for m in models if _model_path(m) != base]
         data["models"] = [{"model": base}] + others
         data.pop("base_model")
-    elif base and method in {"task_arithmetic", "ties", "dare_linear", "dare_ties", "wise_ft"}:
+    elif base and method == "passthrough" and any(_model_path(m) == base for m in models):
+        data.pop("base_model")  # mergekit's one input is then the base itself
+    elif base and method in {"task_arithmetic", "ties", "dare_linear", "dare_ties", "wise_ft", *BASE_LISTED_ONCE}:
         data["models"] = [m for m in models if _model_path(m) != base]
     data["models"] = [{"model": m} if isinstance(m, str) else m for m in data.get("models") or []]
     data["models"] = [dict(m, model=_adapted(m["model"], where)) if isinstance(m, dict) and isinstance(m.get("model"), dict)

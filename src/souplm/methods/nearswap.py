@@ -1,0 +1,39 @@
+"""NearSwap: take the model's value where it is near the base's, keep the base's where they are far apart
+(mergekit 0.1.5's `nearswap`).
+
+Entry by entry, with a the base, b the one model and t the distance scale (required):
+
+    w   = clamp(t / max(|a - b|, 1e-6), 0, 1)
+    out = w b + (1 - w) a
+
+Entries closer than t are the model's (w = 1); farther ones move towards the base in proportion to
+t / |a - b|. Not a linear combination with per-tensor coefficients: the weight is per entry. One pass.
+"""
+
+from __future__ import annotations
+
+from ..io import pool
+from .registry import ParamSpec, register
+
+MIN_DISTANCE = 1e-6  # |a - b| is clamped to this before dividing
+
+
+@register(
+    "nearswap",
+    specs={"t": ParamSpec(float, 0.0, None)},
+    needs_base=True,
+    min_models=1,
+    max_models=1,
+    global_params={"t": None},
+    required=("t",),
+    reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001 (mergekit 0.1.5)",
+)
+def nearswap(tensors, base, t):
+    """w b + (1 - w) a with w = clamp(t / |a - b|, 0, 1) per entry (a the base, b the model)."""
+    import torch
+
+    b = tensors[0]
+    w = torch.sub(base, b, out=pool.empty_like(b)).abs_().clamp_(min=MIN_DISTANCE)
+    torch.div(float(t), w, out=w).clamp_(0.0, 1.0)  # t / |a - b|, a division as in mergekit (same rounding)
+    b.mul_(w)
+    return b.addcmul_(base, w.neg_().add_(1.0))

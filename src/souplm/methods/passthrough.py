@@ -1,0 +1,28 @@
+"""Passthrough: one model's tensors, unchanged or times a `scale` (mergekit 0.1.5's `passthrough`).
+
+    out = scale * theta          (scale unset: theta itself)
+
+`scale` is usually given with filters, e.g. `[{filter: o_proj, value: 0.0}, {value: 1.0}]`. This is
+the per-tensor method; stacking layer ranges of several models (`slices:`) is the recipe's business.
+"""
+
+from __future__ import annotations
+
+from .registry import ParamSpec, register
+
+
+@register(
+    "passthrough",
+    specs={"scale": ParamSpec(float)},
+    needs_base=False,
+    forbids_base=True,
+    min_models=1,
+    max_models=1,
+    model_params={"scale": 1.0},
+    row_weights=False,
+    reference="mergekit 0.1.5 merge_methods/passthrough.py",
+)
+def passthrough(tensors, base, scale):
+    """The one model's tensor, times its scale (1: unchanged)."""
+    s = float(scale[0])
+    return tensors[0] if s == 1.0 else tensors[0].mul_(s)
