@@ -290,6 +290,8 @@ def test_per_layer_config_lists_follow_the_stacked_layers(zoo, tmp_path):
         {"sources": [{"model": str(zoo["q0"]), "layer_range": [0, 3]}]},
         {"sources": [{"model": str(zoo["q1"]), "layer_range": [1, 4]}]}]}
     merge(recipe, tmp_path / "o")
+    plan, _ = prepare(recipe)
+    assert any(n.startswith(f"config max_window_layers = {L} kept from") for n in plan.notes), plan.notes
     cfg = json.loads((tmp_path / "o" / "config.json").read_text())
     q0 = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
     q1 = ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]
@@ -412,3 +414,18 @@ def test_slices_refuse_a_coefficient_table_and_note_residual_weight(zoo, tmp_pat
     table = CoefficientTable([str(zoo["a"])], {"default": [1.0]})
     with pytest.raises(SoupError, match="not to slices"):
         prepare(recipe, coefficients=table)
+
+
+def test_every_method_plans_or_refuses_with_the_base_among_models(zoo):
+    from souplm.methods.registry import METHODS, get_method
+
+    get_method("linear")  # registers the built-in methods
+    for name, m in sorted(METHODS.items()):
+        params = {k: 0.5 for k in m.model_params if k in ("weight", "density", "t")}
+        models = [{"model": str(zoo["base"]), "parameters": params}, {"model": str(zoo["a"]), "parameters": params},
+                  {"model": str(zoo["b"]), "parameters": params}]
+        top = {k: 0.5 for k in m.global_params if k in ("t", "lambda")}
+        try:
+            prepare({"merge_method": name, "base_model": str(zoo["base"]), "models": models, "parameters": top})
+        except SoupError:
+            pass  # a one-line refusal (too many models, ...) is fine; any other exception is the bug

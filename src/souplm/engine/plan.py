@@ -339,6 +339,10 @@ def build_plan(recipe: Recipe, checkpoints: list[Checkpoint], coefficients: Coef
             if spec.residual_weight is not None:
                 notes.append(f"slices[{j}].residual_weight is not applied (mergekit 0.1.5 reads it and applies it nowhere)")
         config_updates = _layer_config(out, layers, checkpoints)
+        text = _text_config(out.config)
+        kept = [f"{k} = {text[k]}" for k in LAYER_POSITION_KEYS if k in text]
+        if kept:
+            notes.append(f"config {', '.join(kept)} kept from {out.path}: it now counts the stacked output's layers")
     n_shards = _assign_shards(items, recipe.shard_size)
     return Plan(recipe, method, checkpoints, output_index, items, n_shards, notes, coefficients,
                 base_index=base_index if uses_base else None, layers=layers, config_updates=config_updates)
@@ -457,6 +461,9 @@ def _slice_note(sl: Slice, recipe: Recipe, checkpoints: list[Checkpoint]) -> str
 # Config keys that count the decoder layers, and per-layer keys that hold layer indices rather than one entry per layer.
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 LAYER_INDEX_KEYS = ("mlp_only_layers",)
+# Config keys that place something by layer position (a threshold or a period), kept as they are, with a note.
+LAYER_POSITION_KEYS = ("max_window_layers", "first_k_dense_replace", "decoder_sparse_step", "moe_layer_freq",
+                       "interleave_moe_layer_step", "sliding_window_pattern")
 NOT_PER_LAYER = {"architectures", "eos_token_id", "bos_token_id", "pad_token_id", "bad_words_ids", "suppress_tokens",
                  "begin_suppress_tokens", "forced_decoder_ids", "image_grid_pinpoints", "vision_feature_layer"}
 
