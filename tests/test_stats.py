@@ -103,3 +103,11 @@ def test_verdicts() -> None:
     assert S.verdict(-0.1, 0.01) == "does not hold"
     assert S.verdict(0.1, 0.2) == "inconclusive"
     assert S.verdict(float("nan"), 0.0) == "inconclusive"
+
+
+def test_item_columns_give_the_headline_score() -> None:
+    bpb = {"primary": "bpb", "items": {"nll": [2.0, 4.0], "bytes": [3, 5], "tokens": [1, 2], "words": [1, 1]}}
+    num, den = S.item_columns(bpb)
+    assert sum(num) / sum(den) == pytest.approx(6.0 / (math.log(2) * 8))
+    acc = {"primary": "acc", "items": {"acc": [1.0, 0.0, 1.0], "acc_norm": [0.0, 0.0, 1.0]}}
+    assert S.item_columns(acc) == ([1.0, 0.0, 1.0], [1.0, 1.0, 1.0])

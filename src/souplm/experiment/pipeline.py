@@ -16,11 +16,13 @@ from souplm.experiment.settings import ROLES, Settings
 from souplm.experiment.steps import (
     Context,
     step_adamms,
+    step_bases,
     step_claims,
     step_greedy,
     step_learnable,
     step_regularized,
     step_robustness,
+    step_statistics,
     step_vanilla,
 )
 
@@ -86,10 +88,14 @@ def run_experiment(
         results["greedy"] = step_greedy(ctx)
     with timed(ctx, timings, "robustness"):
         results["robustness"] = step_robustness(ctx, results["learnable"])
-    results["claims"] = step_claims(ctx, results)
+    with timed(ctx, timings, "bases"):
+        results["bases"] = step_bases(ctx, results["greedy"])
     if "cogvlm" in family:
         with timed(ctx, timings, "adamms"):
             results["adamms"] = step_adamms(ctx, results["vanilla"]["per_task"]["easy-vqa"]["llava"])
+    with timed(ctx, timings, "statistics"):
+        results["statistics"] = step_statistics(ctx, results)
+    results["claims"] = step_claims(ctx, results)
     total = time.perf_counter() - began
     steps = merge_timings(work / "timings.json", timings)
     doc = {
@@ -105,10 +111,19 @@ def run_experiment(
                     "torch_threads": _torch_threads()},
     }
     doc = rounded(doc)
-    (out / "results" / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
-    (out / "RESULTS.md").write_text(render_markdown(doc))
+    write_documents(out, doc, render_markdown(doc))
     log(f"wrote {out / 'RESULTS.md'} in {total:.0f} s")
     return doc
+
+
+def write_documents(out: Path, doc: dict[str, Any], markdown: str) -> list[Path]:
+    """The run's documents: `out/results/results.json` and `out/RESULTS.md` (the figures are written by the
+    steps, also under `out/results`). Nothing is written outside `out`."""
+    paths = [out / "results" / "results.json", out / "RESULTS.md"]
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    paths[0].write_text(json.dumps(doc, indent=1) + "\n")
+    paths[1].write_text(markdown)
+    return paths
 
 
 def _torch_threads() -> int:

@@ -39,6 +39,7 @@ from souplm.experiment.pipeline import run_experiment
 from souplm.experiment.report import render_markdown
 from souplm.experiment.settings import (
     ACTIVATIONS,
+    ADAMMS_SETTINGS,
     FULL,
     META_SETS,
     QUICK,
@@ -49,7 +50,7 @@ from souplm.experiment.settings import (
     Settings,
 )
 
-__all__ = ["ACTIVATIONS", "FULL", "META_SETS", "QUICK", "REQUIRED_PACKAGES", "ROLES", "ROLES_EXTRA", "TASKS", "Settings",
+__all__ = ["ACTIVATIONS", "ADAMMS_SETTINGS", "FULL", "META_SETS", "QUICK", "REQUIRED_PACKAGES", "ROLES", "ROLES_EXTRA", "TASKS", "Settings",
            "check_packages", "main", "missing_packages", "render_markdown", "run_experiment"]
 
 

@@ -21,7 +21,19 @@ REQUIRED_PACKAGES: tuple[tuple[str, str, str], ...] = (
 
 # AdaMMS (step 7): the mapping spec that lays a Llama-family LM over the CogVLM-style variant.
 ADAMMS_MAPPING = "llama-to-cogvlm"
-ADAMMS_METRIC = "token_f1"
+# The search's criterion and answer comparison (the authors' defaults); souplm's older mean-of-neighbours
+# token-F1 criterion is scored on the same answers beside it.
+ADAMMS_CRITERION = "adamms"
+ADAMMS_METRIC = "exact"
+# The AdaMMS settings (target <- source on a task): each is one denominator unit of the agreement rate.
+# Stages of the family; a mapping where the layouts differ; the task whose test questions are the unlabeled
+# inputs (answers unread) and whose labels score every alpha afterwards.
+ADAMMS_SETTINGS: tuple[dict[str, Any], ...] = (
+    {"target": "cogvlm", "source": "llava", "mapping": ADAMMS_MAPPING, "task": "easy-vqa", "vocab_policy": "error"},
+    {"target": "cogvlm", "source": "llava", "mapping": ADAMMS_MAPPING, "task": "math", "vocab_policy": "error"},
+    {"target": "llava", "source": "smollm2", "mapping": None, "task": "easy-vqa", "vocab_policy": "extend"},
+    {"target": "smollm2", "source": "math", "mapping": None, "task": "math", "vocab_policy": "error"},
+)
 # The AdaMMS paper's agreement of the unsupervised choice with the supervised best, over its settings
 # (Du et al., CVPR 2025): quoted beside ours.
 ADAMMS_PAPER = {"agreement_percent": 62.75, "reference": "Du et al., CVPR 2025"}
@@ -89,7 +101,7 @@ class Settings:
     # AdaMMS (step 7): the alpha grid of LLaVA into the CogVLM-style variant, and how many unlabeled
     # easy-vqa test questions (their answers unread) judge generation consistency.
     adamms_alphas: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
-    adamms_inputs: int = 32
+    adamms_inputs: int = 100  # the authors' sample size
 
     def to_json(self) -> dict[str, Any]:
         """The settings as plain data (results.json records them)."""

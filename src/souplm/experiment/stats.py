@@ -71,6 +71,16 @@ def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
 # ---------------------------------------------------------------------------------------- bootstrap
 
 
+def item_columns(result: dict) -> tuple[list[float], list[float]]:
+    """(num, den) per test item of one evaluation result (its `items`), so that the score is
+    sum(num) / sum(den): bits per byte is nll / ln 2 over bytes, any other metric its 0/1 values over 1."""
+    items, primary = result["items"], result["primary"]
+    if primary == "bpb":
+        return [float(x) / math.log(2) for x in items["nll"]], [float(b) for b in items["bytes"]]
+    vals = [float(v) for v in items[primary]]
+    return vals, [1.0] * len(vals)
+
+
 @dataclass(frozen=True)
 class Interval:
     """A point estimate with its two-sided percentile bootstrap interval."""

@@ -18,9 +18,10 @@ from souplm.experiment.common import log, stable_digest
 from souplm.experiment.data import Data
 from souplm.experiment.settings import (
     ACTIVATIONS,
-    ADAMMS_MAPPING,
+    ADAMMS_CRITERION,
     ADAMMS_METRIC,
     ADAMMS_PAPER,
+    ADAMMS_SETTINGS,
     META_SETS,
     ROLES,
     ROLES_EXTRA,
@@ -30,7 +31,27 @@ from souplm.experiment.settings import (
     TASKS,
     Settings,
 )
-from souplm.experiment.stats import best_of, better, mean, pearson, stdev
+from souplm.experiment.stats import (
+    ALPHA,
+    LEVEL,
+    RESAMPLES,
+    best_of,
+    better,
+    bootstrap_ratio,
+    holm,
+    item_columns,
+    mcnemar,
+    mean,
+    paired_bootstrap,
+    pearson,
+    stdev,
+)
+
+# The four variants of the greedy soup and of the setup table, in this order (LLaVA first: its architecture).
+VARIANTS: tuple[str, ...] = ("llava", "smollm2", "math", "shakespeare")
+# The test task each variant was made for (its speciality): the setup table's gap is measured there.
+SPECIALITY: dict[str, str] = {"LLaVA": "easy-vqa", "Vicuna": "instruct-ppl", "Math": "math",
+                              "Shakespeare": "shakespeare-ppl"}
 
 
 @dataclass
@@ -45,9 +66,19 @@ class Context:
     store: Any  # ResultCache
     progress: bool = True
     soup: Any = None  # SoupModel over (LLaVA, Vicuna) for learned tables, built lazily
+    soup4: Any = None  # (SoupModel over the four variants, their hashes) for the setup table, built lazily
     hashes: list[str] = field(default_factory=list)
     learn_computed: int = 0
     learn_cached: int = 0
+    # Per-example (num, den) columns of every scored model, by label and task (stats.item_columns): the
+    # intervals and paired tests are computed from these; results.json keeps only their summaries.
+    items: dict[str, dict[str, tuple[list[float], list[float]]]] = field(default_factory=dict)
+
+    def keep(self, label: str, results: dict[str, dict[str, Any]]) -> None:
+        """Remember the per-example values of one model's task results under `label`."""
+        for name, r in results.items():
+            if r.get("items"):
+                self.items.setdefault(label, {})[name] = item_columns(r)
 
     @property
     def pair_paths(self) -> list[str]:
@@ -135,7 +166,9 @@ def run_learn(ctx: Context, spec: LearnSpec) -> dict[str, Any]:
         ctx.learn_computed += 1
     learn_s = time.perf_counter() - t0
     table = CoefficientTable.load(table_path)
-    scores = evaluate_table(ctx, table, table_path)
+    results = evaluate_table(ctx, table, table_path)
+    ctx.keep(name, results)
+    scores = {n: float(r["score"]) for n, r in results.items()}
     meta = table.meta
     losses = meta.get("epoch_losses") or []
     alphas = [float(v[0]) for k, v in table.coefficients.items() if k != "default"]
@@ -149,8 +182,8 @@ def run_learn(ctx: Context, spec: LearnSpec) -> dict[str, Any]:
     }
 
 
-def evaluate_table(ctx: Context, table: Any, table_path: Path) -> dict[str, float]:
-    """Scores of the (LLaVA, Vicuna) soup a coefficient table describes, in memory, through the cache."""
+def evaluate_table(ctx: Context, table: Any, table_path: Path) -> dict[str, dict[str, Any]]:
+    """Task results of the (LLaVA, Vicuna) soup a coefficient table describes, in memory, through the cache."""
     from souplm.engine.recipe import Recipe
     from souplm.evaluate.cache import soup_key
     from souplm.search.sweep import METHOD, SoupModel, evaluate_candidate
@@ -162,8 +195,7 @@ def evaluate_table(ctx: Context, table: Any, table_path: Path) -> dict[str, floa
                                 vocab_policy="extend", coefficients=str(table_path))
     coeffs = stable_digest(table.coefficients, 32)
     key = soup_key(ctx.hashes, METHOD, {"coefficients": coeffs, "normalize": False, "vocab_policy": "extend"})
-    results = evaluate_candidate(ctx.soup, recipe, key, ctx.test_tasks, limit=None, cache=ctx.store)
-    return {n: float(r["score"]) for n, r in results.items()}
+    return evaluate_candidate(ctx.soup, recipe, key, ctx.test_tasks, limit=None, cache=ctx.store)
 
 
 def unit_alphas(ctx: Context, run: dict[str, Any]) -> dict[str, float]:
@@ -216,6 +248,8 @@ def step_vanilla(ctx: Context) -> dict[str, Any]:
     plot_sweep(res, ctx.out / "results" / "vanilla_sweep", title="Vanilla soup: alpha * LLaVA + (1 - alpha) * Vicuna",
                labels=("LLaVA", "Vicuna"))  # roles, not the family's hashed folder names
     _drop_svg(ctx.out / "results")
+    for a in res.alphas:
+        ctx.keep(vanilla_label(a), res.results[a])
     per_task = {}
     for info in ctx.data.info["tasks"]:
         name, hib, margin = info["name"], info["higher_is_better"], info["min_margin"]
@@ -238,7 +272,13 @@ def step_vanilla(ctx: Context) -> dict[str, Any]:
         "per_task": per_task,
         "figure": "results/vanilla_sweep.png",
         "evaluations": len(res.alphas) * len(TASKS),
+        "labels": {f"{a:g}": vanilla_label(a) for a in res.alphas},
     }
+
+
+def vanilla_label(alpha: float) -> str:
+    """The label of the vanilla soup at `alpha` in the intervals of results.json."""
+    return f"vanilla a={alpha:g}"
 
 
 def step_learnable(ctx: Context) -> dict[str, Any]:
@@ -325,8 +365,51 @@ def step_greedy(ctx: Context) -> dict[str, Any]:
             "chosen": [_role_of(ctx, m) for m in res.chosen],
             "greedy_heldout_score": res.greedy_score, "uniform_heldout_score": res.uniform_score,
             "test": res.test,
+            "members": {"best single": [res.ranking[0][0]], "uniform": list(paths), "greedy": list(res.chosen)},
+            "labels": {k: f"greedy {heldout}: {k}" for k in res.test},
         })
     return {"ingredients": [_role_of(ctx, p) for p in paths], "runs": out}
+
+
+def uniform_soup_results(ctx: Context, members: list[str]) -> dict[str, dict[str, Any]]:
+    """Test results of the uniform soup of `members` among the four variants, keyed as greedy_soup keys it
+    (so a soup the greedy search scored is read from the cache, not computed again)."""
+    from souplm.engine.recipe import Recipe
+    from souplm.evaluate.cache import model_hash, soup_key
+    from souplm.search.sweep import METHOD, SoupModel, evaluate_candidate
+
+    paths = [str(ctx.family[k]) for k in VARIANTS]
+    if ctx.soup4 is None:
+        ctx.soup4 = (SoupModel(paths, batch_size=ctx.settings.eval_batch, progress=ctx.progress),
+                     [model_hash(p) for p in paths])
+    soup, hashes = ctx.soup4
+    weights = [1.0 / len(members) if p in members else 0.0 for p in paths]
+    key = soup_key(hashes, METHOD, {"weights": weights, "vocab_policy": "extend", "dtype": "float32"})
+    recipe = Recipe.from_models(paths, METHOD, weights, output_model=paths[0], vocab_policy="extend")
+    return evaluate_candidate(soup, recipe, key, ctx.test_tasks, limit=None, cache=ctx.store)
+
+
+def step_bases(ctx: Context, greedy: dict[str, Any]) -> dict[str, Any]:
+    """Every variant alone on every test task (the setup table), and the greedy step's soups' per-example
+    values (read back from the cache)."""
+    scores = {}
+    for stage in VARIANTS:
+        results = uniform_soup_results(ctx, [str(ctx.family[stage])])
+        ctx.keep(ROLES[stage], results)
+        scores[ROLES[stage]] = {n: float(r["score"]) for n, r in results.items()}
+    for g in greedy["runs"]:
+        for k, members in g["members"].items():
+            ctx.keep(g["labels"][k], uniform_soup_results(ctx, members))
+    ctx.soup4 = None  # four models' tensors: let them go before the next step
+    speciality = {}
+    for role, task in SPECIALITY.items():
+        hib = _info(ctx, task)["higher_is_better"]
+        others = [m for m in scores if m != role]
+        runner_up = max(others, key=lambda m: (-math.inf if math.isnan(scores[m][task])
+                                               else (1 if hib else -1) * scores[m][task]))
+        speciality[role] = {"task": task, "runner_up": runner_up,
+                            "gap": (1 if hib else -1) * (scores[role][task] - scores[runner_up][task])}
+    return {"models": list(scores), "scores": scores, "labels": {m: m for m in scores}, "speciality": speciality}
 
 
 def step_robustness(ctx: Context, learnable: dict[str, Any]) -> dict[str, Any]:
@@ -369,13 +452,124 @@ def step_robustness(ctx: Context, learnable: dict[str, Any]) -> dict[str, Any]:
                        "whole_model_steps": whole["steps"]}}
 
 
+def _info(ctx: Context, task: str) -> dict[str, Any]:
+    return next(t for t in ctx.data.info["tasks"] if t["name"] == task)
+
+
+def compare(ctx: Context, kind: str, task: str, a: str, b: str, a_name: str | None = None,
+            b_name: str | None = None, *, averaged: bool = False) -> dict[str, Any] | None:
+    """A paired test of model `a` against model `b` on the same test items of `task` (labels of ctx.items).
+
+    Accuracies of 0/1 items: McNemar's exact test, with the difference's paired bootstrap interval; anything
+    else (bits per byte, item averages over several soups): the paired bootstrap. `advantage` is the
+    difference turned so that > 0 means a is better (for bits per byte: b - a). `averaged`: a's items are
+    averages over several soups (fractions), so the paired bootstrap even where they happen to be 0/1.
+    """
+    if task not in ctx.items.get(a, {}) or task not in ctx.items.get(b, {}):
+        return None
+    (na, da), (nb, db) = ctx.items[a][task], ctx.items[b][task]
+    if len(na) != len(nb):
+        return None
+    binary = not averaged and all(d == 1.0 for d in da) and all(v in (0.0, 1.0) for v in (*na, *nb))
+    t = mcnemar(na, nb) if binary else paired_bootstrap(na, nb, da, den_b=db)
+    hib = _info(ctx, task)["higher_is_better"]
+    d = t.diff
+    adv = [d.estimate, d.low, d.high] if hib else [-d.estimate, -d.high, -d.low]
+    return {"kind": kind, "task": task, "a": a_name or a, "b": b_name or b, **t.to_json(), "advantage": adv}
+
+
+def _average_items(ctx: Context, labels: list[str], label: str) -> None:
+    """The item-by-item average of several soups' values (the "mean learnable soup"), kept under `label`."""
+    for task in TASKS:
+        cols = [ctx.items[lb][task] for lb in labels if task in ctx.items.get(lb, {})]
+        if cols and len({len(c[0]) for c in cols}) == 1:
+            num = [mean([c[0][i] for c in cols]) for i in range(len(cols[0][0]))]
+            ctx.items.setdefault(label, {})[task] = (num, list(cols[0][1]))
+
+
+def step_statistics(ctx: Context, results: dict[str, Any]) -> dict[str, Any]:
+    """Step 6: a 95% interval on every score (bootstrap over test items) and a paired test for every comparison
+    the document makes, with Holm's correction over all of them."""
+    intervals = {label: {task: bootstrap_ratio(num, den).to_json() for task, (num, den) in tasks.items()}
+                 for label, tasks in sorted(ctx.items.items())}
+    van = results["vanilla"]
+    comps: list[dict[str, Any] | None] = []
+    runs = results["learnable"]["runs"]
+    _average_items(ctx, [r["id"] for r in runs], "learnable mean")
+    for n in TASKS:
+        hib = _info(ctx, n)["higher_is_better"]
+        pt = van["per_task"][n]
+        if pt["best_alpha"] is not None:
+            best = vanilla_label(pt["best_alpha"])
+            name = f"vanilla a={pt['best_alpha']:g}"
+            comps.append(compare(ctx, "vanilla soup vs LLaVA", n, best, vanilla_label(1.0), name, "LLaVA"))
+            comps.append(compare(ctx, "vanilla soup vs Vicuna", n, best, vanilla_label(0.0), name, "Vicuna"))
+            top = max(runs, key=lambda r: (-math.inf if math.isnan(r["scores"][n])
+                                           else (1 if hib else -1) * r["scores"][n]))
+            comps.append(compare(ctx, "best learnable vs best vanilla", n, top["id"], best, None, name))
+        if 0.5 in van["alphas"]:
+            comps.append(compare(ctx, "mean learnable vs vanilla 0.5", n, "learnable mean", vanilla_label(0.5),
+                                 averaged=True))
+        reg = results["regularized"]
+        for run in reg["runs"]:
+            comps.append(compare(ctx, "regularized vs unregularized", n, run["id"], reg["reference"],
+                                 f"lambda {run['lambda']:g}", "lambda 0"))
+        rob = results["robustness"]
+        comps.append(compare(ctx, "per-mapping vs whole-model", n, rob["runs"][0], rob["whole_model"]["id"],
+                             "per-mapping", "whole-model"))
+        for g in results["greedy"]["runs"]:
+            lb = g["labels"]
+            if "greedy" in lb:
+                comps.append(compare(ctx, f"greedy vs uniform ({g['heldout']})", n, lb["greedy"], lb["uniform"],
+                                     "greedy", "uniform"))
+                comps.append(compare(ctx, f"greedy vs best single ({g['heldout']})", n, lb["greedy"],
+                                     lb["best single"], "greedy", "best single"))
+    for role, sp in results.get("bases", {}).get("speciality", {}).items():
+        comps.append(compare(ctx, "variant vs runner-up on its speciality", sp["task"], role, sp["runner_up"]))
+    for r in results.get("adamms", {}).get("runs", []):
+        best = r["check"]["best_interior_alpha"]
+        for crit, ch in r["choices"].items():
+            if ch["alpha"] != best:
+                comps.append(compare(ctx, f"AdaMMS {crit} choice vs labelled best", r["task"],
+                                     adamms_label(r["setting"], ch["alpha"]), adamms_label(r["setting"], best),
+                                     f"{r['name']}: alpha {ch['alpha']:g}", f"alpha {best:g}"))
+    found = [c for c in comps if c is not None]
+    for c, p in zip(found, holm([c["p"] for c in found]), strict=True):
+        c["p_holm"] = p
+        c["significant"] = p < ALPHA
+    return {"resamples": RESAMPLES, "level": LEVEL, "level_percent": round(100 * LEVEL), "alpha": ALPHA,
+            "correction": "holm",
+            "n_comparisons": len(found), "intervals": intervals, "comparisons": found}
+
+
+def _tally(comps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Significant wins and losses of a family of comparisons, and the rule's verdict: holds with significant
+    gains on a majority of them and no significant loss; does not hold with a significant loss and no more
+    significant gains than losses; inconclusive otherwise."""
+    wins = [c["task"] for c in comps if c["significant"] and c["advantage"][0] > 0]
+    losses = [c["task"] for c in comps if c["significant"] and c["advantage"][0] < 0]
+    if len(wins) > len(comps) / 2 and not losses:
+        v = "holds"
+    elif losses and len(wins) <= len(losses):
+        v = "does not hold"
+    else:
+        v = "inconclusive"
+    return {"verdict": v, "n": len(comps), "significant_wins": wins, "significant_losses": losses}
+
+
 def step_claims(ctx: Context, results: dict[str, Any]) -> dict[str, Any]:
-    """Step 6: each of the paper's claims decided by a comparison of the numbers above."""
+    """Step 7: each of the paper's claims decided by the paired tests of step 6 (Holm-corrected), with the
+    point comparisons beside them."""
     infos = ctx.data.info["tasks"]
     n_tasks = len(infos)
     van = results["vanilla"]["per_task"]
     beats = [n for n, v in van.items() if v["beats_both"]]
     runs = results["learnable"]["runs"]
+    comps = results["statistics"]["comparisons"]
+
+    def of(kind: str) -> list[dict[str, Any]]:
+        return [c for c in comps if c["kind"] == kind]
+
     learn_vs = {}
     for info in infos:
         n, hib, margin = info["name"], info["higher_is_better"], info["min_margin"]
@@ -391,63 +585,134 @@ def step_claims(ctx: Context, results: dict[str, Any]) -> dict[str, Any]:
     mean_wins = sum(1 for x in learn_vs.values() if x["mean_wins"])
     reg = results["regularized"]
     rob = results["robustness"]
+
+    # Vanilla beats both bases on some task: both tests significant and positive on one task.
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for c in of("vanilla soup vs LLaVA") + of("vanilla soup vs Vicuna"):
+        by_task.setdefault(c["task"], []).append(c)
+    both = [t for t, cs in by_task.items() if len(cs) == 2 and all(c["significant"] and c["advantage"][0] > 0
+                                                                   for c in cs)]
+    behind = [t for t, cs in by_task.items() if any(c["significant"] and c["advantage"][0] < 0 for c in cs)]
+    v_verdict = ("holds" if both else "does not hold" if by_task and len(behind) == len(by_task)
+                 else "inconclusive")
+    # Stable under regularization: a rule on the alpha pattern, judged against seed-to-seed variation.
+    seed_sign = rob["alphas"]["mean_sign_agreement"]
+    reg_sign = min((c["sign_agreement"] for c in reg["comparisons"]), default=float("nan"))
+    if reg["stable"]:
+        s_verdict = "holds"
+    elif not math.isnan(seed_sign) and not math.isnan(reg_sign) and reg_sign < seed_sign:
+        s_verdict = "does not hold"
+    else:
+        s_verdict = "inconclusive"
     return {
         "n_tasks": n_tasks,
-        "vanilla_beats_bases": {"holds": bool(beats), "tasks": beats, "count": len(beats)},
+        "level": results["statistics"]["alpha"],
+        "n_comparisons": results["statistics"]["n_comparisons"],
+        "vanilla_beats_bases": {"holds": bool(beats), "tasks": beats, "count": len(beats), "verdict": v_verdict,
+                                "significant_tasks": both, "behind_a_base": behind},
         "learnable_beats_vanilla": {"holds": best_wins > n_tasks / 2, "best_wins": best_wins,
-                                    "mean_wins": mean_wins, "per_task": learn_vs},
+                                    "mean_wins": mean_wins, "per_task": learn_vs,
+                                    **_tally(of("best learnable vs best vanilla")),
+                                    "mean": _tally(of("mean learnable vs vanilla 0.5"))},
         "stable_under_regularization": {"holds": reg["stable"], "comparisons": reg["comparisons"],
-                                        "thresholds": reg["thresholds"]},
+                                        "thresholds": reg["thresholds"], "verdict": s_verdict,
+                                        "seed_sign_agreement": seed_sign, "lowest_regularized_sign_agreement": reg_sign,
+                                        "scores": _tally(of("regularized vs unregularized"))},
         "finer_granularity_helps": {"holds": rob["per_mapping_wins"] > n_tasks / 2
                                     and any(g["beyond_seed_noise"] and g["per_mapping_wins"]
                                             for g in rob["granularity"].values()),
                                     "wins": rob["per_mapping_wins"],
                                     "beyond_noise": sum(1 for g in rob["granularity"].values()
-                                                        if g["beyond_seed_noise"] and g["per_mapping_wins"])},
+                                                        if g["beyond_seed_noise"] and g["per_mapping_wins"]),
+                                    **_tally(of("per-mapping vs whole-model"))},
     }
 
 
-def step_adamms(ctx: Context, llava_score: float) -> dict[str, Any]:
-    """Step 7 (issue 6): LLaVA merged into the CogVLM-style variant through a mapping spec, alpha chosen
-    by generation consistency on unlabeled questions, then checked against the labelled best alpha.
+def _role(stage: str) -> str:
+    return {**ROLES, **ROLES_EXTRA}[stage]
 
-    The whole search is cached under a digest of its inputs (the models' content hashes, the grid, the
-    questions), so a rerun reads it back instead of generating again.
-    """
+
+def adamms_label(setting: int, alpha: float) -> str:
+    """The label of AdaMMS setting `setting`'s soup at `alpha` in the intervals of results.json."""
+    return f"adamms {setting} a={alpha:g}"
+
+
+def _labelled(check: dict[str, Any], alpha: float) -> dict[str, Any]:
+    """How one choice fares on the labels (as search.compare_with_labels does for the chosen alpha)."""
+    sign = 1.0 if check["higher_is_better"] else -1.0
+    scores = {float(a): v for a, v in check["scores"].items()}
+    best = check["best_interior_score"]
+    interior = sorted(scores)[1:-1]
+    return {"alpha": alpha, "score": scores[alpha], "gap": sign * (best - scores[alpha]),
+            "rank": 1 + sum(1 for a in interior if sign * scores[a] > sign * scores[alpha]),
+            "agree": scores[alpha] == best}
+
+
+def run_adamms_setting(ctx: Context, i: int, setting: dict[str, Any]) -> dict[str, Any]:
+    """One AdaMMS search (target <- source on a task's unlabeled test questions), cached under a digest of
+    its inputs; the check task's per-example values of every alpha kept for the intervals."""
     from souplm.evaluate.cache import model_hash
-    from souplm.search.adamms import SearchResult, adamms_search, plot_search
+    from souplm.search.adamms import SearchResult, _alpha_key, _key_parts, adamms_search, plot_search
 
     s = ctx.settings
-    target, source = ctx.family["cogvlm"], ctx.family["llava"]
-    task = ctx.data.tasks["easy-vqa"]
-    spec = TASK_SPECS["easy-vqa"]
-    vqa_rows = [json.loads(line) for line in (ctx.work / "tasks" / "easy-vqa" / "data.jsonl").read_text().splitlines()]
-    # Questions and images only: the answers are never read by the search.
-    inputs = [{"prompt": spec["prompt"].format(question=r["question"]), "image": Path(r["image"])}
-              for r in vqa_rows[: s.adamms_inputs]]
-    key = stable_digest([model_hash(target), model_hash(source), list(s.adamms_alphas), ADAMMS_MAPPING,
-                         ADAMMS_METRIC, [[r["prompt"], str(r["image"])] for r in inputs], vqa_rows,
-                         spec["max_new_tokens"]])
+    target, source = ctx.family[setting["target"]], ctx.family[setting["source"]]
+    tname = setting["task"]
+    task, spec = ctx.data.tasks[tname], TASK_SPECS[tname]
+    rows = [json.loads(line) for line in (ctx.work / "tasks" / tname / "data.jsonl").read_text().splitlines()]
+    # Questions (and images) only: the answers are never read by the search.
+    inputs = [{"prompt": spec["prompt"].format(question=r["question"]),
+               "image": Path(r["image"]) if "image" in r else None} for r in rows[: s.adamms_inputs]]
+    key = stable_digest([model_hash(target), model_hash(source), list(s.adamms_alphas), setting,
+                         ADAMMS_CRITERION, ADAMMS_METRIC, [[r["prompt"], str(r["image"])] for r in inputs], rows,
+                         spec["max_new_tokens"], "criterion-2"])
     folder = ctx.work / "adamms" / key
     record = folder / "search.json"
     if not record.is_file():
-        log(f"AdaMMS search {key}: {len(s.adamms_alphas)} alphas x {len(inputs)} unlabeled questions")
-        adamms_search(target, source, list(s.adamms_alphas), inputs, mapping=ADAMMS_MAPPING, metric=ADAMMS_METRIC,
+        log(f"AdaMMS search {key}: {_role(setting['target'])} <- {_role(setting['source'])} on {tname}, "
+            f"{len(s.adamms_alphas)} alphas x {len(inputs)} unlabeled questions")
+        adamms_search(target, source, list(s.adamms_alphas), inputs, mapping=setting["mapping"],
+                      vocab_policy=setting["vocab_policy"], metric=ADAMMS_METRIC, criterion=ADAMMS_CRITERION,
                       max_new_tokens=spec["max_new_tokens"], stop=spec["stop"], chat_template=True, check_task=task,
                       cache=ctx.store, batch_size=s.eval_batch, out_dir=folder, write_model=False, force=True,
                       progress=ctx.progress)
     found = json.loads(record.read_text())
+    parts = _key_parts(target, source, None, setting["mapping"], "linear")
+    for a in found["alphas"]:
+        hit = ctx.store.get(_alpha_key(parts, float(a)), task.name, task.cache_version, None)
+        if hit is not None:
+            ctx.keep(adamms_label(i, float(a)), {task.name: hit})
     # Plotted again with the study's names for the two models (the search's own plot names folders).
-    plot_search(replace(SearchResult.from_json(found), target=ROLES_EXTRA["cogvlm"], source=ROLES["llava"]),
-                ctx.out / "results" / "adamms_search")
-    _drop_svg(ctx.out / "results")
-    built = target / "stage.json"  # the family build's record (dev accuracy before and after training)
-    stage = json.loads(built.read_text())["metrics"] if built.is_file() else {}
+    figure = ctx.out / "results" / f"adamms_search_{i}"
+    plot_search(replace(SearchResult.from_json(found), target=_role(setting["target"]),
+                        source=_role(setting["source"])), figure)
+    check = found["check"]
+    choices = {"adamms": float(found["chosen"]), "mean": float(found["alternatives"]["mean token_f1"])}
     return {
-        **{k: found[k] for k in ("alphas", "metric", "chosen", "differences", "check", "n_inputs", "timings")},
-        "mapping": ADAMMS_MAPPING, "figure": "results/adamms_search.png", "search_dir": str(folder),
+        "setting": i, "name": f"{_role(setting['target'])} <- {_role(setting['source'])}", "task": tname,
+        "target": _role(setting["target"]), "source": _role(setting["source"]), "mapping": setting["mapping"],
+        **{k: found[k] for k in ("alphas", "metric", "criterion", "chosen", "minima", "differences", "check",
+                                 "n_inputs", "timings")},
+        "choices": {c: _labelled(check, a) for c, a in choices.items()},
+        "labels": {f"{float(a):g}": adamms_label(i, float(a)) for a in found["alphas"]},
+        "figure": str(figure.with_suffix(".png").relative_to(ctx.out)), "search_dir": str(folder),
+    }
+
+
+def step_adamms(ctx: Context, llava_score: float) -> dict[str, Any]:
+    """Step 8 (issue 6, 16 §4): AdaMMS searches in several settings (target <- source on a task), alpha chosen
+    by generation consistency on unlabeled questions with the authors' criterion (and souplm's older
+    criterion on the same answers), each checked against the labelled best alpha: the agreement rate has a
+    denominator. Each search is cached under a digest of its inputs, so a rerun reads it back."""
+    runs = [run_adamms_setting(ctx, i, st) for i, st in enumerate(ADAMMS_SETTINGS)
+            if st["target"] in ctx.family and st["source"] in ctx.family]
+    _drop_svg(ctx.out / "results")
+    built = ctx.family["cogvlm"] / "stage.json"  # the family build's record (dev accuracy before and after training)
+    stage = json.loads(built.read_text())["metrics"] if built.is_file() else {}
+    agreement = {c: {"agree": sum(1 for r in runs if r["choices"][c]["agree"]), "settings": len(runs),
+                     "mean_gap": mean([r["choices"][c]["gap"] for r in runs])} for c in ("adamms", "mean")}
+    return {
+        "runs": runs, "agreement": agreement, "criterion": ADAMMS_CRITERION, "metric": ADAMMS_METRIC,
         "cogvlm_dev_accuracy": stage.get("dev_accuracy_all"),
         "cogvlm_dev_accuracy_before_training": stage.get("before_training", {}).get("dev_accuracy_all"),
         "llava_test_score": llava_score, "paper": ADAMMS_PAPER,
     }
-
