@@ -6,8 +6,8 @@ function that measures the Gram matrix here and applies the coefficients with `l
 one-pass executor can reuse (1): it needs the N x N dot products of a tensor's inputs (one read) and then
 one weighted sum (a second read), whatever the method does on the sphere in between.
 
-Dot products are sums of fp32 products over chunks of `CHUNK` entries, the chunks' sums added in float64:
-about 1e-9 relative error on a 3M-entry tensor (a plain fp32 dot: about 1e-6), at the speed of one read.
+The whole-tensor Gram matrix is `steps.gram` (the one both executors use for SLERP); this module adds the
+per-vector Gram matrices of NuSLERP's row-wise modes.
 """
 
 from __future__ import annotations
@@ -16,36 +16,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .steps import gram
+
 if TYPE_CHECKING:
     import torch
 
-CHUNK = 4096
-
-
-def dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """sum(a * b) over every entry: fp32 partial sums of CHUNK entries, added in float64."""
-    import torch
-
-    x, y = a.reshape(-1), b.reshape(-1)
-    n = x.numel()
-    k = n // CHUNK
-    total = 0.0
-    if k:
-        total = float(torch.linalg.vecdot(x[: k * CHUNK].view(k, CHUNK), y[: k * CHUNK].view(k, CHUNK), dim=1)
-                      .sum(dtype=torch.float64))
-    if n > k * CHUNK:
-        total += float(torch.dot(x[k * CHUNK:].double(), y[k * CHUNK:].double()))
-    return total
-
-
-def gram(xs: list[torch.Tensor]) -> np.ndarray:
-    """G[i, j] = <x_i, x_j> over whole (flattened) tensors, float64 [N, N] (N(N+1)/2 dot products)."""
-    n = len(xs)
-    g = np.empty((n, n), dtype=np.float64)
-    for i in range(n):
-        for j in range(i, n):
-            g[i, j] = g[j, i] = dot(xs[i], xs[j])
-    return g
+__all__ = ["coefficient_weights", "gram", "gram_along"]
 
 
 def gram_along(xs: list[torch.Tensor], dim: int) -> np.ndarray:
