@@ -89,10 +89,7 @@ def _recipe(args: argparse.Namespace):
             raise SoupError(f"--alpha: method {method} does not take a two-model share (--alpha works with linear "
                             "and slerp); give its per-model parameters in a recipe file")
     else:
-        # The quick form has no per-model flags: a parameter the method requires (a task-vector method's
-        # weight, as in mergekit) is 1.0 for every model, which the dry run and the model card show.
-        required = {"weight": 1.0} if "weight" in m.required else {}
-        recipe = Recipe.from_models(args.model, method, base_model=args.base_model, **required, **overrides)
+        recipe = Recipe.from_models(args.model, method, base_model=args.base_model, **overrides)
     return _refuse_unused(recipe, args)
 
 

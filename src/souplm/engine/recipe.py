@@ -151,10 +151,16 @@ class Recipe(BaseModel):
         base_model: str | os.PathLike | None = None,
         **fields: Any,
     ) -> Recipe:
-        """Build a recipe in code; `fields` are global parameters or other recipe keys."""
+        """Build a recipe in code; `fields` are global parameters or other recipe keys.
+
+        This is souplm's quick form (the CLI's `--model ... --method` uses it too): a `weight` the method
+        requires (mergekit requires it of every task-vector method, and of a recipe in its format) is 1.0
+        per model unless `weights` or `weight` is given."""
         recipe_keys = set(cls.model_fields) - {"models", "merge_method", "base_model", "parameters"}
         top = {k: v for k, v in fields.items() if k in recipe_keys}
         params = {k: v for k, v in fields.items() if k not in recipe_keys}
+        if weights is None and "weight" not in params and "weight" in get_method(method).required:
+            params["weight"] = 1.0
         specs = [
             {"model": str(p), "parameters": {} if weights is None else {"weight": float(w)}}
             for p, w in zip(paths, weights or [None] * len(paths))
