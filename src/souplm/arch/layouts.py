@@ -219,7 +219,7 @@ def _bind_decoder(s: Scheme, names: list[str]) -> tuple[Layout, int] | None:
             rules.append(Rule(pick[role], CANONICAL_ROLES[role], role))  # type: ignore[arg-type]
     rules += [Rule(a, b, "root") for a, b in s.pairs("root")]
     rules += [Rule(a, b, "other") for a, b in s.pairs("other")]
-    rules += [Rule(block + a, CANONICAL_LAYER + b, "layer") for a, b in s.pairs("per_layer")]
+    rules += [Rule(block + a, CANONICAL_LAYER + b, "layer") for a, b in _present_aliases(s.pairs("per_layer"), block, names)]
     buffers = tuple(Rule(block + b, "", "buffer") for b in s.strs("buffers"))
     transposed = tuple(Rule(CANONICAL_LAYER + _canonical_suffix(s, t), "", "transposed") for t in s.strs("transposed"))
     layout = Layout(s.name, tuple(rules), buffers=buffers, transposed=transposed,
@@ -227,6 +227,19 @@ def _bind_decoder(s: Scheme, names: list[str]) -> tuple[Layout, int] | None:
     specific = [r for r in rules if r.role not in ("block", "root")]
     covered = sum(1 for n in names if any(r._s.match(n) for r in specific))  # type: ignore[attr-defined]
     return layout, covered
+
+
+def _present_aliases(pairs: list[tuple[str, str]], block: str, names: list[str]) -> list[tuple[str, str]]:
+    """Per-layer renames with one canonical name for several stored ones (Falcon's `input_layernorm` and
+    `ln_attn`) are aliases: only the one this checkpoint has is kept, so the rename runs both ways."""
+    by_canonical: dict[str, list[str]] = {}
+    for a, b in pairs:
+        by_canonical.setdefault(b, []).append(a)
+    out = []
+    for b, stored in by_canonical.items():
+        present = [a for a in stored if _present(block + a, names)] if len(stored) > 1 else stored
+        out += [(a, b) for a in (present or stored[:1])]
+    return out
 
 
 def _canonical_suffix(s: Scheme, stored_suffix: str) -> str:
