@@ -60,6 +60,9 @@ CAUSAL: dict[str, tuple[dict, str]] = {
     "opt": ({"vocab_size": V, "hidden_size": H, "num_hidden_layers": 2, "num_attention_heads": 2, "ffn_dim": 24,
                  "word_embed_proj_dim": H, "max_position_embeddings": 32}, "opt"),
     "mpt": ({"vocab_size": V, "d_model": H, "n_heads": 2, "n_layers": 2, "expansion_ratio": 2, "max_seq_len": 32}, "mpt"),
+    "gpt_neo": ({"vocab_size": V, "hidden_size": H, "num_layers": 2, "num_heads": 2, "intermediate_size": 24,
+                 "attention_types": [[["global", "local"], 1]], "window_size": 8, "max_position_embeddings": 32},
+                "gpt_neo"),
 }
 W = (0.3, 0.7)
 DENSITY = 0.6
