@@ -115,6 +115,7 @@ def test_alpha_with_slerp_takes_effect(fam, tmp_path, capsys):
 def test_recipe_overrides_are_validated(fam, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"merge_method": "dare_ties", "base_model": str(fam["base"]),
+                                      "parameters": {"weight": 1.0},  # required, as in mergekit
                                       "models": [{"model": str(fam["A"])}, {"model": str(fam["B"])}]}))
     out = tmp_path / "out"
     rc, err = cli(capsys, "merge", recipe, "--seed", "7", "-o", out, "--quiet", "--no-hash")

@@ -209,12 +209,12 @@ class Recipe(BaseModel):
                         f"models[{i}].parameters.{key}: not a per-model parameter of {m.name} "
                         f"(per-model: {', '.join(sorted(m.model_params)) or 'none'})"
                     )
+        self.check_values()  # a value written wrong is named before a value left out
         for key in () if self.slices else m.required:  # no default: set globally, or for every model (mergekit's rule)
             per_model = key in m.model_params and all(key in s.parameters for s in self.models)
             if key not in self.parameters and not per_model:
                 where = "parameters or every model's parameters" if key in m.model_params else "parameters"
                 raise SoupError(f"method {m.name} needs parameter {key} (set it in {where})")
-        self.check_values()
         if self.output_model is not None and self.output_model not in self.all_paths():
             raise SoupError(f"output_model {self.output_model} is not one of the recipe's models")
         if self.mapping is not None:
