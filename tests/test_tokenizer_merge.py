@@ -226,6 +226,24 @@ def test_model_source_and_tied_input(tk, tmp_path):
     assert "lm_head.weight" not in load_file(str(tk["T"] / "model.safetensors"))  # T's head is its embedding
 
 
+def test_slices_read_the_vocabulary_of_their_own_slice(tk, tmp_path):
+    """mergekit aligns a stacked model's embedding over the first slice's models and its lm_head over the last
+    slice's: a token the slice's model lacks gets zeros there, whatever the other slice has."""
+    recipe = {"merge_method": "passthrough", "dtype": "float32", "tokenizer_source": "union",
+              "slices": [{"sources": [{"model": str(tk["A"]), "layer_range": [0, 1]}]},
+                         {"sources": [{"model": str(tk["B"]), "layer_range": [0, 1]}]}]}
+    out = tmp_path / "o"
+    merge(recipe, out, progress=False, hash_inputs=False)
+    vocabs = {m: _vocab(tk[m]) for m in ("A", "B")}
+    rows = {m: _rows(tk[m]) for m in ("A", "B")}
+    got_vocab, got = _vocab(out), _rows(out)
+    assert set(got_vocab) == set(vocabs["A"]) | set(vocabs["B"])
+    for kind, model in (("embed", "A"), ("head", "B")):
+        for t, i in got_vocab.items():
+            want = rows[model][kind][vocabs[model][t]] if t in vocabs[model] else np.zeros(16)
+            np.testing.assert_array_equal(got[kind][i], want)
+
+
 def test_chat_template_without_tokenizer_key(tk, tmp_path):
     from transformers import AutoTokenizer
 

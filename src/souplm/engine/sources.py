@@ -12,6 +12,7 @@ from .coefficients import CoefficientTable
 from .plan import Plan, build_plan
 from .recipe import Recipe
 from .tokenizer import align_vocabularies, wants_tokenizer
+from .tokenizer import bind as bind_vocab
 
 if TYPE_CHECKING:
     import torch
@@ -82,4 +83,5 @@ def prepare(recipe: Recipe | str | os.PathLike | dict, coefficients=None, source
     sources = sources or open_sources(recipe)
     plan = build_plan(recipe, sources.index_for(recipe), table)
     plan.notes.extend(sources.notes)
+    bind_vocab(plan)  # each vocabulary tensor's default rows over the models its item reads (engine/tokenizer.py)
     return plan, sources

@@ -354,9 +354,12 @@ class VocabPlan:
     n_tokens: int  # output rows that are token ids (the rest, if any, are padding)
     size: int  # output rows
     own: list[np.ndarray]  # per checkpoint: int64 [size]; >= 0 the model's row, -1 the default row, -2 padding
-    defaults: dict[int, list[tuple[int, int]]]  # output row -> (checkpoint, row) pairs averaged; [] zeros
+    present: list[np.ndarray]  # `own` before forced tokens were cleared: where each model has each token
     checkpoints: list[Any]  # the unaligned checkpoints
+    rules: _Rules  # what the default rows are computed from
     notes: list[str] = field(default_factory=list)
+    # per vocabulary tensor: output row -> (checkpoint, row) pairs averaged ([] zeros), over the models feeding it
+    defaults: dict[str, dict[int, list[tuple[int, int]]]] = field(default_factory=dict)
     _cache: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -382,7 +385,9 @@ class VocabPlan:
             raise SoupError(f"{canonical}: the models' rows differ in width ({desc}); they cannot be merged")
         width = src[0].shape[1:]
         defaults: dict[int, torch.Tensor] = {}
-        for i, pairs in self.defaults.items():
+        if canonical not in self.defaults:  # a plan not bound (`bind`): every checkpoint feeds it
+            self.defaults[canonical] = self.rules.defaults(self, canonical, list(range(len(self.checkpoints))))[0]
+        for i, pairs in self.defaults[canonical].items():
             row = torch.zeros(width, dtype=torch.float32)
             for k, j in pairs:  # summed in order, then divided (mergekit's order of operations)
                 row = row + src[k][j]
@@ -466,59 +471,113 @@ def build_vocab(recipe: Recipe, checkpoints: list[Any]) -> VocabPlan:
         own.append(rows)
 
     n_new = int((own[build_k][:n_tokens] < 0).sum())
-    defaults, counts = _defaults(vocab, own, spec, base_k, checkpoints, toks, index)
-    summary = ", ".join(f"{n} {what_}" for what_, n in counts.items() if n)
+    present = [r.copy() for r in own]
+    for t in spec.tokens or {}:
+        if spec.tokens[t].force:  # every model takes the entry's row, its own too
+            for r in own:
+                r[vocab[t]] = -1
     notes.insert(0, f"tokenizer: {what}, {len(vocab)} tokens ({n_new} not in {checkpoints[build_k].path.name})"
-                    + (f", {size} rows (pad_to_multiple_of {spec.pad_to_multiple_of})" if size > n_tokens else "")
-                    + (f"; rows of tokens a model lacks: {summary}" if summary else ""))
-    return VocabPlan(out, n_tokens, size, own, defaults, list(checkpoints), notes)
+                    + (f", {size} rows (pad_to_multiple_of {spec.pad_to_multiple_of})" if size > n_tokens else ""))
+    rules = _Rules(vocab, spec.tokens or {}, base_k, toks, index, getattr(recipe, "slices", None) is not None)
+    vp = VocabPlan(out, n_tokens, size, own, present, list(checkpoints), rules, notes)
+    rules.defaults(vp, EMBED, list(range(len(checkpoints))))  # the tokens block's sources checked now
+    return vp
 
 
-def _defaults(vocab, own, spec, base_k, checkpoints, toks, index):
-    """mergekit's default row for each output token some model lacks (or that is forced)."""
-    configs = spec.tokens or {}
-    defaults: dict[int, list[tuple[int, int]]] = {}
-    counts: Counter[str] = Counter()
-    orig = [r.copy() for r in own]  # before forced tokens clear their rows
-    for t, i in vocab.items():
-        present = [k for k, r in enumerate(orig) if r[i] >= 0]
-        cfg = configs.get(t)
-        if cfg is not None:
-            if cfg.force:
-                for r in own:
-                    r[i] = -1
-            elif len(present) == len(own):
-                continue
-            defaults[i] = _configured(t, i, cfg, orig, checkpoints, toks, index)
-            counts["from the tokens block"] += 1
+@dataclass
+class _Rules:
+    vocab: dict[str, int]
+    configs: dict[str, TokenSpec]
+    base_k: int | None  # the recipe's base (mergekit adds it to every models: recipe's inputs)
+    toks: dict[int, Any]
+    index: dict[str, int]
+    slices: bool
+
+    def feeding(self, item) -> tuple[list[int], int | None]:
+        """The checkpoints mergekit reads for this vocabulary tensor, and the one that counts as base."""
+        if item.copy_from is not None:
+            return [item.copy_from[0]], None
+        ks = list(getattr(item, "sources", None) or range(len(item.inputs)))
+        base = getattr(item, "base_from", None)
+        if base is not None:
+            ks.append(base)
+        if self.base_k is not None and not self.slices:
+            ks.append(self.base_k)
+        ks = list(dict.fromkeys(ks))
+        return ks, base if base is not None else (self.base_k if self.base_k in ks else None)
+
+    def defaults(self, vp: VocabPlan, canonical: str, feeding: list[int], base_k: int | None = -1):
+        """mergekit's default row for each output token some feeding model lacks (or that is forced)."""
+        if base_k == -1:
+            base_k = self.base_k if self.base_k in feeding else None
+        defaults: dict[int, list[tuple[int, int]]] = {}
+        counts: Counter[str] = Counter()
+        have = np.stack([vp.present[k][: vp.n_tokens] >= 0 for k in feeding])  # [F, tokens]
+        n_have = have.sum(0)
+        need = set(np.nonzero(n_have < len(feeding))[0].tolist())
+        by_id = {i: t for t, i in self.vocab.items()}
+        need |= {self.vocab[t] for t in self.configs}
+        for i in sorted(need):
+            t = by_id.get(i)
+            if t is None:
+                continue  # an id the output tokenizer skips: zeros
+            cfg = self.configs.get(t)
+            present = [k for k, h in zip(feeding, have[:, i]) if h]
+            if cfg is not None:
+                if not cfg.force and len(present) == len(feeding):
+                    continue
+                defaults[i] = _configured(t, i, cfg, vp, feeding, canonical, self)
+                counts["from the tokens block"] += 1
+            elif len(present) == 1:
+                defaults[i] = [(present[0], int(vp.present[present[0]][i]))]
+                counts["from the one model that has them"] += 1
+            elif not present:
+                defaults[i] = []
+                counts["zeros (in no input)"] += 1
+            elif base_k is not None and base_k in present:
+                defaults[i] = [(base_k, int(vp.present[base_k][i]))]
+                counts["from the base"] += 1
+            else:
+                defaults[i] = [(k, int(vp.present[k][i])) for k in present]
+                counts["averaged"] += 1
+        return defaults, counts
+
+
+def bind(plan) -> None:
+    """Compute each vocabulary tensor's default rows over the checkpoints its plan item reads (mergekit: a
+    slices recipe's embedding reads the first slice's models, its lm_head the last slice's), with notes."""
+    vp = next((c.vocab for c in plan.checkpoints if isinstance(c, VocabAligned)), None)
+    if vp is None:
+        return
+    said: dict[str, list[str]] = {}
+    for item in plan.items:
+        if item.canonical not in (EMBED, LM_HEAD) and not (item.copy_from and item.copy_from[1] in
+                                                             plan.checkpoints[item.copy_from[0]]._aligned):
             continue
-        if len(present) == len(own):
-            continue
-        if len(present) == 1:
-            defaults[i] = [(present[0], int(own[present[0]][i]))]
-            counts["from the one model that has them"] += 1
-        elif not present:
-            defaults[i] = []
-            counts["zeros (in no model)"] += 1
-        elif base_k is not None and base_k in present:
-            defaults[i] = [(base_k, int(own[base_k][i]))]
-            counts["from the base"] += 1
-        else:
-            defaults[i] = [(k, int(own[k][i])) for k in present]
-            counts["averaged"] += 1
-    return defaults, counts
+        canonical = item.canonical or plan.checkpoints[item.copy_from[0]]._aligned[item.copy_from[1]]
+        feeding, base_k = vp.rules.feeding(item)
+        vp.defaults[canonical], counts = vp.rules.defaults(vp, canonical, feeding, base_k)
+        summary = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+        if summary:
+            said.setdefault(summary, []).append("embedding" if canonical == EMBED else "lm_head")
+    for summary, which in said.items():
+        plan.notes.append(f"tokenizer: {' and '.join(which)} rows of tokens an input lacks: {summary}")
 
 
-def _configured(t, i, cfg: TokenSpec, own, checkpoints, toks, index) -> list[tuple[int, int]]:
+def _configured(t, i, cfg: TokenSpec, vp: VocabPlan, feeding, canonical, rules: _Rules) -> list[tuple[int, int]]:
     src = cfg.source
     where = f"tokenizer.tokens.{t}"
+    toks, checkpoints = rules.toks, vp.checkpoints
     if src is None:
         raise SoupError(f"{where}: some model lacks this token (or it is forced): give it a source (a model, "
                         "{kind: zero} or {kind: model_token, ...})")
     if isinstance(src, TokenSource) and src.kind == "zero":
         return []
     model = src.model if isinstance(src, TokenSource) else src
-    k = index[model]
+    k = rules.index[model]
+    if k not in feeding:
+        raise SoupError(f"{where}: source model {model} is not an input of {canonical} (in a slices recipe the "
+                        "embedding reads the first slice's models, lm_head the last slice's)")
     if isinstance(src, TokenSource):
         if src.token_id is not None:
             j = src.token_id
@@ -531,7 +590,7 @@ def _configured(t, i, cfg: TokenSpec, own, checkpoints, toks, index) -> list[tup
         if not 0 <= j < rows:
             raise SoupError(f"{where}: token id {j} is out of range for {model} ({rows} rows)")
         return [(k, j)]
-    j = own[k][i]
+    j = vp.present[k][i]
     if j < 0:
         raise SoupError(f"{where}: token {t!r} is not in model {model}, its source")
     return [(k, int(j))]
