@@ -301,10 +301,18 @@ def _learn(
         s = next((i for i, ck in enumerate(cks) if ck.layout.multimodal), 0)
     multimodal = cks[s].layout.multimodal
     others = _check_models(cfg, cks, s)
-    check_finite_models(cfg.models, cks)  # a NaN base is reported now, not after the whole run
+    from .lora_soup import adapter_soup_plan, check_finite_adapters
+
+    adapters = adapter_soup_plan(cks)  # BASE+ADAPTER models: a soup of the adapters' factors (lora_soup.py)
+    if adapters is not None:
+        check_finite_adapters(cfg.models, adapters)
+    else:
+        check_finite_models(cfg.models, cks)  # a NaN base is reported now, not after the whole run
+    # the folder transformers loads: a BASE+ADAPTER model's base (its adapters are applied after loading)
+    structure = str(cks[s].base.path) if hasattr(cks[s], "adapters") else cfg.models[s]
 
     # data first: a bad row should fail before minutes of model loading
-    tokenizer, processor = _load_tokenizer(cfg.tokenizer or cfg.models[s], multimodal)
+    tokenizer, processor = _load_tokenizer(cfg.tokenizer or structure, multimodal)
     sets = [MetaSet(m.path, m.format, None if m.samples == "all" else m.samples, m.image_root, m.choice_style)
             for m in cfg.meta_sets]
     counts = split_by_ratio(cfg.mix.total, cfg.mix.ratio) if cfg.mix else None
@@ -314,6 +322,9 @@ def _learn(
     work = D.on_main(lambda: _prepare_output(out, resume, force, cfg.models, _staged))  # the others wait for it
 
     shards = None
+    if D.is_distributed() and adapters is not None:
+        raise SoupError("learn: a soup of adapters (BASE+ADAPTER models) runs in one process; "
+                        "run it without torchrun")
     if D.is_distributed():
         from .sharding import ShapeOnly, materialize, meta_model, shard_report, shard_soup
 
@@ -328,10 +339,20 @@ def _learn(
     else:
         device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                               "cpu" if cfg.device == "auto" else cfg.device)
-        status(f"loading {cfg.models[s]} and building the soup of {len(cfg.models)} models")
-        model = _load_model(cfg.models[s], multimodal, getattr(torch, cfg.dtype)).to(device)
-        soup = build_soup(model, others, base_index=s, granularity=cfg.granularity, activation=cfg.activation,
-                          fixed=cfg.fixed)  # layout from the in-memory names: they differ from the file's for LLaVA
+        status(f"loading {structure} and building the soup of {len(cfg.models)} models")
+        model = _load_model(structure, multimodal, getattr(torch, cfg.dtype)).to(device)
+        if adapters is not None and cfg.adapter_soup == "low_rank":
+            from .lora_soup import build_lora_soup
+
+            soup = build_lora_soup(model, adapters.sources, granularity=cfg.granularity,
+                                   activation=cfg.activation, fixed=cfg.fixed)
+        else:
+            if hasattr(cks[s], "adapters"):  # dense: the structure model's own weights are BASE+its adapters
+                from .lora_soup import load_adapted
+
+                load_adapted(model, cks[s])
+            soup = build_soup(model, others, base_index=s, granularity=cfg.granularity, activation=cfg.activation,
+                              fixed=cfg.fixed)  # layout from the in-memory names: they differ from the file's for LLaVA
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     t, o, r = cfg.training, cfg.optimizer, cfg.regularization
@@ -358,6 +379,9 @@ def _learn(
         "output_model": cfg.models[s], "examples": len(examples), "steps": train.steps,
         "epoch_losses": train.epoch_losses, "initial_loss": trainer.initial_loss, "final_loss": final_loss,
     }
+    if hasattr(soup, "low_rank_modules"):  # a soup of adapters: which modules kept the factors (lora_soup.py)
+        meta["adapter_soup"] = {"low_rank_modules": len(soup.low_rank_modules),
+                                "dense_modules": len(soup.dense_modules)}
     table = soup.coefficient_table(cfg.models, meta)
     # named by absolute path and content hash: a merge matches it to its recipe's models by identity
     table = CoefficientTable.identified(table.models, table.coefficients, table.meta)

@@ -108,6 +108,25 @@ class LearnConfig(_Strict):
     seed: int = 0
     merge: bool = True  # also write the merged model (output/merged) through the engine
     allow_pickle: bool = False
+    # models given as BASE+ADAPTER: keep the adapters' factors (low_rank) or soup the merged weights (dense);
+    # both give the same alphas (learn/lora_soup.py), so it is not part of `settings()`
+    adapter_soup: Literal["low_rank", "dense"] = "low_rank"
+    base: str | None = None  # with `adapters`: the soup of BASE+ADAPTER_i (instead of `models`)
+    adapters: list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adapters_form(cls, data):
+        if isinstance(data, dict) and (data.get("adapters") is not None or data.get("base") is not None):
+            if "models" in data:
+                raise ValueError("give either `models` or `base` with `adapters`, not both")
+            base, adapters = data.get("base"), data.get("adapters")
+            if not isinstance(base, str) or not isinstance(adapters, list) or len(adapters) < 2 \
+                    or not all(isinstance(a, str) for a in adapters):
+                raise ValueError("`base` (a model folder) and `adapters` (a list of 2+ adapter folders) go together")
+            data = {k: v for k, v in data.items() if k not in ("base", "adapters")}
+            data["models"] = [f"{base}+{a}" for a in adapters]
+        return data
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -134,15 +153,18 @@ class LearnConfig(_Strict):
 
     def settings(self) -> dict[str, Any]:
         """What the result depends on, as plain data (table meta, checkpoint fingerprint)."""
-        return self.model_dump(mode="json", by_alias=True, exclude={"output", "merge", "device"})
+        return self.model_dump(mode="json", by_alias=True,
+                               exclude={"output", "merge", "device", "adapter_soup", "base", "adapters"})
 
 
-_PATH_KEYS = ("models", "output", "output_model", "tokenizer")
+_PATH_KEYS = ("models", "output", "output_model", "tokenizer", "base", "adapters")
 
 
 def _resolve_paths(data: dict, root: Path) -> dict:
-    """Relative paths in a config file are relative to the file's folder."""
+    """Relative paths in a config file are relative to the file's folder (each part of BASE+ADAPTER too)."""
     def fix(p):
+        if isinstance(p, str) and "+" in p and not (root / p).exists():
+            return "+".join(fix(part) for part in p.split("+"))
         return str(root / p) if isinstance(p, str) and not os.path.isabs(p) else p
 
     data = dict(data)

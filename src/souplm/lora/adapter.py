@@ -189,51 +189,53 @@ class LoraAdapter:
                 module, kind, a, b, rank, alpha, self.scale(alpha, rank), mag, parts.get("lora_B.bias"))
 
     # -- tensors -----------------------------------------------------------------------------
-    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(B, A, scale) of the module whose weight is `name`, float32, so that delta = scale * B @ A
+    def factors(self, name: str, dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(B, A, scale) of the module whose weight is `name`, float32 (or `dtype`), so that delta = scale * B @ A
         in the base's own weight layout (the embedding and fan_in_fan_out transposes already applied)."""
         mod = self.modules[name]
-        a = self.file.get(mod.a_key, "float32")
-        b = self.file.get(mod.b_key, "float32")
+        a = self.file.get(mod.a_key, dtype)
+        b = self.file.get(mod.b_key, dtype)
         if mod.kind == "embedding":  # delta = (B A)^T = A^T B^T
             return a.T.contiguous(), b.T.contiguous(), mod.scale
         if self.fan_in_fan_out:
             return a.T.contiguous(), b.T.contiguous(), mod.scale
         return b, a, mod.scale
 
-    def delta(self, name: str) -> torch.Tensor:
-        b, a, s = self.factors(name)
+    def delta(self, name: str, dtype: str = "float32") -> torch.Tensor:
+        b, a, s = self.factors(name, dtype)
         return (b @ a).mul_(s)
 
-    def bias_delta(self, bias_name: str) -> torch.Tensor | None:
+    def bias_delta(self, bias_name: str, dtype: str = "float32") -> torch.Tensor | None:
         mod = self.modules.get(bias_name[: -len(".bias")] + ".weight") if bias_name.endswith(".bias") else None
         if mod is None or mod.bias_key is None:
             return None
-        return self.file.get(mod.bias_key, "float32").mul_(mod.scale)
+        return self.file.get(mod.bias_key, dtype).mul_(mod.scale)
 
     def apply(self, name: str, w: torch.Tensor) -> torch.Tensor:
-        """`w` (float32, the base's tensor `name`) with this adapter merged in, as merge_and_unload does."""
+        """`w` (float32 or float64, the base's tensor `name`) with this adapter merged in, as merge_and_unload
+        does; computed in `w`'s dtype."""
         import torch
 
+        dt = "float64" if w.dtype == torch.float64 else "float32"
         if name in self.replaced:
             key = self.replaced[name]
             if tuple(self.file.tensors[key].shape) != tuple(w.shape):
                 raise SoupError(f"{self.path}: saved tensor {key} has shape {list(self.file.tensors[key].shape)}, "
                                 f"the base's {name} has {list(w.shape)}")
-            w = self.file.get(key, "float32")
+            w = self.file.get(key, dt)
         mod = self.modules.get(name)
         if mod is not None:
-            d = self.delta(name)
+            d = self.delta(name, dt)
             if tuple(d.shape) != tuple(w.shape):
                 raise SoupError(f"{self.path}: module {mod.module}: the LoRA delta has shape {list(d.shape)}, "
                                 f"the base weight has {list(w.shape)}")
             w = w.add_(d)
             if mod.magnitude_key is not None:
-                m = self.file.get(mod.magnitude_key, "float32")
+                m = self.file.get(mod.magnitude_key, dt)
                 wt = w.T if self.fan_in_fan_out else w
                 norm = torch.linalg.vector_norm(wt, dim=1)
                 wt.mul_((m / norm).unsqueeze(1))
-        bd = self.bias_delta(name)
+        bd = self.bias_delta(name, dt)
         if bd is not None:
             w = w.add_(bd)
         return w

@@ -83,10 +83,10 @@ class LoraCheckpoint:
         ads = self._touched.get(name)
         if not ads:
             return self.base.get(name, dtype)
-        w = self.base.get(name, FLOAT32)
+        want = torch_dtype(dtype) or self.base.dtype(name).torch
+        w = self.base.get(name, "float64" if want == torch_dtype("float64") else FLOAT32)  # float64 asked: kept
         for ad in ads:
             w = ad.apply(name, w)
-        want = torch_dtype(dtype) or self.base.dtype(name).torch
         return w if w.dtype == want else w.to(want)
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
