@@ -96,18 +96,25 @@ def np_draws(key: int, start: int, stop: int) -> np.ndarray:
 
 # -- the reference: combine --------------------------------------------------------------------------------
 def ref_combine(xs, codes, base, base_code, weights, row_len, start, stop, mode, lam, normalize, thr=None,
-                dare=None, out_code=F32, quota=None):
+                dare=None, out_code=F32, quota=None, compute=F32):
+    """The kernel's formula in NumPy float32, step by step; `compute` bf16/f16: each step's result rounded to
+    that dtype, as torch rounds an op in it (the sums over models accumulate in float32, then round)."""
     f = np.float32
+
+    def r(v):
+        v = np.asarray(v, f)
+        return v if compute == F32 else decode(encode(v, compute), compute).astype(f)
+
     n = len(xs)
     j = np.arange(start, stop)
-    b = decode(base, base_code)[start:stop] if base is not None else None
+    b = r(decode(base, base_code)[start:stop]) if base is not None else None
     w2 = np.asarray(weights, np.float32).reshape(n, -1)
     ws = [np.full(len(j), w2[i, 0], f) if w2.shape[1] == 1 else w2[i, j // row_len] for i in range(n)]
     ds = []
     for i in range(n):
-        d = decode(xs[i], codes[i])[start:stop]
+        d = r(decode(xs[i], codes[i])[start:stop])
         if b is not None:
-            d = d - b
+            d = r(d - b)
         if thr is not None:
             keep = np.abs(d) >= f(thr[i])
             if quota is not None and quota[i] >= 0:  # of the ties, only the range's first quota[i]
@@ -116,15 +123,22 @@ def ref_combine(xs, codes, base, base_code, weights, row_len, start, stop, mode,
             d = np.where(keep, d, f(0))
         if dare is not None:
             keys, levels, scales = dare
-            d = np.where(np_draws(int(keys[i]), start, stop) < int(levels[i]), d * f(scales[i]), f(0))
+            d = np.where(np_draws(int(keys[i]), start, stop) < int(levels[i]), r(d * f(scales[i])), f(0))
         ds.append(d.astype(f))
     with np.errstate(all="ignore"):
         if mode == SUM:
-            acc = ds[0] * ws[0]
+            acc = r(ds[0] * ws[0])
             for d, w in zip(ds[1:], ws[1:]):
-                acc = acc + d * w
+                acc = acc + r(d * w)
+            acc = r(acc)
+            if normalize:  # divided by the weights' sum (by 1 where it is below 1e-8)
+                total = ws[0]
+                for w in ws[1:]:
+                    total = total + w
+                total = r(total)
+                acc = r(acc / np.where(np.abs(total) < f(1e-8), f(1), total))
         else:
-            ps = [d * w for d, w in zip(ds, ws)]
+            ps = [r(d * w) for d, w in zip(ds, ws)]
             t = ps[0]
             for p in ps[1:]:
                 t = t + p
@@ -135,16 +149,17 @@ def ref_combine(xs, codes, base, base_code, weights, row_len, start, stop, mode,
             for v, w in zip(vs[1:], ws[1:]):
                 acc = acc + v * s
                 mass = mass + np.where(v > 0, w, f(0)).astype(f)
+            acc, mass = r(acc), r(mass)
             if normalize:
-                acc = np.where(mass != 0, acc / np.where(mass != 0, mass, f(1)), f(0)).astype(f)
+                acc = np.where(mass != 0, r(acc / np.where(mass != 0, mass, f(1))), f(0)).astype(f)
         if b is not None:
-            acc = acc * f(lam) + b
+            acc = r(r(acc * f(lam)) + b)
     assert acc.dtype == np.float32
     return encode(acc, out_code)
 
 
 def kernel_combine(xs, codes, base, base_code, weights, row_len, start, stop, mode, lam, normalize, thr=None,
-                   dare=None, out_code=F32, size=None):
+                   dare=None, out_code=F32, size=None, compute=F32):
     """Runs combine into a fresh output; returns (return value, out[start:stop]) and checks the rest is untouched."""
     size = len(xs[0]) if size is None else size
     out = empty(size, out_code)
@@ -154,7 +169,8 @@ def kernel_combine(xs, codes, base, base_code, weights, row_len, start, stop, mo
         keys, levels, scales = (np.asarray(dare[0], np.uint64), np.asarray(dare[1], np.uint32),
                                 np.asarray(dare[2], np.float32))
     r = K.combine(out, out_code, xs, codes, base, base_code, np.asarray(weights, np.float32), row_len, start, stop,
-                  mode, lam, normalize, None if thr is None else np.asarray(thr, np.float32), keys, levels, scales)
+                  mode, lam, normalize, None if thr is None else np.asarray(thr, np.float32), keys, levels, scales,
+                  None, compute)
     np.testing.assert_array_equal(out[:start], before[:start])
     np.testing.assert_array_equal(out[stop:], before[stop:])
     return r, out[start:stop]
@@ -176,13 +192,13 @@ def make_models(rng, n_models, size, codes, base_code, scale=0.05):
 
 
 def check(xs, codes, base, base_code, weights, row_len, start, stop, mode, lam, normalize, thr=None, dare=None,
-          out_code=F32):
+          out_code=F32, compute=F32):
     expect = ref_combine(xs, codes, base, base_code, weights, row_len, start, stop, mode, lam, normalize, thr, dare,
-                         out_code)
+                         out_code, compute=compute)
 
     def run():
         r, got = kernel_combine(xs, codes, base, base_code, weights, row_len, start, stop, mode, lam, normalize,
-                                thr, dare, out_code)
+                                thr, dare, out_code, compute=compute)
         assert r == -1
         return got
 
@@ -238,6 +254,24 @@ def test_combine_options(n_models, mode, normalize, use_thr, use_dare, row_len, 
     start, stop = (3, size - 2) if row_len != 300 else (301, size)
     check(xs, codes, base, BF16, weights, row_len, start, stop, mode, 1.25, normalize, thr, dare, out_code=BF16)
     check(xs, codes, base, BF16, weights, row_len, start, stop, mode, 1.25, normalize, thr, dare, out_code=F32)
+
+
+@pytest.mark.parametrize("compute", [BF16, F16])
+@pytest.mark.parametrize("mode", [SUM, ELECT])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("use_dare", [False, True])
+def test_combine_in_a_low_precision_compute_dtype(compute, mode, normalize, use_dare):
+    """compute_dtype: every step rounded to bfloat16 / float16, as mergekit's torch ops in that dtype round."""
+    rng = np.random.default_rng(compute * 8 + mode * 4 + normalize * 2 + use_dare)
+    size = 1700
+    codes = [BF16, F32, F16]
+    xs, base = make_models(rng, 3, size, codes, BF16)
+    w = np.array([0.7, 0.3, 0.45], np.float32)
+    thr = [0.01, 0.0, 0.02] if mode == ELECT else None
+    dare = ([11, 12, 13], [30000, 65536, 50000], [1.3, 1.0, 1.1]) if use_dare else None
+    for out_code in CODES:
+        check(xs, codes, base, BF16, w, 1, 5, size - 7, mode, 0.6, normalize, thr, dare, out_code=out_code,
+              compute=compute)
 
 
 @pytest.mark.parametrize("quota", [0, 1, 5, 40])

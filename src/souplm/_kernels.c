@@ -269,6 +269,17 @@ SOUP_INLINE float keep_if(int cond, float x)
     return bits_to_f32(f32_to_bits(x) & mask_if(cond));
 }
 
+/* x rounded to the compute dtype and back (round to nearest even): the rounding a torch op in bfloat16 or
+ * float16 does after each operation (mergekit computes task-vector methods in the tensors' dtype). */
+SOUP_INLINE float round_to(int code, float x)
+{
+    if (code == DT_BF16)
+        return bits_to_f32((uint32_t)f32_bits_to_bf16(f32_to_bits(x)) << 16);
+    if (code == DT_F16)
+        return bits_to_f32(f16_to_f32_bits(f32_bits_to_f16(f32_to_bits(x))));
+    return x;
+}
+
 /* The DARE stream: SplitMix64 output for counter j >> 2, 16 bits per element                      */
 /* ------------------------------------------------------------------------------------------------ */
 
@@ -317,6 +328,7 @@ typedef struct {
     int mode;
     float lam;
     int normalize;
+    int compute_code;        /* DT_F32: plain float32; DT_BF16 / DT_F16: every step rounded to that dtype */
     const float *thr;        /* NULL or [n] */
     const int64_t *quota;    /* NULL or [n]: entries tied with thr[i] kept in this range, first in index order; -1 all */
     int64_t *qleft;          /* [n] scratch: quota left */
@@ -331,7 +343,7 @@ typedef struct {
 
 SOUP_INLINE void combine_impl(const combine_args *a, int f16c)
 {
-    const int N = a->n, B = a->block;
+    const int N = a->n, B = a->block, cc = a->compute_code;
     float *SOUP_RESTRICT bb = a->scratch;  /* base block */
     float *SOUP_RESTRICT acc = bb + B;     /* sum / t, then the result */
     float *SOUP_RESTRICT sgn = acc + B;    /* elected sign */
@@ -371,17 +383,24 @@ SOUP_INLINE void combine_impl(const combine_args *a, int f16c)
             }
         }
 
-        if (a->base)
+        if (a->base) {
             a->bad[N] |= (unsigned char)(load_block(a->base_code, a->base + (size_t)j0 * bsz, bb, n, f16c) != 0);
+            if (cc != DT_F32)
+                for (int k = 0; k < n; k++)
+                    bb[k] = round_to(cc, bb[k]);
+        }
 
         for (int i = 0; i < N; i++) {
             float *SOUP_RESTRICT d = dd + (size_t)i * B;
             const float *SOUP_RESTRICT w = ww + (size_t)i * B;
             const int isz = dtype_size(a->in_code[i]);
             a->bad[i] |= (unsigned char)(load_block(a->in_code[i], a->in[i] + (size_t)j0 * isz, d, n, f16c) != 0);
+            if (cc != DT_F32)
+                for (int k = 0; k < n; k++)
+                    d[k] = round_to(cc, d[k]);
             if (a->base)
                 for (int k = 0; k < n; k++)
-                    d[k] = d[k] - bb[k];
+                    d[k] = round_to(cc, d[k] - bb[k]);
             if (a->thr) {
                 const float th = a->thr[i];
                 if (a->quota && a->quota[i] >= 0) { /* exactly k kept: the first ties in index order */
@@ -402,30 +421,46 @@ SOUP_INLINE void combine_impl(const combine_args *a, int f16c)
                 const uint32_t level = a->levels[i];
                 const float scale = a->scales[i];
                 for (int k = 0; k < n; k++)
-                    d[k] = keep_if((uint32_t)r[k] < level, d[k] * scale);
+                    d[k] = keep_if((uint32_t)r[k] < level, round_to(cc, d[k] * scale));
             }
             if (a->mode == MODE_SUM) {
                 if (i == 0)
                     for (int k = 0; k < n; k++)
-                        acc[k] = d[k] * w[k];
+                        acc[k] = round_to(cc, d[k] * w[k]);
                 else
                     for (int k = 0; k < n; k++)
-                        acc[k] = acc[k] + d[k] * w[k];
+                        acc[k] = acc[k] + round_to(cc, d[k] * w[k]);
             } else { /* keep the products for the second pass; acc holds t */
                 if (i == 0)
                     for (int k = 0; k < n; k++) {
-                        d[k] = d[k] * w[k];
+                        d[k] = round_to(cc, d[k] * w[k]);
                         acc[k] = d[k];
                     }
                 else
                     for (int k = 0; k < n; k++) {
-                        d[k] = d[k] * w[k];
+                        d[k] = round_to(cc, d[k] * w[k]);
                         acc[k] = acc[k] + d[k];
                     }
             }
         }
 
-        if (a->mode == MODE_ELECT) {
+        if (a->mode == MODE_SUM) {
+            /* the models' sum is one reduction: float32 accumulation, one rounding; normalize divides by the
+               weights' sum (a sum below 1e-8 in magnitude divides by 1) */
+            if (cc != DT_F32)
+                for (int k = 0; k < n; k++)
+                    acc[k] = round_to(cc, acc[k]);
+            if (a->normalize) {
+                for (int k = 0; k < n; k++) {
+                    float m = ww[k];
+                    for (int i = 1; i < N; i++)
+                        m = m + ww[(size_t)i * B + k];
+                    m = round_to(cc, m);
+                    m = fabsf(m) < 1e-8f ? 1.0f : m;
+                    acc[k] = round_to(cc, acc[k] / m);
+                }
+            }
+        } else {
             for (int k = 0; k < n; k++) { /* +1 where the weighted sum is >= 0 (+-0 included), else -1 */
                 sgn[k] = 1.0f - keep_if(acc[k] < 0.0f, 2.0f);
             }
@@ -447,18 +482,23 @@ SOUP_INLINE void combine_impl(const combine_args *a, int f16c)
                         mass[k] = mass[k] + keep_if(v > 0.0f, w[k]);
                     }
             }
+            if (cc != DT_F32)
+                for (int k = 0; k < n; k++) {
+                    acc[k] = round_to(cc, acc[k]);
+                    mass[k] = round_to(cc, mass[k]);
+                }
             if (a->normalize)
                 for (int k = 0; k < n; k++) {
                     float m = mass[k];
                     float one = keep_if(m == 0.0f, 1.0f); /* divide by 1 where the mass is 0 */
-                    acc[k] = keep_if(m != 0.0f, acc[k] / (m + one));
+                    acc[k] = keep_if(m != 0.0f, round_to(cc, acc[k] / (m + one)));
                 }
         }
 
         if (a->base) {
             const float lam = a->lam;
             for (int k = 0; k < n; k++)
-                acc[k] = acc[k] * lam + bb[k];
+                acc[k] = round_to(cc, round_to(cc, acc[k] * lam) + bb[k]);
         }
         /* the written values too: finite inputs can overflow (3e38 + 3e38), or round to Inf in the output
            dtype: the bits of |x| below the dtype's limit (NaN's bits lie above Inf's) say the stored value is finite */
@@ -499,6 +539,7 @@ typedef struct {
     Py_ssize_t start, stop;
     uint32_t *hist;
     long prefix;
+    int compute_code;
     int block;
     float *scratch; /* 2 * block floats */
     uint32_t *keys; /* block */
@@ -514,14 +555,15 @@ SOUP_INLINE void hist_impl(const hist_args *a, int f16c)
     const int xsz = dtype_size(a->x_code), bsz = dtype_size(a->base_code);
     for (Py_ssize_t j0 = a->start; j0 < a->stop; j0 += B) {
         const int n = (int)(a->stop - j0 < B ? a->stop - j0 : B);
+        const int cc = a->compute_code;
         load_block(a->x_code, a->x + (size_t)j0 * xsz, xs, n, f16c);
         if (a->base) {
             load_block(a->base_code, a->base + (size_t)j0 * bsz, bs, n, f16c);
             for (int k = 0; k < n; k++)
-                keys[k] = f32_to_bits(fabsf(xs[k] - bs[k]));
+                keys[k] = f32_to_bits(fabsf(round_to(cc, round_to(cc, xs[k]) - round_to(cc, bs[k]))));
         } else {
             for (int k = 0; k < n; k++)
-                keys[k] = f32_to_bits(fabsf(xs[k]));
+                keys[k] = f32_to_bits(fabsf(round_to(cc, xs[k])));
         }
         if (a->prefix < 0) {
             for (int k = 0; k < n; k++)
@@ -662,15 +704,18 @@ static int block_for(int n_models)
 
 PyDoc_STRVAR(combine_doc,
 "combine(out, out_dtype, inputs, in_dtypes, base, base_dtype, weights, row_len, start, stop, mode, lam,\n"
-"        normalize, thresholds, dare_keys, keep_levels, scales, tie_quota=None) -> int\n"
+"        normalize, thresholds, dare_keys, keep_levels, scales, tie_quota=None, compute_dtype=0) -> int\n"
 "\n"
 "Write elements [start, stop) of the merge of `inputs` into `out` (float32 arithmetic, fixed order):\n"
 "  d_i = x_i - base (or x_i); trimmed to 0 where |d_i| < thresholds[i]; DARE: kept (times scales[i])\n"
-"  where draw(dare_keys[i], j) < keep_levels[i], else 0; mode 0 (sum): acc = sum_i d_i * w_i;\n"
+"  where draw(dare_keys[i], j) < keep_levels[i], else 0; mode 0 (sum): acc = sum_i d_i * w_i, divided by\n"
+"  sum_i w_i when normalize (by 1 where that sum is below 1e-8 in magnitude);\n"
 "  tie_quota (int64 [N] or None): of the entries with |d_i| == thresholds[i], keep only the first\n"
 "  tie_quota[i] of the range (-1: all);\n"
 "  mode 1 (elect): s = +1 if sum_i d_i w_i >= 0 else -1, v_i = max(d_i w_i s, 0), acc = sum_i v_i s, divided by\n"
 "  the mass sum_i [v_i > 0] w_i when normalize (0 where the mass is 0); result = acc * lam + base (or acc).\n"
+"compute_dtype 1 or 2: the inputs, each difference, product, sum, quotient and the result are rounded to\n"
+"float16 or bfloat16 as torch does in that dtype (sums over models accumulate in float32, then round).\n"
 "Dtype codes: 0 float32, 1 float16, 2 bfloat16. weights: float32 [N][R]; R == 1 one weight per model,\n"
 "else element j uses row j // row_len. thresholds: float32 [N] or None; dare_keys uint64 [N], keep_levels\n"
 "uint32 [N] (0..65536), scales float32 [N]: all three or none.\n"
@@ -682,18 +727,18 @@ static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"out", "out_dtype", "inputs", "in_dtypes", "base", "base_dtype", "weights",
                              "row_len", "start", "stop", "mode", "lam", "normalize", "thresholds",
-                             "dare_keys", "keep_levels", "scales", "tie_quota", NULL};
+                             "dare_keys", "keep_levels", "scales", "tie_quota", "compute_dtype", NULL};
     static const char *fn = "combine";
     PyObject *out_obj, *inputs_obj, *in_dtypes_obj, *base_obj, *weights_obj, *thr_obj, *keys_obj, *levels_obj,
         *scales_obj, *quota_obj = Py_None;
-    int out_code, base_code, mode, normalize;
+    int out_code, base_code, mode, normalize, compute_code = DT_F32;
     Py_ssize_t row_len, start, stop;
     double lam;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOOOiOnnnidpOOOO|O:combine", kwlist, &out_obj, &out_code,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOOOiOnnnidpOOOO|Oi:combine", kwlist, &out_obj, &out_code,
                                      &inputs_obj, &in_dtypes_obj, &base_obj, &base_code, &weights_obj, &row_len,
                                      &start, &stop, &mode, &lam, &normalize, &thr_obj, &keys_obj, &levels_obj,
-                                     &scales_obj, &quota_obj))
+                                     &scales_obj, &quota_obj, &compute_code))
         return NULL;
 
     PyObject *result = NULL, *inputs_fast = NULL, *codes_fast = NULL;
@@ -710,7 +755,8 @@ static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kwargs)
     uint16_t *draw_buf = NULL;
     unsigned char *bad = NULL;
 
-    if (check_dtype(out_code, fn, "out_dtype") < 0 || check_range(start, stop, fn) < 0)
+    if (check_dtype(out_code, fn, "out_dtype") < 0 || check_dtype(compute_code, fn, "compute_dtype") < 0 ||
+        check_range(start, stop, fn) < 0)
         return NULL;
     if (mode != MODE_SUM && mode != MODE_ELECT) {
         PyErr_Format(PyExc_ValueError, "%s: mode must be 0 (sum) or 1 (elect), got %d", fn, mode);
@@ -865,6 +911,7 @@ static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kwargs)
     a.mode = mode;
     a.lam = (float)lam;
     a.normalize = normalize;
+    a.compute_code = compute_code;
     a.thr = use_thr ? thr : NULL;
     a.quota = use_quota ? quota : NULL;
     a.qleft = qleft;
@@ -918,25 +965,27 @@ done:
 }
 
 PyDoc_STRVAR(hist_doc,
-"abs_delta_histogram(x, x_dtype, base, base_dtype, start, stop, hist, prefix) -> None\n"
+"abs_delta_histogram(x, x_dtype, base, base_dtype, start, stop, hist, prefix, compute_dtype=0) -> None\n"
 "\n"
 "Count key = bits of |x[j] - base[j]| (|x[j]| when base is None) as uint32, for j in [start, stop), into\n"
 "hist (65536 uint32 counters, accumulated, not zeroed): prefix < 0 counts key >> 16; prefix >= 0 counts\n"
-"key & 0xFFFF of the keys with key >> 16 == prefix. Needs stop - start < 2**32.");
+"key & 0xFFFF of the keys with key >> 16 == prefix. Needs stop - start < 2**32. compute_dtype 1 or 2:\n"
+"x, base and their difference rounded to float16 / bfloat16 first (as combine does).");
 
 static PyObject *py_abs_delta_histogram(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"x", "x_dtype", "base", "base_dtype", "start", "stop", "hist", "prefix", NULL};
+    static char *kwlist[] = {"x", "x_dtype", "base", "base_dtype", "start", "stop", "hist", "prefix", "compute_dtype",
+                             NULL};
     static const char *fn = "abs_delta_histogram";
     PyObject *x_obj, *base_obj, *hist_obj;
-    int x_code, base_code;
+    int x_code, base_code, compute_code = DT_F32;
     Py_ssize_t start, stop;
     long prefix;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOinnOl:abs_delta_histogram", kwlist, &x_obj, &x_code,
-                                     &base_obj, &base_code, &start, &stop, &hist_obj, &prefix))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOinnOl|i:abs_delta_histogram", kwlist, &x_obj, &x_code,
+                                     &base_obj, &base_code, &start, &stop, &hist_obj, &prefix, &compute_code))
         return NULL;
-    if (check_dtype(x_code, fn, "x_dtype") < 0 || check_range(start, stop, fn) < 0)
+    if (check_dtype(x_code, fn, "x_dtype") < 0 || check_dtype(compute_code, fn, "compute_dtype") < 0 || check_range(start, stop, fn) < 0)
         return NULL;
     if ((uint64_t)(stop - start) >= ((uint64_t)1 << 32)) {
         PyErr_Format(PyExc_ValueError, "%s: the range must hold fewer than 2**32 elements, got %zd", fn,
@@ -990,6 +1039,7 @@ static PyObject *py_abs_delta_histogram(PyObject *self, PyObject *args, PyObject
     a.stop = stop;
     a.hist = aligned ? (uint32_t *)hist_view.buf : local;
     a.prefix = prefix;
+    a.compute_code = compute_code;
     a.block = B;
     a.scratch = scratch;
     a.keys = keys;
@@ -1091,6 +1141,7 @@ typedef struct {
     Py_ssize_t start, stop;
     uint64_t key;
     uint32_t level;
+    int compute_code;
     float *scratch;  /* 2 * 1024 floats */
     uint16_t *draws; /* 1024 + 8 */
     double all, kept;
@@ -1106,13 +1157,14 @@ SOUP_INLINE void sums_impl(sums_args *a, int f16c)
     for (Py_ssize_t j0 = a->start; j0 < a->stop; j0 += B) {
         const int n = (int)(a->stop - j0 < B ? a->stop - j0 : B);
         load_block(a->x_code, a->x + (size_t)j0 * xsz, xs, n, f16c);
+        const int cc = a->compute_code;
         if (a->base) {
             load_block(a->base_code, a->base + (size_t)j0 * bsz, bs, n, f16c);
             for (int k = 0; k < n; k++)
-                xs[k] = fabsf(xs[k] - bs[k]);
+                xs[k] = fabsf(round_to(cc, round_to(cc, xs[k]) - round_to(cc, bs[k])));
         } else
             for (int k = 0; k < n; k++)
-                xs[k] = fabsf(xs[k]);
+                xs[k] = fabsf(round_to(cc, xs[k]));
         const uint16_t *SOUP_RESTRICT r = gen_draws(a->key, (uint64_t)j0, n, a->draws);
         for (int k = 0; k < n; k++) { /* float64 sums: any split of the tensor gives the same norms */
             all += (double)xs[k];
@@ -1130,24 +1182,25 @@ SOUP_TARGET_AVX2 SOUP_NOINLINE static void sums_avx2(sums_args *a) { sums_impl(a
 #endif
 
 PyDoc_STRVAR(sums_doc,
-"dare_abs_sums(x, x_dtype, base, base_dtype, start, stop, key, keep_level) -> (float, float)\n"
+"dare_abs_sums(x, x_dtype, base, base_dtype, start, stop, key, keep_level, compute_dtype=0) -> (float, float)\n"
 "\n"
 "Over j in [start, stop), with d_j = x[j] - base[j] (x[j] when base is None) in float32: the sum of |d_j|\n"
 "and the sum of |d_j| over the entries DARE keeps (dare_draws(key, j) < keep_level), in float64.");
 
 static PyObject *py_dare_abs_sums(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"x", "x_dtype", "base", "base_dtype", "start", "stop", "key", "keep_level", NULL};
+    static char *kwlist[] = {"x", "x_dtype", "base", "base_dtype", "start", "stop", "key", "keep_level",
+                             "compute_dtype", NULL};
     static const char *fn = "dare_abs_sums";
     PyObject *x_obj, *base_obj, *key_obj;
-    int x_code, base_code;
+    int x_code, base_code, compute_code = DT_F32;
     Py_ssize_t start, stop;
     unsigned long level;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOinnOk:dare_abs_sums", kwlist, &x_obj, &x_code, &base_obj,
-                                     &base_code, &start, &stop, &key_obj, &level))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOinnOk|i:dare_abs_sums", kwlist, &x_obj, &x_code, &base_obj,
+                                     &base_code, &start, &stop, &key_obj, &level, &compute_code))
         return NULL;
-    if (check_dtype(x_code, fn, "x_dtype") < 0 || check_range(start, stop, fn) < 0)
+    if (check_dtype(x_code, fn, "x_dtype") < 0 || check_dtype(compute_code, fn, "compute_dtype") < 0 || check_range(start, stop, fn) < 0)
         return NULL;
     if (!PyLong_Check(key_obj)) {
         PyErr_Format(PyExc_TypeError, "%s: key must be an int, not %.100s", fn, Py_TYPE(key_obj)->tp_name);
@@ -1190,6 +1243,7 @@ static PyObject *py_dare_abs_sums(PyObject *self, PyObject *args, PyObject *kwar
     a.stop = stop;
     a.key = (uint64_t)key;
     a.level = (uint32_t)level;
+    a.compute_code = compute_code;
     a.scratch = scratch;
     a.draws = draws;
     a.all = a.kept = 0.0;

@@ -30,8 +30,9 @@ from ..errors import output_not_finite as _output_not_finite
 from ..io.checkpoint import Checkpoint
 from ..io.dtypes import DType
 from ..methods.form import Form
-from ..methods.steps import draw_keys, gram_of, keep_level, l1_scale, survivor_scale, trim_count
+from ..methods.steps import draw_keys, gram_of, keep_level, l1_scale, round_to, survivor_scale, trim_count
 from .plan import Item, Plan
+from .precision import compute_dtype
 
 try:
     from .. import _kernels
@@ -183,17 +184,20 @@ class Executor:
             gram_of(lambda i, lo, hi: _as_float32(xs[i][lo * models[i].dtype.itemsize: hi * models[i].dtype.itemsize],
                                                   models[i].code), n_models, merged))
         weight = weight[:, :rows] if weight.ndim == 2 else weight
+        cc = compute_dtype(plan, item)  # what each step rounds to (engine/precision.py)
+        ccode = KERNEL_DTYPES[cc]
+        weight = round_to(weight, cc)  # (mergekit holds the weights in the compute dtype too)
         dare = _dare_args(form, plan.recipe.seed, item.canonical, n_models)
         base_arg, base_code = (b, base.code) if form.use_base else (None, 0)
         if form.drop is not None and form.rescale == "l1":  # each dropped task vector keeps its L1 norm
-            dare = (*dare[:2], _f32([self._l1_scale(x, t.code, base_arg, base_code, merged, key, level)
+            dare = (*dare[:2], _f32([self._l1_scale(x, t.code, base_arg, base_code, merged, key, level, cc)
                                      for x, t, key, level in zip(xs, models, np.frombuffer(dare[0], np.uint64),
                                                                  np.frombuffer(dare[1], np.uint32))]))
         elif form.drop is not None and form.rescale is None:
             dare = (*dare[:2], _f32([1.0] * n_models))
         thresholds, quotas = None, {}
         if form.trim:
-            cuts = [self._threshold(x, t.code, b, base.code, merged, p) for x, t, p in zip(xs, models, form.trim)]
+            cuts = [self._threshold(x, t.code, b, base.code, merged, p, ccode) for x, t, p in zip(xs, models, form.trim)]
             thresholds = _f32([c[0] for c in cuts])
             if any(c[1] is not None for c in cuts):  # ties to split: how many each range keeps, per model
                 for r, (start, _) in enumerate(_ranges(merged, self.threads)):
@@ -204,7 +208,7 @@ class Executor:
 
         def run(start: int, stop: int) -> int:
             return _kernels.combine(out_view, out_code, xs, in_codes, base_arg, base_code, weights, row_len, start,
-                                    stop, mode, form.lam, form.normalize, thresholds, *dare, quotas.get(start))
+                                    stop, mode, form.lam, form.normalize, thresholds, *dare, quotas.get(start), ccode)
 
         bad = [r for r in self._parallel(run, merged) if r >= 0]
         if bad:
@@ -229,7 +233,7 @@ class Executor:
                 raise input_not_finite(nm, ck.path)
 
     def _threshold(self, x: np.ndarray, code: int, base: np.ndarray, base_code: int, n: int,
-                   density: float) -> tuple[float, list[int] | None]:
+                   density: float, compute: int = 0) -> tuple[float, list[int] | None]:
         """TIES's trim: the exact k-th largest |x - base| (k = trim_count), by a two-pass radix select over
         the float bits (the top 16 bits, then the low 16 within the chosen bin); and, when more entries tie
         with it than there is room for, how many ties each of the executor's ranges keeps (the first in
@@ -245,7 +249,7 @@ class Executor:
             def part(i: int, start: int, stop: int) -> np.ndarray:
                 hist = self._hists[i]
                 hist.fill(0)
-                _kernels.abs_delta_histogram(x, code, base, base_code, start, stop, hist, prefix)
+                _kernels.abs_delta_histogram(x, code, base, base_code, start, stop, hist, prefix, compute)
                 return hist
             return list(self.workers.map(part, range(len(ranges)), *zip(*ranges)))
 
@@ -269,10 +273,11 @@ class Executor:
             left -= quota[-1]
         return threshold, quota
 
-    def _l1_scale(self, x: np.ndarray, code: int, base, base_code: int, n: int, key, level) -> float:
+    def _l1_scale(self, x: np.ndarray, code: int, base, base_code: int, n: int, key, level, cc: str) -> float:
         """DARE's norm-keeping rescale of one model's task vector: sum|d| / sum|kept d| (steps.l1_scale)."""
-        sums = self._parallel(lambda a, z: _kernels.dare_abs_sums(x, code, base, base_code, a, z, int(key), int(level)), n)
-        return l1_scale(sum(s[0] for s in sums), sum(s[1] for s in sums))
+        sums = self._parallel(lambda a, z: _kernels.dare_abs_sums(x, code, base, base_code, a, z, int(key), int(level),
+                                                                   KERNEL_DTYPES[cc]), n)
+        return l1_scale(sum(s[0] for s in sums), sum(s[1] for s in sums), cc)
 
 
 def _dare_args(form: Form, seed: int, canonical: str, n: int) -> tuple:

@@ -18,6 +18,7 @@ from ..io.pool import BufferPool
 from ..methods.form import run as run_form
 from ..methods.steps import draw_keys
 from .plan import Item, Plan
+from .precision import compute_dtype
 from .recipe import Recipe
 from .sources import Sources, prepare
 
@@ -68,7 +69,7 @@ def _compute_on(plan: Plan, sources: Sources, item: Item, tensors, base) -> torc
     keys = draw_keys(plan.recipe.seed, item.canonical, len(item.inputs)) if method.random else None
     if method.form is not None:  # the method's one statement, run by torch (methods/form.py)
         form = method.form_for(len(item.inputs), {**item.model_params, **item.global_params})
-        out = run_form(form, tensors, base, keys)
+        out = run_form(form, tensors, base, keys, compute_dtype(plan, item))
     else:  # a method stated directly in torch
         dev = tensors[0].device
         kwargs = {k: torch.tensor(v, device=dev) for k, v in item.model_params.items()}

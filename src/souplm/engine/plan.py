@@ -286,7 +286,7 @@ def build_plan(recipe: Recipe, checkpoints: list[Checkpoint], coefficients: Coef
     canon = [set(c.canonical_names()) for c in checkpoints]
     layer_counts = [layer_count(names) for names in canon]
     slices = _slices(recipe, checkpoints, uses_base, base_index, layer_counts)
-    dtype = DTYPES[recipe.dtype] if recipe.dtype else None
+    dtype = DTYPES[recipe.out_dtype or recipe.dtype] if (recipe.out_dtype or recipe.dtype) else None
     ctx = _Context(recipe, method, checkpoints, canon, output_index, dtype, coefficients, notes)
 
     # Tensors outside the layers: those before them from the first slice's inputs, those after from the

@@ -44,7 +44,6 @@ MERGEKIT_NOOP_KEYS = {"int8_mask"}
 BASE_LISTED_ONCE = {"nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl"}
 BASE_LISTED_ONCE |= {"breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "model_stock"}
 MERGEKIT_UNSUPPORTED = {
-    "out_dtype": "use dtype",
     "modules": "modular recipes are not supported",
 }
 
@@ -97,7 +96,10 @@ class Recipe(BaseModel):
     slices: list[SliceSpec] | None = None  # layer ranges stacked in order (mergekit's slices; engine/plan.py)
     base_model: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
-    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None  # inputs read as, computed in, written as
+    out_dtype: Literal["float32", "float16", "bfloat16"] | None = None  # written as (mergekit's key)
+    # souplm: what the task-vector methods compute in; unset, mergekit's rule (dtype, else the inputs' dtype)
+    compute_dtype: Literal["float32", "float16", "bfloat16"] | None = None
     coefficients: str | None = None
     vocab_policy: Literal["error", "extend", "truncate"] = "error"
     output_model: str | None = None

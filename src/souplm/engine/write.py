@@ -262,10 +262,11 @@ def _patch_config(config: dict, plan: Plan) -> None:
         if it.canonical == "model.embed_tokens.weight" and text.get("vocab_size") not in (None, it.shape[0]):
             text["vocab_size"] = it.shape[0]
     text.update(plan.config_updates)  # slices: the stacked layers' count and per-layer lists (layer_types, ...)
-    if plan.recipe.dtype:
+    written = plan.recipe.out_dtype or plan.recipe.dtype  # (mergekit's config: out_dtype, else dtype)
+    if written:
         for key in ("torch_dtype", "dtype"):
             if key in config or key == "dtype":
-                config[key] = plan.recipe.dtype
+                config[key] = written
 
 
 def _model_card(plan: Plan, hashes: dict[Path, str]) -> str:

@@ -35,11 +35,12 @@ def rescale_rule(rescale: bool, exact_rescale: bool) -> str | None:
     global_params={"lambda": 1.0, "normalize": False, "rescale": True, "exact_rescale": False},
     random=True,
     required=("weight",),
+    native_dtype=True,
     reference="https://arxiv.org/abs/2311.03099",
 )
 def dare_linear(weight, density, normalize=False, lam=1.0, rescale=True, exact_rescale=False) -> Form:
     """base + lambda * sum_i w_i * dare(theta_i - base)."""
-    return Form(as_weights(weight, normalize), use_base=True, lam=lam, drop=[float(p) for p in density],
+    return Form(as_weights(weight), use_base=True, normalize=normalize, lam=lam, drop=[float(p) for p in density],
                 rescale=rescale_rule(rescale, exact_rescale))
 
 
@@ -53,6 +54,7 @@ def dare_linear(weight, density, normalize=False, lam=1.0, rescale=True, exact_r
     global_params={"lambda": 1.0, "normalize": False, "rescale": True, "exact_rescale": False},
     random=True,
     required=("weight",),
+    native_dtype=True,
     reference="https://arxiv.org/abs/2311.03099",
 )
 def dare_ties(weight, density, normalize=False, lam=1.0, rescale=True, exact_rescale=False) -> Form:

@@ -7,7 +7,7 @@ Most merge methods are one pipeline with different settings. For each model i, o
                                  of the entries tied with the k-th, the first in index order)
     d_i = drop(d_i, density_i)  (drop: keep each entry with probability density_i, DARE, then rescale:
                                  by sum|d_i| / sum|kept d_i|, or by 1/density_i, or not at all)
-    SUM:   m = sum_i w_i d_i
+    SUM:   m = sum_i w_i d_i, divided by sum_i w_i when normalizing
     ELECT: s = +1 if sum_i w_i d_i >= 0 else -1; m = sum over i with sign(w_i d_i) == s of w_i d_i,
            divided by the agreeing weight sum when normalizing (TIES's disjoint mean)
     out = base + lam * m        (use_base; else out = m)
@@ -40,7 +40,7 @@ class Form:
     weight: np.ndarray  # float32 [N] or [N, rows]
     use_base: bool = False  # task vectors x_i - base, and base + lam * (...) at the end
     elect: bool = False  # TIES sign election and disjoint merge (else a weighted sum)
-    normalize: bool = False  # ELECT: divide by the agreeing weight mass
+    normalize: bool = False  # divide by the weights' sum (ELECT: the agreeing weights' sum)
     lam: float = 1.0
     trim: list[float] | None = None  # per-model densities of the magnitude trim (TIES)
     drop: list[float] | None = None  # per-model keep probabilities of the random drop (DARE)
@@ -49,17 +49,15 @@ class Form:
     reweigh: Callable[[np.ndarray], np.ndarray] | None = None
 
 
-def as_weights(weight, normalize: bool = False) -> np.ndarray:
-    """Per-model weights as float32 [N] (or [N, rows]), divided by their sum when `normalize`."""
+def as_weights(weight, nonzero_sum: bool = False) -> np.ndarray:
+    """Per-model weights as float32 [N] (or [N, rows]); `nonzero_sum`: refuse weights that sum to zero
+    (a linear soup would divide by it)."""
     from ..errors import SoupError
 
     w = np.asarray(weight, dtype=np.float32)
-    if not normalize:
-        return w
-    total = w.sum(axis=0, dtype=np.float32)
-    if bool((np.abs(total) < 1e-12).any()):
+    if nonzero_sum and bool((np.abs(w.sum(axis=0, dtype=np.float32)) < 1e-12).any()):
         raise SoupError("weights sum to zero and cannot be normalized (set normalize: false)")
-    return (w / total).astype(np.float32)
+    return w
 
 
 def as_numpy(value):
@@ -69,9 +67,11 @@ def as_numpy(value):
     return value
 
 
-def run(form: Form, tensors: list[torch.Tensor], base: torch.Tensor | None, keys: list[int] | None = None) -> torch.Tensor:
-    """The torch statement of a Form: the steps in the order the kernels take them, in fp32.
-    `tensors` (and `base`) are fresh copies, overwritten in place."""
+def run(form: Form, tensors: list[torch.Tensor], base: torch.Tensor | None, keys: list[int] | None = None,
+        compute: str = "F32") -> torch.Tensor:
+    """The torch statement of a Form: the steps in the order the kernels take them, in fp32, each rounded to
+    the compute dtype ("BF16"/"F16", engine/precision.py) where mergekit computes in it. `tensors` (and
+    `base`) are fresh copies, overwritten in place."""
     import torch
 
     from .steps import (
@@ -79,21 +79,34 @@ def run(form: Form, tensors: list[torch.Tensor], base: torch.Tensor | None, keys
         drop_and_rescale,
         elect_and_merge,
         gram,
+        round_to,
+        rounder,
         task_vectors,
         trim_all,
         weighted_sum,
     )
 
+    rnd = rounder(compute)
     weight = form.weight
     if form.reweigh is not None:
         weight = form.reweigh(gram(tensors))
-    w = torch.as_tensor(np.ascontiguousarray(weight, dtype=np.float32), device=tensors[0].device)
+    weight = round_to(weight, compute)
+    w = torch.as_tensor(weight, device=tensors[0].device)
     if w.dim() == 2:
         w = w[:, : tensors[0].shape[0]]
-    terms = task_vectors(tensors, base) if form.use_base else tensors
+    terms = task_vectors(tensors, base, rnd) if form.use_base else tensors
     if form.trim is not None:
         terms = trim_all(terms, form.trim)
     if form.drop is not None:
-        terms = [drop_and_rescale(d, p, k, form.rescale) for d, p, k in zip(terms, form.drop, keys)]
-    merged = elect_and_merge(terms, w, form.normalize) if form.elect else weighted_sum(terms, w)
-    return add_to_base(merged, base, form.lam) if form.use_base else merged.to(torch.float32)
+        terms = [drop_and_rescale(d, p, k, form.rescale, rnd, compute) for d, p, k in zip(terms, form.drop, keys)]
+    if form.elect:
+        merged = elect_and_merge(terms, w, form.normalize, rnd)
+    else:
+        merged = weighted_sum(terms, w, rnd)
+        if form.normalize:  # divided by the weights' sum (by 1 where it is below 1e-8 in magnitude)
+            total = w.sum(dim=0)
+            total = total if rnd is None else rnd(total)
+            total = torch.where(total.abs() < 1e-8, 1.0, total)
+            merged.div_(total.reshape(total.shape + (1,) * (merged.dim() - total.dim())))
+            merged = merged if rnd is None else rnd(merged)
+    return add_to_base(merged, base, form.lam, rnd) if form.use_base else merged.to(torch.float32)

@@ -35,4 +35,4 @@ def normalized(weight: torch.Tensor, name: str = "weights") -> torch.Tensor:
 )
 def linear(weight, normalize=True) -> Form:
     """Weighted average sum_i w_i theta_i (weights normalized to sum 1 unless normalize: false)."""
-    return Form(as_weights(weight, normalize))
+    return Form(as_weights(weight, nonzero_sum=normalize), normalize=normalize)

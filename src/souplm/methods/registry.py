@@ -120,6 +120,7 @@ class Method:
     optional_base: bool = False  # uses base_model when the recipe names one (needs_base: must name one)
     forbids_base: bool = False  # refuses a base_model (passthrough: one model, nothing else)
     required: tuple[str, ...] = ()  # parameters without a default: the recipe must set them (as mergekit's)
+    native_dtype: bool = False  # mergekit computes it in the tensors' dtype (engine/precision.py), not float32
     reference: str = ""
     summary: str = ""
     form: Callable | None = None  # the form builder, when the method is stated as a Form (fn derives from it)

@@ -26,21 +26,62 @@ if TYPE_CHECKING:
     import torch
 
 
-def task_vectors(tensors, base):
-    """theta_i - base, in place: the engine hands each method fresh copies it may overwrite."""
-    return [t.sub_(base) for t in tensors]
+def round_to(values: np.ndarray, code: str) -> np.ndarray:
+    """float32 values rounded to the compute dtype `code` ("F32", "BF16", "F16") and back, to nearest even."""
+    v = np.ascontiguousarray(values, dtype=np.float32)
+    if code == "F16":
+        return v.astype(np.float16).astype(np.float32)
+    if code == "BF16":
+        bits = v.view(np.uint32)
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+        return np.where(np.isfinite(v), rounded.view(np.float32), v).astype(np.float32)
+    return v
 
 
-def add_to_base(merged, base, lam):
+def rounder(code: str):
+    """In-place rounding of an fp32 torch tensor to the compute dtype and back (None for float32): what a
+    torch op in bfloat16 or float16 does to its result."""
+    if code == "F32":
+        return None
+    import torch
+
+    low = torch.bfloat16 if code == "BF16" else torch.float16
+
+    def rnd(t):
+        return t.copy_(t.to(low))
+
+    return rnd
+
+
+def task_vectors(tensors, base, rnd=None):
+    """theta_i - base, in place: the engine hands each method fresh copies it may overwrite. `rnd`: the
+    inputs and each difference rounded to the compute dtype."""
+    if rnd is None:
+        return [t.sub_(base) for t in tensors]
+    rnd(base)
+    return [rnd(rnd(t).sub_(base)) for t in tensors]
+
+
+def add_to_base(merged, base, lam, rnd=None):
     """base + lam * merged, written into `merged` (the method's own buffer): no fresh temporaries."""
     if lam != 1.0:
         merged.mul_(lam)
-    return merged.add_(base)
+        if rnd is not None:
+            rnd(merged)
+    merged.add_(base)
+    return merged if rnd is None else rnd(merged)
 
 
-def weighted_sum(tensors: list[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+def weighted_sum(tensors: list[torch.Tensor], weight: torch.Tensor, rnd=None) -> torch.Tensor:
     """sum_i weight_i * tensors_i, with weight [N] or [N, rows]; accumulates in place, into tensors[0]
-    (the engine hands methods fresh copies they may overwrite): no new buffer of the tensor's size."""
+    (the engine hands methods fresh copies they may overwrite): no new buffer of the tensor's size.
+    `rnd`: each product rounded to the compute dtype, then the float32 sum once (a torch sum over models)."""
+    if rnd is not None:
+        w = broadcast(weight, tensors[0])
+        out = rnd(tensors[0].mul_(w[0]))
+        for t, wi in zip(tensors[1:], w[1:]):
+            out.add_(rnd(t.mul_(wi)))
+        return rnd(out)
     if weight.dim() == 1:  # the common case: scalars, no stacked copy of the inputs
         out = tensors[0].mul_(float(weight[0]))
         for t, w in zip(tensors[1:], weight[1:].tolist()):
@@ -132,7 +173,7 @@ def trim_all(deltas: list[torch.Tensor], density: torch.Tensor) -> list[torch.Te
         return list(workers.map(pool.in_this_scope(trim_to_density), deltas, [float(p) for p in density]))
 
 
-def elect_and_merge(deltas: list[torch.Tensor], weight: torch.Tensor, normalize: bool) -> torch.Tensor:
+def elect_and_merge(deltas: list[torch.Tensor], weight: torch.Tensor, normalize: bool, rnd=None) -> torch.Tensor:
     """Sign election and disjoint (weighted) mean of task vectors (consumed: overwritten in place).
 
     sign = +1 where sum_i w_i d_i >= 0, else -1; model i agrees at an entry when w_i d_i has that sign (and != 0);
@@ -142,6 +183,16 @@ def elect_and_merge(deltas: list[torch.Tensor], weight: torch.Tensor, normalize:
     import torch
 
     w = broadcast(weight, deltas[0])
+    if rnd is not None:  # in a low-precision compute dtype: each product, then the sums, rounded
+        products = [rnd(d.mul_(wi)) for d, wi in zip(deltas, w)]
+        total = torch.stack(products).sum(dim=0)
+        sign = torch.where(total >= 0, 1.0, -1.0)
+        agree = [(p.sign() == sign) & (p != 0) for p in products]
+        merged = rnd(sum(torch.where(a, p, 0.0) for a, p in zip(agree, products)))
+        if not normalize:
+            return merged
+        mass = rnd(sum(torch.where(a, wi, 0.0) for a, wi in zip(agree, w)))
+        return rnd(torch.where(mass != 0, merged / torch.where(mass != 0, mass, 1.0), 0.0))
     sign = torch.mul(deltas[0], w[0], out=pool.empty_like(deltas[0]))
     for d, wi in zip(deltas[1:], w[1:]):
         sign.addcmul_(d, wi)
@@ -224,11 +275,12 @@ def draws(key: int, n: int, device=None):
     return z.view(torch.int16)[:n].to(torch.int32).bitwise_and_(0xFFFF)  # little-endian: lane j % 4
 
 
-def drop_and_rescale(delta: torch.Tensor, density: float, key: int, rescale: str | None = "inverse") -> torch.Tensor:
+def drop_and_rescale(delta: torch.Tensor, density: float, key: int, rescale: str | None = "inverse",
+                     rnd=None, compute: str = "F32") -> torch.Tensor:
     """Zero each entry whose draw is not below the keep level, in place; then rescale the survivors:
     `inverse` by 1/q, q the exact keep probability (unbiased entry by entry, the DARE paper's rule); `l1` by
     sum|delta| / sum|survivors| (the tensor keeps its L1 norm, mergekit's rule; unchanged when either sum is
-    below 1e-7); None not at all."""
+    below 1e-7); None not at all. `rnd`/`compute`: the rescaled values rounded to the compute dtype."""
     if density >= 1.0:
         return delta
     if density <= 0.0:
@@ -242,13 +294,15 @@ def drop_and_rescale(delta: torch.Tensor, density: float, key: int, rescale: str
     if rescale == "inverse":
         delta.mul_(survivor_scale(level))
     elif rescale == "l1":
-        delta.mul_(l1_scale(before, float(delta.abs().sum(dtype=torch.float64))))
-    return delta
+        delta.mul_(l1_scale(before, float(delta.abs().sum(dtype=torch.float64)), compute))
+    return delta if rnd is None or rescale is None else rnd(delta)
 
 
-def l1_scale(before: float, after: float) -> float:
-    """The factor that gives a dropped tensor back its L1 norm (1 when either norm is below 1e-7)."""
-    return 1.0 if before < 1e-7 or after < 1e-7 else float(np.float32(before / after))
+def l1_scale(before: float, after: float, compute: str = "F32") -> float:
+    """The factor that gives a dropped tensor back its L1 norm (1 when either norm is below 1e-7); the norms
+    and their quotient rounded to the compute dtype, as a torch sum and division in it round them."""
+    b, a = (float(v) for v in round_to(np.array([before, after]), compute))
+    return 1.0 if b < 1e-7 or a < 1e-7 else float(round_to(np.array([b / a]), compute)[0])
 
 
 GRAM_CHUNK = 1 << 20

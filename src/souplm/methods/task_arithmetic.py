@@ -17,8 +17,9 @@ __all__ = ["add_to_base", "task_arithmetic", "task_vectors"]
     model_params={"weight": 1.0},
     global_params={"lambda": 1.0, "normalize": False},
     required=("weight",),
+    native_dtype=True,
     reference="https://arxiv.org/abs/2212.04089",
 )
 def task_arithmetic(weight, normalize=False, lam=1.0) -> Form:
     """theta_base + lambda * sum_i w_i (theta_i - theta_base)."""
-    return Form(as_weights(weight, normalize), use_base=True, lam=lam)
+    return Form(as_weights(weight), use_base=True, normalize=normalize, lam=lam)

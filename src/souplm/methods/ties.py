@@ -17,6 +17,7 @@ __all__ = ["elect_and_merge", "kth_largest", "ties", "trim_all", "trim_to_densit
     model_params={"weight": 1.0, "density": 1.0},
     global_params={"lambda": 1.0, "normalize": True},
     required=("weight",),
+    native_dtype=True,
     reference="https://arxiv.org/abs/2306.01708",
 )
 def ties(weight, density, normalize=True, lam=1.0) -> Form:
