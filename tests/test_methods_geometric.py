@@ -432,6 +432,17 @@ def test_base_listed_among_models_is_the_same_merge(tmp_path):
         assert torch.equal(o1[k], o2[k])
 
 
+@pytest.mark.parametrize("method", ["karcher", "ram"])
+def test_a_weight_is_accepted_and_ignored_as_in_mergekit(tmp_path, method):
+    paths, _ = checkpoints(tmp_path, "float32", sparse=True)
+    plain = merge_recipe(method, paths)
+    weighted = dict(plain, models=[dict(m, parameters={"weight": 0.1 * (k + 1)}) for k, m in enumerate(plain["models"])])
+    souplm.merge(plain, tmp_path / "o1", progress=False, hash_inputs=False)
+    souplm.merge(weighted, tmp_path / "o2", progress=False, hash_inputs=False)
+    o1, o2 = load_file(str(tmp_path / "o1" / "model.safetensors")), load_file(str(tmp_path / "o2" / "model.safetensors"))
+    assert all(torch.equal(o1[k], o2[k]) for k in CKPT_SHAPES)
+
+
 # -- validation -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,per_model,glob,n,base,needle", [
     ("nuslerp", {}, {}, 2, False, "weight"),  # mergekit: weight has no default
@@ -444,7 +455,6 @@ def test_base_listed_among_models_is_the_same_merge(tmp_path):
     ("karcher", {}, {"max_iter": 2.5}, 2, False, "max_iter"),
     ("karcher", {}, {"max_iter": -1}, 2, False, "max_iter"),
     ("karcher", {}, {"tol": -1e-3}, 2, False, "tol"),
-    ("karcher", {"weight": 1.0}, {}, 2, False, "weight"),  # karcher weighs every input equally
     ("nearswap", {}, {}, 1, True, "parameter t"),  # t is required
     ("nearswap", {}, {"t": -0.1}, 1, True, "t"),
     ("nearswap", {}, {"t": 0.1}, 1, False, "base_model"),

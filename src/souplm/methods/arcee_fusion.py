@@ -68,6 +68,7 @@ def fusion_threshold(s: torch.Tensor) -> torch.Tensor:
     needs_base=True,
     min_models=1,
     max_models=1,
+    model_params={"weight": 1.0},  # accepted and ignored, as mergekit does (its recipes often set it)
     reference="https://arcee.ai (mergekit 0.1.5 merge_methods/arcee_fusion.py)",
 )
 def arcee_fusion(tensors, base, **_):

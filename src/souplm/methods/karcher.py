@@ -83,10 +83,11 @@ def coefficients_from_gram(gram: np.ndarray, max_iter: int = 10, tol: float = 1e
     optional_base=True,
     min_models=1,
     max_models=None,
+    model_params={"weight": 1.0},  # accepted and ignored, as mergekit does (its recipes often set it)
     global_params={"max_iter": 10, "tol": 1e-5},
     reference="https://arxiv.org/abs/2603.04972 (mergekit 0.1.5); Karcher 1977, Riemannian center of mass",
 )
-def karcher(tensors, base, max_iter=10, tol=1e-5):
+def karcher(tensors, base, weight=None, max_iter=10, tol=1e-5):
     """Equal-weight Karcher mean of the models (and the base, if named) on the hypersphere, at their mean norm."""
     import torch
 

@@ -24,11 +24,12 @@ MIN_DISTANCE = 1e-6  # |a - b| is clamped to this before dividing
     needs_base=True,
     min_models=1,
     max_models=1,
+    model_params={"weight": 1.0},  # accepted and ignored, as mergekit does (its recipes often set it)
     global_params={"t": None},
     required=("t",),
     reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001 (mergekit 0.1.5)",
 )
-def nearswap(tensors, base, t):
+def nearswap(tensors, base, t, weight=None):
     """w b + (1 - w) a with w = clamp(t / |a - b|, 0, 1) per entry (a the base, b the model)."""
     import torch
 

@@ -82,10 +82,11 @@ def ramplus_lambda(counted: torch.Tensor, unique: torch.Tensor, epsilon: float, 
     needs_base=True,
     min_models=1,
     max_models=None,
+    model_params={"weight": 1.0},  # accepted and ignored, as mergekit does (its recipes often set it)
     global_params={"epsilon": 1e-5},
     reference="https://arxiv.org/abs/2601.13572 (mergekit 0.1.5)",
 )
-def ram(tensors, base, epsilon=1e-5):
+def ram(tensors, base, weight=None, epsilon=1e-5):
     """base + per entry: the one model's change where only one changed it, their mean where several did."""
     return ram_merge(task_vectors(tensors, base), base, float(epsilon))
 
@@ -100,9 +101,10 @@ def ram(tensors, base, epsilon=1e-5):
     needs_base=True,
     min_models=1,
     max_models=None,
+    model_params={"weight": 1.0},  # accepted and ignored, as mergekit does
     global_params={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
     reference="https://arxiv.org/abs/2601.13572 (mergekit 0.1.5)",
 )
-def ramplus_tl(tensors, base, r=0.1, alpha=0.2, epsilon=1e-5):
+def ramplus_tl(tensors, base, weight=None, r=0.1, alpha=0.2, epsilon=1e-5):
     """RAM with each model's unique entries scaled by 1 + r min(shared/unique, alpha) (tensor-local)."""
     return ram_merge(task_vectors(tensors, base), base, float(epsilon), float(r), float(alpha))
