@@ -193,3 +193,45 @@ def test_fused_ties_splits_tied_magnitudes_across_threads_like_torch(family, tmp
                        "models": [{"model": str(tmp_path / "a"), "parameters": {"density": 0.3}}]})
     solo, _ = merge_both(one, tmp_path, monkeypatch, name="solo")
     assert int((solo[name] != base[name]).sum()) == int(0.3 * base[name].numel())
+
+
+def mergekit_ties_bf16(base, models, weights, density):
+    """TIES as mergekit 0.1.5 computes a bf16 recipe, written from its definition with torch ops in bf16:
+    deltas, weights and products in bf16, the sums over models accumulated in float32 and rounded once,
+    + elected where the weighted sum is >= 0, the disjoint sum divided by the agreeing weights' sum."""
+    deltas = []
+    for m in models:
+        d = m - base  # bf16
+        flat = d.abs().float().reshape(-1)
+        k = max(1, int(density * flat.numel()))
+        keep = torch.zeros(flat.numel(), dtype=torch.bfloat16)
+        keep[torch.sort(flat, descending=True, stable=True).indices[:k]] = 1
+        deltas.append(d * keep.reshape(d.shape))
+    w = torch.tensor(weights, dtype=torch.bfloat16).reshape(-1, *([1] * base.dim()))
+    p = torch.stack(deltas) * w
+    majority = torch.where(p.sum(dim=0) >= 0, 1, -1).to(torch.bfloat16)
+    mask = (p.sign() == majority).to(torch.bfloat16)
+    mixed = (p * mask).sum(dim=0)
+    divisor = (w * mask).sum(dim=0)
+    divisor[divisor == 0] = 1
+    return base + mixed / divisor
+
+
+def test_bf16_ties_rounds_every_step_like_mergekit(family, tmp_path, monkeypatch):
+    """A bf16 TIES recipe: both executors give the bytes of the bf16 statement above (compute_dtype is
+    mergekit's rule), and compute_dtype: float32 gives the fp32 statement rounded once instead."""
+    for name in ("base", "a", "b"):
+        sd = {k: v.to(torch.bfloat16) for k, v in weights(family[name]).items()}
+        (tmp_path / name).mkdir()
+        save_file(sd, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+        (tmp_path / name / "config.json").write_text((family[name] / "config.json").read_text())
+    data = {"merge_method": "ties", "base_model": str(tmp_path / "base"), "dtype": "bfloat16",
+            "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 0.7, "density": 0.4}},
+                       {"model": str(tmp_path / "b"), "parameters": {"weight": 0.45, "density": 0.4}}]}
+    fused_out, torch_out = merge_both(Recipe.load(data), tmp_path, monkeypatch)
+    sd = {n: weights(tmp_path / n) for n in ("base", "a", "b")}
+    name = "model.layers.0.self_attn.q_proj.weight"
+    expect = mergekit_ties_bf16(sd["base"][name], [sd["a"][name], sd["b"][name]], [0.7, 0.45], 0.4)
+    assert torch.equal(fused_out[name], expect) and torch.equal(torch_out[name], expect)
+    f32, _ = merge_both(Recipe.load({**data, "compute_dtype": "float32"}), tmp_path, monkeypatch, name="f32")
+    assert not torch.equal(f32[name], expect)  # the single rounding differs somewhere
