@@ -91,7 +91,7 @@ def _row(rows, vocabs, model: str, token: str, kind: str) -> np.ndarray:
 
 def _expected(spec: dict, weights: dict[str, float], rows, vocabs, token: str, kind: str) -> np.ndarray:
     """sum_m w_m P_m(token) / sum w, P_m by the hand-written rule `spec` for this token."""
-    total = np.zeros_like(rows["base"][kind][0])
+    total = np.zeros_like(next(iter(rows.values()))[kind][0])
     for m, w in weights.items():
         src = spec.get(m, m)  # a model's own row unless the statement names another source
         if src == "zero":
@@ -224,6 +224,62 @@ def test_model_source_and_tied_input(tk, tmp_path):
             np.testing.assert_allclose(got[kind][i], _expected(statement.get(t, {}), weights, rows, vocabs, t, kind),
                                        rtol=1e-6, atol=1e-6)
     assert "lm_head.weight" not in load_file(str(tk["T"] / "model.safetensors"))  # T's head is its embedding
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_rows(tk, tmp_path, dtype):
+    """bf16/fp16 inputs and output: the same statement, from the stored half-precision values, rounded once."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    half = {}
+    for m in ("base", "A", "B"):
+        half[m] = tmp_path / m
+        LlamaForCausalLM.from_pretrained(str(tk[m])).to(getattr(torch, dtype)).save_pretrained(half[m])
+        for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if (tk[m] / f).exists():
+                shutil.copy(tk[m] / f, half[m] / f)
+    weights = {"base": 0.25, "A": 0.25, "B": 0.5}
+    out = tmp_path / "o"
+    merge({"merge_method": "linear", "base_model": str(half["base"]), "dtype": dtype, "tokenizer_source": "union",
+           "models": [{"model": str(half[m]), "parameters": {"weight": w}} for m, w in weights.items()]}, out,
+          progress=False, hash_inputs=False)
+    raw = load_file(str(out / "model.safetensors"))
+    assert raw["model.embed_tokens.weight"].dtype == getattr(torch, dtype)
+    vocabs = {m: _vocab(tk[m]) for m in weights}
+    rows = {m: _rows(half[m]) for m in weights}
+    got_vocab, got = _vocab(out), _rows(out)
+    statement = {"<|im_start|>": {"B": "base"}, "<|im_end|>": {"A": "base"}, "fish": {"base": ("mean", "A", "B")},
+                 "bird": {"base": "B", "A": "B"}, "<tool>": {"base": "A", "B": "A"}}
+    for t, i in got_vocab.items():
+        want = _expected(statement.get(t, {}), weights, rows, vocabs, t, "embed")
+        want = torch.from_numpy(want).to(getattr(torch, dtype)).double().numpy()  # rounded once
+        np.testing.assert_allclose(got["embed"][i], want, rtol=2 ** -7 if dtype == "bfloat16" else 2 ** -10,
+                                   atol=1e-6, err_msg=t)
+
+
+def test_tied_output(tk, tmp_path):
+    """A tied output (base T) writes one aligned embedding, which transformers uses as lm_head too."""
+    from transformers import AutoModelForCausalLM
+
+    weights = {"T": 0.5, "A": 0.5}
+    out = tmp_path / "o"
+    merge({"merge_method": "linear", "base_model": str(tk["T"]), "dtype": "float32", "tokenizer_source": "union",
+           "models": [{"model": str(tk[m]), "parameters": {"weight": w}} for m, w in weights.items()]}, out,
+          progress=False, hash_inputs=False)
+    assert "lm_head.weight" not in load_file(str(out / "model.safetensors"))
+    vocabs = {m: _vocab(tk[m]) for m in weights}
+    rows = {m: _rows(tk[m]) for m in weights}
+    got_vocab, got = _vocab(out), _rows(out)
+    assert got_vocab == {**vocabs["T"], "<|im_start|>": 10, "<tool>": 11}
+    statement = {"<|im_start|>": {"T": "A"}, "<tool>": {"T": "A"}}
+    for t, i in got_vocab.items():
+        np.testing.assert_allclose(got["embed"][i], _expected(statement.get(t, {}), weights, rows, vocabs, t, "embed"),
+                                   rtol=1e-6, atol=1e-6)
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.config.vocab_size == 12 and model.get_output_embeddings().weight.shape[0] == 12
+    assert model.generate(torch.tensor([[3, 11]]), max_new_tokens=2, do_sample=False).shape == (1, 4)
 
 
 def test_slices_read_the_vocabulary_of_their_own_slice(tk, tmp_path):
