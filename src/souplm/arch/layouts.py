@@ -319,6 +319,9 @@ def _text_config(config: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     return config
 
 
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
+
+
 def detect_layout(
     names: Iterable[str],
     where: str = "checkpoint",
@@ -333,16 +336,18 @@ def detect_layout(
     else `fallback` (when given); else a layout inferred from names, shapes (`shape`) and `config`.
     """
     names = list(names)
+    # Detection looks at name shapes only: every index read as 0 (a 256-expert MoE has a few dozen shapes).
+    shapes_of_names = sorted({_INDEX.sub("0", n) for n in names})
     for w in load_schemes():
-        if w.kind != "wrapper" or not all(_present(t, names) for t in w.strs("signature")):
+        if w.kind != "wrapper" or not all(_present(t, shapes_of_names) for t in w.strs("signature")):
             continue
-        inner_names = _strip(w, names)
+        inner_names = _strip(w, shapes_of_names)
         found = _detect_decoder(inner_names, _text_config(config))
         if found is not None:
             wrapped = _wrap(w, found[0])
             if wrapped is not None:
                 return wrapped
-    found = _detect_decoder(names, config)
+    found = _detect_decoder(shapes_of_names, config)
     if found is not None and found[1] > 0:
         return found[0]
     if fallback is not None:
@@ -489,14 +494,41 @@ class Accounting:
     dropped: dict[str, str] = field(default_factory=dict)  # stored -> why
 
 
+def _best_rule(rules: Iterable[Rule], name: str, forward: bool) -> Rule | None:
+    best: Rule | None = None
+    for r in rules:
+        if (r.forward(name) if forward else r.backward(name)) is not None and (
+                best is None or len(r.stored if forward else r.canonical) > len(best.stored if forward else best.canonical)):
+            best = r
+    return best
+
+
+def _literal_index(layout: Layout) -> bool:
+    """True when some template has a literal numeric segment (`mlp.0.`): then name shapes do not decide rules."""
+    rules = (*layout.rules, *layout.buffers, *layout.extras)
+    return any(_INDEX.search(t.replace("{layer}", "x")) for r in rules for t in (r.stored, r.canonical))
+
+
 def account(layout: Layout, names: Iterable[str], where: str) -> Accounting:
-    """Sort every stored tensor into exactly one place, checking the layout is one-to-one on them."""
+    """Sort every stored tensor into exactly one place, checking the layout is one-to-one on them.
+
+    Which rule applies depends only on a name's shape (its indices read as 0) when no template holds a
+    literal index, so the rules are searched once per shape: a 256-expert MoE's 47,000 names in well under
+    a second."""
     acc = Accounting()
+    by_shape: dict[str, tuple[bool, Rule | None, Rule | None]] = {}
+    exact = _literal_index(layout)
     for n in names:
-        if layout.is_buffer(n):
+        shape_key = n if exact else _INDEX.sub("0", n)
+        if shape_key not in by_shape:
+            fwd = None if layout.is_buffer(n) else _best_rule(layout.rules, n, True)
+            back = None if fwd is None else _best_rule(layout.rules, fwd.forward(n) or "", False)
+            by_shape[shape_key] = (layout.is_buffer(n), fwd, back)
+        buffer, fwd, back = by_shape[shape_key]
+        if buffer:
             acc.dropped[n] = "a stored buffer (attention mask, rotary frequencies) that transformers rebuilds"
             continue
-        c = layout.to_canonical(n)
+        c = fwd.forward(n) if fwd is not None else None
         if c is None:
             key = layout.extra_key(n)
             if key in acc.extra:
@@ -506,7 +538,7 @@ def account(layout: Layout, names: Iterable[str], where: str) -> Accounting:
         if c in acc.lm:
             raise SoupError(f"{where}: tensors {acc.lm[c]} and {n} map to one canonical name {c} "
                             f"(layout {layout.name})")
-        if layout.from_canonical(c) != n:
+        if back is None or back.backward(c) != n:
             raise SoupError(f"{where}: layout {layout.name} maps {n} to {c}, which maps back to "
                             f"{layout.from_canonical(c)}")
         acc.lm[c] = n

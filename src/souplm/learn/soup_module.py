@@ -504,7 +504,9 @@ def build_soup(
     fixed = dict(fixed or {})
     model.requires_grad_(False)
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    layout = layout or detect_layout(names, where="soup model")
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    config = model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else None
+    layout = layout or detect_layout(names, where="soup model", shape=shapes.__getitem__, config=config)
     n_layers = layer_count(c for n in names if (c := layout.to_canonical(n)))
     getters = [_getter(s) for s in others]
 
