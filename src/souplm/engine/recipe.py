@@ -41,7 +41,7 @@ from .tokenizer import TokenizerSpec, absolute_fields, check_recipe, resolve_pat
 # mergekit keys we read but that change nothing for souplm (documented, not silently ignored).
 MERGEKIT_NOOP_KEYS = {"int8_mask"}
 # Methods whose base_model mergekit also accepts among `models` (it is then not a model of its own).
-BASE_LISTED_ONCE = {"nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl"}
+BASE_LISTED_ONCE = {"nuslerp", "multislerp", "nearswap", "arcee_fusion", "ram", "ramplus_tl"}
 BASE_LISTED_ONCE |= {"breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "model_stock"}
 MERGEKIT_UNSUPPORTED = {
     "modules": "modular recipes are not supported",
@@ -438,6 +438,11 @@ def _from_mergekit(data: dict, where: str) -> dict:
         # mergekit's slerp: t=0 is base_model, t=1 the other model
         others = [m for m in models if _model_path(m) != base]
         data["models"] = [{"model": base}] + others
+        data.pop("base_model")
+    elif base and method == "karcher":  # mergekit's karcher: the base is one more input (and gives the config)
+        if not any(_model_path(m) == base for m in models):
+            data["models"] = [*models, {"model": base}]
+        data.setdefault("output_model", base)
         data.pop("base_model")
     elif base and method == "passthrough" and any(_model_path(m) == base for m in models):
         data.pop("base_model")  # mergekit's one input is then the base itself

@@ -2,7 +2,7 @@
 back to their mean norm (mergekit 0.1.5's `karcher`).
 
 Every input counts equally, the base model included when the recipe names one (mergekit treats it as
-one more input): alpha_i = 1/N. With x_i the flattened tensors, n_i = |x_i| and u_i = x_i / n_i, the
+one more input; souplm's recipe reader lists it among the models): alpha_i = 1/N. With x_i the flattened tensors, n_i = |x_i| and u_i = x_i / n_i, the
 inputs with n_i > tol take part, their alphas renormalized to a_i (none: the result is zero):
 
     m = sum_i a_i u_i / |m|   (or the first such u_i when |m| < tol)
@@ -16,8 +16,9 @@ inputs with n_i > tol take part, their alphas renormalized to a_i (none: the res
 Every step is a linear combination of the u_i, and every dot product and norm in it is one of the
 unit vectors' Gram matrix, so the result is sum_i c_i x_i with c from the Gram matrix alone
 (`coefficients_from_gram`): the renormalization of m too is |m|^2 = c^T G c. The iterations run on an
-N x N matrix; the method reads the inputs twice (Gram matrix, then the weighted sum), whatever
-max_iter is. mergekit instead updates full-size tensors in each iteration (in the recipe's dtype).
+N x N matrix. Stated as a Form whose weights come from the Gram matrix (as SLERP's): both executors read
+the inputs twice (Gram matrix, then the weighted sum), whatever max_iter is; mergekit instead updates
+full-size tensors in each iteration (in the recipe's dtype).
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ import math
 
 import numpy as np
 
-from .gram import gram
-from .linear import weighted_sum
+from .form import Form
 from .registry import ParamSpec, register
 
 
@@ -80,19 +80,17 @@ def coefficients_from_gram(gram: np.ndarray, max_iter: int = 10, tol: float = 1e
     "karcher",
     specs={"max_iter": ParamSpec(int, 0.0, None), "tol": ParamSpec(float, 0.0, None)},
     needs_base=False,
-    optional_base=True,
+    forbids_base=True,  # a recipe's base_model is one more input (engine/recipe.py lists it among the models)
     min_models=1,
     max_models=None,
     model_params={"weight": 1.0},  # accepted and ignored, as mergekit does (its recipes often set it)
     global_params={"max_iter": 10, "tol": 1e-5},
+    row_weights=False,
     reference="https://arxiv.org/abs/2603.04972 (mergekit 0.1.5); Karcher 1977, Riemannian center of mass",
 )
-def karcher(tensors, base, weight=None, max_iter=10, tol=1e-5):
-    """Equal-weight Karcher mean of the models (and the base, if named) on the hypersphere, at their mean norm."""
-    import torch
-
-    xs = [*tensors, base] if base is not None else list(tensors)
-    if len(xs) == 1:
-        return xs[0]
-    coef = coefficients_from_gram(gram(xs), int(max_iter), float(tol))
-    return weighted_sum(xs, torch.from_numpy(coef))
+def karcher(n_models, max_iter=10, tol=1e-5, weight=None) -> Form:
+    """Equal-weight Karcher mean of the inputs on the hypersphere, scaled to their mean norm."""
+    if n_models == 1:
+        return Form(np.ones(1, np.float32))
+    it, tl = int(max_iter), float(tol)
+    return Form(np.full(n_models, 1.0 / n_models, np.float32), reweigh=lambda g: coefficients_from_gram(g, it, tl))
