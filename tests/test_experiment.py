@@ -220,6 +220,10 @@ def test_pipeline_on_a_tiny_stand_in_family(
         assert c["test"] == ("mcnemar-exact" if stored_metric(stored, c["task"]) != "bpb"
                              and "mean" not in c["kind"] else "paired-bootstrap"), c
     assert set(stored["bases"]["models"]) == {"LLaVA", "Vicuna", "Math", "Shakespeare"}
+    ss = stored["regularized"]["seed_study"]
+    assert ss["seeds"] == list(TINY.reg_seeds) and [r["lambda"] for r in ss["lambdas"]] == list(TINY.lambdas)
+    assert ss["baseline"]["pairs"] == len(TINY.reg_seeds) * (len(TINY.reg_seeds) - 1) // 2
+    assert ss["verdict"] == stored["claims"]["stable_under_regularization"]["verdict"]
 
     # Every number in the document is a number of results.json (at the printed precision).
     values = _json_numbers(stored)

@@ -50,3 +50,13 @@ def test_the_writing_step_changes_no_tracked_file() -> None:
         assert not _git("ls-files", "--", *[str(p) for p in written]).strip()
     finally:
         shutil.rmtree(quick if not existed else out, ignore_errors=True)
+
+
+def test_large_and_quick_are_refused_together(capsys) -> None:
+    assert run.main(["--quick", "--large"]) == 2
+    assert "souplm: error: --large and --quick: choose one" in capsys.readouterr().err
+
+
+def test_the_large_runs_default_output_is_ignored_too() -> None:
+    assert run.LARGE.test_rows["easy-vqa"] >= 1000 and run.LARGE.test_rows["shakespeare-mc"] >= 500
+    assert _git("check-ignore", "scratch/experiment-large/RESULTS.md").strip()

@@ -97,7 +97,8 @@ def run_experiment(
         results["statistics"] = step_statistics(ctx, results)
     results["claims"] = step_claims(ctx, results)
     total = time.perf_counter() - began
-    steps = merge_timings(work / "timings.json", timings)
+    steps = merge_timings(work / ("timings.json" if settings.mode in ("full", "quick", "test") else f"timings-{settings.mode}.json"),
+                          timings)
     doc = {
         "format": "souplm.experiment/1",
         "souplm_version": __version__,

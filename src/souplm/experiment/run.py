@@ -8,11 +8,16 @@ math and Shakespeare fine-tunes are the extra homologous variants for the N > 2 
 1. `vanilla`     alpha * LLaVA + (1 - alpha) * Vicuna for alpha = 0.0 ... 1.0 on every test task (Fig. 1).
 2. `learnable`   per-mapping (`layer_mapping`) soups with each activation, trained on each single meta set
                  (dev splits) and on one mixed pair (paper Tables 2 and 3).
-3. `regularized` L1-regularized soups at several lambdas; alpha plots per mapping (Figs. 5 and 6) and a
-                 computed answer to "is the alpha distribution stable?".
+3. `regularized` L1-regularized soups over lambdas spanning orders of magnitude, at several seeds, against
+                 the seed-to-seed variation without a penalty; alpha plots per mapping (Figs. 5 and 6).
 4. `greedy`      greedy and uniform soups of the four variants, each chosen on a dev task.
 5. `robustness`  three seeds of one learnable soup, and per-mapping against whole-model alpha.
-6. `claims`      which of the paper's claims hold here, each decided by a comparison of numbers.
+6. `bases`       every variant alone on every test task, and the gap each opens on its speciality.
+7. `adamms`      AdaMMS searches in several settings (target <- source on a task), alpha chosen without labels
+                 by the authors' criterion and by souplm's older one, each checked against the labels.
+8. `statistics`  a 95% bootstrap interval over test items on every score, a paired test on every comparison
+                 (McNemar or paired bootstrap), Holm's correction over all of them.
+9. `claims`      a verdict (holds / does not hold / inconclusive) on each of the paper's claims.
 
 Every evaluation goes through the souplm result cache and every learned soup lives in its own folder
 named by its config, so an interrupted run resumes where it stopped and a rerun costs seconds. All
@@ -41,6 +46,7 @@ from souplm.experiment.settings import (
     ACTIVATIONS,
     ADAMMS_SETTINGS,
     FULL,
+    LARGE,
     META_SETS,
     QUICK,
     REQUIRED_PACKAGES,
@@ -50,7 +56,7 @@ from souplm.experiment.settings import (
     Settings,
 )
 
-__all__ = ["ACTIVATIONS", "ADAMMS_SETTINGS", "FULL", "META_SETS", "QUICK", "REQUIRED_PACKAGES", "ROLES", "ROLES_EXTRA", "TASKS", "Settings",
+__all__ = ["ACTIVATIONS", "ADAMMS_SETTINGS", "FULL", "LARGE", "META_SETS", "QUICK", "REQUIRED_PACKAGES", "ROLES", "ROLES_EXTRA", "TASKS", "Settings",
            "check_packages", "main", "missing_packages", "render_markdown", "run_experiment"]
 
 
@@ -81,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m souplm.experiment.run", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="a few rows per task and a few learning steps, on the quick family")
+    parser.add_argument("--large", action="store_true",
+                        help="issue 16 §2's test-set sizes (easy-vqa 1000, multiple choice 500, ~100 kB of text): "
+                        "about 11 hours on 2 CPU cores; results go to --out (default scratch/experiment-large)")
     parser.add_argument("--cache", default=None, help="family folder (default $SOUPLM_CACHE/family, else ~/.cache/souplm/family)")
     parser.add_argument("--out", default=None,
                         help="where RESULTS.md and results/ go (default docs, or scratch/experiment-quick with --quick)")
@@ -88,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only check that the required packages are installed")
     args = parser.parse_args(argv)
     try:
+        if args.large and args.quick:
+            raise SoupError("--large and --quick: choose one")
         check_packages()
         if args.check:
             print("souplm experiment: required packages are installed")
@@ -107,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         info = {name: {"dir": rec.get("dir"), "wall_s": rec.get("wall_s"),
                        "wall_min": (rec.get("wall_s") or 0.0) / 60}
                 for name, rec in manifest.get("stages", {}).items()}
-        out = Path(args.out) if args.out else default_out(args.quick)
-        run_experiment({k: paths[k] for k in (*ROLES, *ROLES_EXTRA)}, folder / "experiment", out, QUICK if args.quick else FULL,
+        out = Path(args.out) if args.out else Path("scratch/experiment-large") if args.large else default_out(args.quick)
+        settings = QUICK if args.quick else LARGE if args.large else FULL
+        run_experiment({k: paths[k] for k in (*ROLES, *ROLES_EXTRA)}, folder / "experiment", out, settings,
                        family_info=info)
     except SoupError as exc:
         print(f"souplm: error: {exc}", file=sys.stderr)

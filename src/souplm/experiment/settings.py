@@ -94,7 +94,7 @@ class Settings:
     lr: float
     learn_batch: int
     max_length: int
-    lambdas: tuple[float, ...]  # L1 strengths of the regularized soups
+    lambdas: tuple[float, ...]  # L1 strengths of the regularized soups (per-unit normalized penalty)
     seeds: tuple[int, ...]
     greedy_heldout: tuple[str, ...]  # dev tasks that choose greedy soups
     eval_batch: int = 8
@@ -102,14 +102,19 @@ class Settings:
     # easy-vqa test questions (their answers unread) judge generation consistency.
     adamms_alphas: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
     adamms_inputs: int = 100  # the authors' sample size
+    # Seeds of every regularized soup (and of the unregularized baseline): is a lambda's alpha pattern further
+    # from the unregularized one than two unregularized seeds are from each other? (issue 16 §5)
+    reg_seeds: tuple[int, ...] = (0, 1, 2)
 
     def to_json(self) -> dict[str, Any]:
         """The settings as plain data (results.json records them)."""
         return asdict(self)
 
 
-# Sized for about two hours on the 2-core machine, measured there with nothing else running: one soup
-# scored on every test task takes ~70 s (41 of them), learning one soup ~1-3 min (25 of them).
+# Sized for the 2-core machine, measured there with nothing else running: one soup scored on every test task
+# takes ~70 s, learning one soup ~1-3 min. The run that made docs/RESULTS.md (2 lambdas, 1 seed each, one AdaMMS
+# setting with 32 inputs) took 97.6 min; with 5 lambdas x 3 seeds, the bases step and four AdaMMS settings of 100
+# inputs, about 2.5 hours (estimated from those rates, not yet run).
 FULL = Settings(
     mode="full",
     test_rows={"easy-vqa": 80, "math": 80, "shakespeare-ppl": 12, "shakespeare-mc": 80, "instruct-ppl": 20},
@@ -123,9 +128,20 @@ FULL = Settings(
     lr=0.1,
     learn_batch=4,
     max_length=320,
-    lambdas=(0.001, 0.01),
+    lambdas=(0.0001, 0.001, 0.01, 0.1, 1.0),
     seeds=(0, 1, 2),
     greedy_heldout=("math-dev", "instruct-ppl-dev"),
+)
+
+# Issue 16 §2's test-set sizes: easy-vqa 1,000 questions, math and Shakespeare multiple choice 500 items each,
+# Shakespeare perplexity on 130 passages of 800 characters (~104 kB), instruction perplexity on every held-out
+# answer (120 rows, ~53 kB: the data has no more). Dev (meta) sets stay as small as in FULL. Measured scoring
+# rates (the FULL run on an idle 2-core machine: ~0.27 s per test item per soup, AdaMMS ~0.16 s per answer)
+# put this at ~10 min per scored soup and about 11 hours in all: for a GPU or a bigger machine (`--large`).
+LARGE = replace(
+    FULL,
+    mode="large",
+    test_rows={"easy-vqa": 1000, "math": 500, "shakespeare-ppl": 130, "shakespeare-mc": 500, "instruct-ppl": 120},
 )
 
 QUICK = replace(
@@ -143,5 +159,7 @@ QUICK = replace(
     greedy_heldout=("math-dev",),
     adamms_alphas=(0.0, 0.5, 1.0),
     adamms_inputs=3,
+    lambdas=(0.001, 0.1),
+    reg_seeds=(0, 1),
 )
 

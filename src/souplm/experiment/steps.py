@@ -145,8 +145,8 @@ def _data_digest(ctx: Context, spec: LearnSpec) -> list[str]:
     return [hashlib.sha256(ctx.data.meta_sets[m].read_bytes()).hexdigest()[:16] for m in spec.metas]
 
 
-def run_learn(ctx: Context, spec: LearnSpec) -> dict[str, Any]:
-    """Learn one soup (or find it learned) and score it on every test task; returns its record."""
+def run_learn(ctx: Context, spec: LearnSpec, *, score: bool = True) -> dict[str, Any]:
+    """Learn one soup (or find it learned) and, with `score`, score it on every test task; returns its record."""
     from souplm.engine.coefficients import CoefficientTable
     from souplm.learn import learn
 
@@ -166,7 +166,7 @@ def run_learn(ctx: Context, spec: LearnSpec) -> dict[str, Any]:
         ctx.learn_computed += 1
     learn_s = time.perf_counter() - t0
     table = CoefficientTable.load(table_path)
-    results = evaluate_table(ctx, table, table_path)
+    results = evaluate_table(ctx, table, table_path) if score else {}
     ctx.keep(name, results)
     scores = {n: float(r["score"]) for n, r in results.items()}
     meta = table.meta
@@ -339,6 +339,7 @@ def step_regularized(ctx: Context, learnable: dict[str, Any]) -> dict[str, Any]:
         _drop_svg(folder)
     stable = all(c["stable"] for c in comparisons)
     return {
+        "seed_study": regularization_seed_study(ctx, pair),
         "pair": "+".join(pair), "activation": "softmax", "reference": free["id"], "runs": runs,
         "comparisons": comparisons, "across_meta_sets": across,
         "mean_sign_agreement_across_meta_sets": mean([a["sign_agreement"] for a in across]),
@@ -347,6 +348,48 @@ def step_regularized(ctx: Context, learnable: dict[str, Any]) -> dict[str, Any]:
         "figures": {"metasets": sorted(str(p.relative_to(ctx.out)) for p in fig_meta.glob("*.png")),
                     "regularized": sorted(str(p.relative_to(ctx.out)) for p in fig_reg.glob("*.png"))},
     }
+
+
+def regularization_seed_study(ctx: Context, pair: tuple[str, ...]) -> dict[str, Any]:
+    """Issue 16 §5: every lambda at every seed of `reg_seeds`, against the right baseline. A lambda "keeps the
+    pattern" when its soups put units on the same side of 0.5 as the unregularized soup of the same seed at
+    least as often as two unregularized seeds agree with each other (and "changes it" when below that by
+    more than the spread of the seed-to-seed agreements). Only alphas are compared: these soups are not scored."""
+    s = ctx.settings
+    seeds = list(s.reg_seeds)
+    free = {sd: unit_alphas(ctx, run_learn(ctx, LearnSpec(metas=pair, seed=sd), score=sd == s.seeds[0]))
+            for sd in seeds}
+    base_pairs = [alpha_agreement(free[a], free[b]) for i, a in enumerate(seeds) for b in seeds[i + 1:]]
+    base = [p["sign_agreement"] for p in base_pairs]
+    baseline = {"mean_sign_agreement": mean(base), "min": min(base, default=float("nan")),
+                "max": max(base, default=float("nan")), "mean_correlation": mean([p["correlation"] for p in base_pairs]),
+                "pairs": len(base)}
+    spread = (baseline["max"] - baseline["min"]) if base else float("nan")
+    rows = []
+    for lam in s.lambdas:
+        reg = {sd: unit_alphas(ctx, run_learn(ctx, LearnSpec(metas=pair, lam=lam, seed=sd), score=sd == s.seeds[0]))
+               for sd in seeds}
+        same = [alpha_agreement(free[sd], reg[sd]) for sd in seeds]
+        across = [alpha_agreement(reg[a], reg[b])["sign_agreement"] for i, a in enumerate(seeds) for b in seeds[i + 1:]]
+        agree = mean([x["sign_agreement"] for x in same])
+        if math.isnan(agree) or math.isnan(baseline["mean_sign_agreement"]):
+            state = "inconclusive"
+        elif agree >= baseline["mean_sign_agreement"]:
+            state = "keeps the pattern"
+        elif agree < baseline["mean_sign_agreement"] - spread:
+            state = "changes the pattern"
+        else:
+            state = "inconclusive"
+        rows.append({"lambda": lam, "sign_agreement_with_unregularized": agree,
+                     "per_seed": [x["sign_agreement"] for x in same],
+                     "correlation_with_unregularized": mean([x["correlation"] for x in same]),
+                     "sign_agreement_between_seeds": mean(across),
+                     "mean_abs_dev": mean([mean([abs(v - 0.5) for v in reg[sd].values()]) for sd in seeds]),
+                     "state": state})
+    states = {r["state"] for r in rows}
+    verdict = ("holds" if states == {"keeps the pattern"} else "does not hold" if "changes the pattern" in states
+               else "inconclusive")
+    return {"seeds": seeds, "baseline": baseline, "lambdas": rows, "verdict": verdict}
 
 
 def step_greedy(ctx: Context) -> dict[str, Any]:
@@ -596,9 +639,12 @@ def step_claims(ctx: Context, results: dict[str, Any]) -> dict[str, Any]:
     v_verdict = ("holds" if both else "does not hold" if by_task and len(behind) == len(by_task)
                  else "inconclusive")
     # Stable under regularization: a rule on the alpha pattern, judged against seed-to-seed variation.
-    seed_sign = rob["alphas"]["mean_sign_agreement"]
+    seed_sign = (reg["seed_study"]["baseline"]["mean_sign_agreement"] if "seed_study" in reg
+                 else rob["alphas"]["mean_sign_agreement"])
     reg_sign = min((c["sign_agreement"] for c in reg["comparisons"]), default=float("nan"))
-    if reg["stable"]:
+    if "seed_study" in reg:
+        s_verdict = reg["seed_study"]["verdict"]
+    elif reg["stable"]:
         s_verdict = "holds"
     elif not math.isnan(seed_sign) and not math.isnan(reg_sign) and reg_sign < seed_sign:
         s_verdict = "does not hold"
