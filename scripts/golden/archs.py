@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+AUTO_CLASS = {"llava": "AutoModelForImageTextToText"}  # the rest: AutoModelForCausalLM
+
 _COMMON = dict(vocab_size=64, hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1,
                num_hidden_layers=2, max_position_embeddings=64, tie_word_embeddings=False,
                bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -38,6 +40,21 @@ ARCHS: dict[str, dict] = {
     "apertus": dict(_COMMON),
     "cohere2": dict(_COMMON, head_dim=4, sliding_window=16, tie_word_embeddings=True),
     "lfm2": dict(_COMMON, full_attn_idxs=[1], block_ff_dim=16),
+    "glm4_moe": dict(_COMMON, head_dim=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                     first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
+    "granitemoehybrid": dict(_COMMON, num_local_experts=0, layer_types=["mamba", "attention"], mamba_n_heads=2,
+                             mamba_d_head=8, mamba_d_state=4, mamba_n_groups=1, mamba_expand=2,
+                             shared_intermediate_size=16),
+    "llama4_text": dict(_COMMON, head_dim=4, num_local_experts=2, interleave_moe_layer_step=1, intermediate_size_mlp=16),
+    "afmoe": dict(_COMMON, head_dim=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, num_dense_layers=1),
+    # no architecture JSON in mergekit 0.1.5: its automatic inference
+    "olmo3": dict(_COMMON),
+    "smollm3": dict(_COMMON),
+    "seed_oss": dict(_COMMON, head_dim=4),
+    # a LLaVA (mergekit's tests merge one): CLIP tower + projector + the Llama above
+    "llava": dict(vision_config=dict(model_type="clip_vision_model", image_size=16, patch_size=8, hidden_size=8,
+                                     intermediate_size=16, num_hidden_layers=1, num_attention_heads=2),
+                  text_config=dict(_COMMON, model_type="llama"), image_token_index=63, vision_feature_layer=-1),
     "internlm2": None,  # remote code only
     "mamba": dict(vocab_size=64, hidden_size=8, num_hidden_layers=2, state_size=4, expand=2, conv_kernel=2,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0),

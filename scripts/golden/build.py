@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "tests" / "golden"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import inputs as golden_inputs
-from archs import ARCHS
+from archs import ARCHS, AUTO_CLASS
 from cases import CASES, MODELS
 
 MERGEKIT_PY = Path(os.environ.get("MERGEKIT_PY", "/work/venvs/mergekit/bin/python"))
@@ -71,15 +71,17 @@ def build_model(name: str, spec: dict, work: Path) -> dict:
     The model's files are transformers' own (`save_pretrained`); the weights are the seeded ones, written by
     `inputs.materialize`, then loaded back with `from_pretrained` (no missing or unexpected key) and saved
     again with `save_pretrained`, which must give the same bytes: the tests' rebuild is transformers' file."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import transformers
+    from transformers import AutoConfig
 
     arch = spec["arch"]
+    auto = getattr(transformers, AUTO_CLASS.get(arch, "AutoModelForCausalLM"))
     kwargs = dict(ARCHS[arch], **spec.get("config", {}))
     dtype_name = spec.get("dtype", "float32")
     dtype = golden_inputs.DTYPES[dtype_name]
     cfg = AutoConfig.for_model(arch, **kwargs)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
+    model = auto.from_config(cfg).to(dtype)
     side = GOLDEN / "models" / name
     if side.exists():
         shutil.rmtree(side)
@@ -105,7 +107,7 @@ def build_model(name: str, spec: dict, work: Path) -> dict:
         shutil.rmtree(out)
     golden_inputs.materialize(name, entry, work / "models")
     entry["sha256"] = golden_inputs.file_sha256(out / "model.safetensors")
-    loaded, info = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, output_loading_info=True)
+    loaded, info = auto.from_pretrained(out, dtype=dtype, output_loading_info=True)
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if bad:
         raise SystemExit(f"golden: {name}: transformers does not load the seeded weights: {bad}")

@@ -14,7 +14,7 @@ RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
 
 CORE_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox",
               "mixtral", "qwen3_moe"]
-EXTRA_ARCHS = [a for a, kw in ARCHS.items() if kw is not None and a not in CORE_ARCHS]
+EXTRA_ARCHS = [a for a, kw in ARCHS.items() if kw is not None and a not in CORE_ARCHS and a != "llava"]
 
 # -- input models -------------------------------------------------------------------------------------
 MODELS: dict[str, dict] = {}
@@ -318,6 +318,14 @@ case("fr_gemma3_stack", "slices", {"merge_method": "passthrough", "slices": [
 case("fr_qwen2_stack", "slices", {"merge_method": "passthrough", "slices": [
     {"sources": [{"model": "qwen2-a", "layer_range": [0, 2]}]},
     {"sources": [{"model": "qwen2-b", "layer_range": [0, 1]}]}], "dtype": "bfloat16"}, arch="qwen2")
+
+# mergekit's tests' LLaVA recipes (two_model_config on picoLlaVa): mergekit's output drops the language model
+V = ("llava-a", "llava-b", "llava-c")
+case("vlm_linear", "vlm", two(V[0], V[1], "linear"), arch="llava")
+case("vlm_slerp", "vlm", dict(two(V[0], V[1], "slerp", base=V[0]), parameters={"t": 0.35}), arch="llava")
+case("vlm_task_arithmetic", "vlm", two(V[0], V[1], "task_arithmetic", base=V[2]), arch="llava")
+case("vlm_ties", "vlm", two(V[0], V[1], "ties", base=V[2], params={"density": 0.3}, dtype="float32"), arch="llava",
+     note="fp32 (mergekit's test: bf16) so that a float64 statement of TIES is the reference")
 
 # every architecture: linear in fp32; the core ones also slerp (bf16) and ties (fp32)
 for arch in CORE_ARCHS + EXTRA_ARCHS:
