@@ -410,7 +410,7 @@ def recipe_for(tmp_path, method, per_model=None, glob=None, n=2):
     ("breadcrumbs_ties", {"weight": 1.0, "gamma": -0.1}, {}, "gamma"),
     ("breadcrumbs", {"weight": 1.0}, {"rescale": "yes"}, "rescale"),
     ("sce", {}, {"select_topk": 1.2}, "select_topk"),
-    ("sce", {"weight": 1.0}, {}, "weight"),
+    ("sce", {"density": 0.5}, {}, "density"),
     ("model_stock", {}, {"filter_wise": 1}, "filter_wise"),
 ])
 def test_bad_parameters_are_one_line_errors(tmp_path, capsys, method, per_model, glob, needle):
@@ -430,6 +430,18 @@ def test_della_window_accepts_what_mergekit_accepts(tmp_path):
     # density 1 does not prune, so epsilon is not checked against it (mergekit returns the task vector)
     souplm.merge(recipe_for(tmp_path, "della", {"weight": 1.0}, {"density": 1.0, "epsilon": 0.4}), tmp_path / "o",
                  progress=False, hash_inputs=False)
+
+
+def test_weight_is_accepted_and_ignored_by_sce_and_model_stock(tmp_path):
+    """mergekit's sce and model_stock take no weight; its recipes often set one anyway, and it ignores it."""
+    paths, t = checkpoints(tmp_path, "float32")
+    k = "model.layers.0.mlp.down_proj.weight"
+    for method, ref in (("sce", sce_ref), ("model_stock", model_stock_ref)):
+        recipe = {"merge_method": method, "base_model": str(paths["base"]),
+                  "models": [{"model": str(paths[x]), "parameters": {"weight": w}} for x, w in (("a", 0.9), ("b", 0.1))]}
+        souplm.merge(recipe, tmp_path / method, progress=False, hash_inputs=False)
+        got = load_file(str(tmp_path / method / "model.safetensors"))[k].numpy().astype(np.float64)
+        ulp_close(got, ref(t["base"][k], [t["a"][k], t["b"][k]], *((1.0,) if method == "sce" else (False,))), "float32")
 
 
 def test_model_stock_needs_two_models(tmp_path):

@@ -44,13 +44,25 @@ def check_window(params: dict[str, np.ndarray], where: str) -> str | None:
     return None
 
 
+def _row_order(mag: torch.Tensor) -> torch.Tensor:
+    """Indices that sort each row of `mag` ascending. On the host NumPy's vectorised sort (AVX-512 where
+    the CPU has it) is ~3x faster than torch's; ties may come in either order (the ramp's distribution
+    does not depend on it)."""
+    import numpy as np
+    import torch
+
+    if mag.device.type != "cpu":
+        return mag.argsort(dim=-1)
+    return torch.from_numpy(np.argsort(mag.contiguous().numpy(), axis=-1))
+
+
 def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """Per-entry keep probability: the density +/- epsilon ramp over each row's magnitude ranks."""
     import torch
 
     rows = delta.view(1, -1) if delta.dim() < 2 else delta.movedim(1, -1)
     m = rows.shape[-1]
-    order = rows.abs().argsort(dim=-1, stable=True)
+    order = _row_order(rows.abs())
     if m > 1:
         ramp = torch.arange(m, dtype=torch.float32, device=delta.device).mul_(2.0 * epsilon / (m - 1))
         ramp.add_(density - epsilon)

@@ -11,7 +11,6 @@ The cosine is taken over the whole tensor, or per row (the last dimension) with 
 from __future__ import annotations
 
 from .registry import ParamSpec, register
-from .task_arithmetic import task_vectors
 
 SINGULAR = 1e-6
 NORM_FLOOR = 1e-6
@@ -23,28 +22,41 @@ NORM_FLOOR = 1e-6
     needs_base=True,
     min_models=2,
     max_models=None,
+    model_params={"weight": 1.0},  # accepted and ignored, as mergekit does (its recipes often set it)
     global_params={"filter_wise": False},
+    row_weights=False,
     reference="https://arxiv.org/abs/2403.19522",
 )
-def model_stock(tensors, base, filter_wise=False):
+def model_stock(tensors, base, weight=None, filter_wise=False):
     """t * mean_i theta_i + (1 - t) * base, t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the task vectors."""
     import torch
 
-    deltas = task_vectors(tensors, base)
-    n = len(deltas)
-    rows = [d.reshape(-1, d.shape[-1]) if filter_wise and d.dim() >= 2 else d.reshape(1, -1) for d in deltas]
-    norms = [torch.linalg.vector_norm(r, dim=-1) for r in rows]
+    from ..io import pool
+
+    n = len(tensors)
+    rowwise = filter_wise and base.dim() >= 2
+    view = (lambda x: x) if rowwise else (lambda x: x.reshape(-1))
+    # the offsets beside the inputs: the result is formed from theta_i and base as mergekit forms it, so
+    # that it rounds the same way (base + t * mean(tau) is the same number, a few fp32 ulps apart)
+    raw = [torch.sub(t, base, out=pool.empty_like(t)) for t in tensors]
+    offsets = [view(o) for o in raw]
+    norms = [torch.linalg.vector_norm(o, dim=-1) for o in offsets]
     cos = torch.zeros_like(norms[0])
+    prod = pool.empty_like(raw[0])
     for i in range(n):
         for j in range(i + 1, n):
-            dot = torch.linalg.vecdot(rows[i], rows[j])
+            dot = torch.mul(offsets[i], offsets[j], out=view(prod)).sum(dim=-1)
             cos.add_(dot.div_((norms[i] * norms[j]).clamp_(min=NORM_FLOOR)).clamp_(-1.0, 1.0))
-    cos.div_(n * (n - 1) // 2)
+    for o in (*raw, prod):
+        pool.release(o)
+    cos = cos.div_(n * (n - 1) // 2).unsqueeze(-1)
     denom = cos * (n - 1) + 1
     singular = denom.abs() < SINGULAR
     t = torch.where(singular, torch.zeros_like(cos), cos * n / torch.where(singular, torch.ones_like(denom), denom))
-    mean = deltas[0]
-    for d in deltas[1:]:
-        mean.add_(d)
-    shape = (*base.shape[:-1], 1) if filter_wise and base.dim() >= 2 else (1,) * base.dim()
-    return mean.mul_((t / n).reshape(shape)).add_(base)
+    avg = tensors[0]
+    for x in tensors[1:]:
+        avg.add_(x)
+    avg.div_(n)
+    if not rowwise:
+        t = t.reshape((1,) * base.dim())
+    return avg.mul_(t).add_(base.mul_(1 - t))

@@ -45,10 +45,12 @@ def select_mask(deltas, select_topk: float):
     needs_base=True,
     min_models=1,
     max_models=None,
+    model_params={"weight": 1.0},  # accepted and ignored, as mergekit does (its recipes often set it)
     global_params={"select_topk": 1.0},
+    row_weights=False,
     reference="https://arxiv.org/abs/2408.07990",
 )
-def sce(tensors, base, select_topk=1.0):
+def sce(tensors, base, weight=None, select_topk=1.0):
     """base + sum_{i agrees with sign(sum tau)} w_i tau_i / sum_{i agrees} w_i, w_i ~ mean(tau_i^2), after top-k variance selection."""
     import torch
 
