@@ -384,23 +384,33 @@ class VocabPlan:
             desc = ", ".join(f"{Path(ck.path).name}{list(t.shape)}" for ck, t in zip(self.checkpoints, src))
             raise SoupError(f"{canonical}: the models' rows differ in width ({desc}); they cannot be merged")
         width = src[0].shape[1:]
-        defaults: dict[int, torch.Tensor] = {}
         if canonical not in self.defaults:  # a plan not bound (`bind`): every checkpoint feeds it
             self.defaults[canonical] = self.rules.defaults(self, canonical, list(range(len(self.checkpoints))))[0]
-        for i, pairs in self.defaults[canonical].items():
-            row = torch.zeros(width, dtype=torch.float32)
-            for k, j in pairs:  # summed in order, then divided (mergekit's order of operations)
-                row = row + src[k][j]
-            defaults[i] = row / len(pairs) if len(pairs) > 1 else row
+        table = self.defaults[canonical]
+        slot = np.full(self.size, -1, dtype=np.int64)  # output row -> row of `rows_default`
+        slot[list(table)] = np.arange(len(table))
+        rows_default = torch.zeros((len(table), *width), dtype=torch.float32)
+        single: dict[int, tuple[list[int], list[int]]] = {}
+        for n, pairs in enumerate(table.values()):
+            if len(pairs) == 1:  # one source row: gathered per model below, in one indexing each
+                single.setdefault(pairs[0][0], ([], []))[0].append(n)
+                single[pairs[0][0]][1].append(pairs[0][1])
+            elif pairs:
+                row = torch.zeros(width, dtype=torch.float32)
+                for k, j in pairs:  # summed in order, then divided (mergekit's order of operations)
+                    row = row + src[k][j]
+                rows_default[n] = row / len(pairs)
+        for k, (at, js) in single.items():
+            rows_default[torch.tensor(at)] = src[k][torch.tensor(js)]
         out = []
         for k, t in enumerate(src):
             rows = self.own[k]
             new = torch.zeros((self.size, *width), dtype=torch.float32)
             have = np.nonzero(rows >= 0)[0]
             new[torch.from_numpy(have)] = t[torch.from_numpy(rows[have])]
-            for i in np.nonzero(rows == -1)[0].tolist():
-                if i in defaults:
-                    new[i] = defaults[i]
+            missing = np.nonzero((rows == -1) & (slot >= 0))[0]
+            if len(missing):
+                new[torch.from_numpy(missing)] = rows_default[torch.from_numpy(slot[missing])]
             if self.size > self.n_tokens:
                 new[self.n_tokens:] = torch.mean(new[: self.n_tokens], dim=0)
             out.append(new)
