@@ -341,9 +341,11 @@ typedef struct {
     unsigned char *bad;      /* n + 2 flags: which sources held a NaN/Inf; [n + 1]: the output did */
 } combine_args;
 
-SOUP_INLINE void combine_impl(const combine_args *a, int f16c)
+/* cc, the compute dtype, is a compile-time constant in each copy below: in the float32 copies every
+ * round_to folds away and the loops vectorize as before. */
+SOUP_INLINE void combine_impl(const combine_args *a, int f16c, const int cc)
 {
-    const int N = a->n, B = a->block, cc = a->compute_code;
+    const int N = a->n, B = a->block;
     float *SOUP_RESTRICT bb = a->scratch;  /* base block */
     float *SOUP_RESTRICT acc = bb + B;     /* sum / t, then the result */
     float *SOUP_RESTRICT sgn = acc + B;    /* elected sign */
@@ -450,13 +452,23 @@ SOUP_INLINE void combine_impl(const combine_args *a, int f16c)
             if (cc != DT_F32)
                 for (int k = 0; k < n; k++)
                     acc[k] = round_to(cc, acc[k]);
-            if (a->normalize) {
+            if (a->normalize && a->R == 1) { /* one weight per model: one divisor */
+                float m = a->w[0];
+                for (int i = 1; i < N; i++)
+                    m = m + a->w[i];
+                m = round_to(cc, m);
+                m = fabsf(m) < 1e-8f ? 1.0f : m;
+                for (int k = 0; k < n; k++)
+                    acc[k] = round_to(cc, acc[k] / m);
+            } else if (a->normalize) {
+                for (int k = 0; k < n; k++)
+                    mass[k] = ww[k];
+                for (int i = 1; i < N; i++)
+                    for (int k = 0; k < n; k++)
+                        mass[k] = mass[k] + ww[(size_t)i * B + k];
                 for (int k = 0; k < n; k++) {
-                    float m = ww[k];
-                    for (int i = 1; i < N; i++)
-                        m = m + ww[(size_t)i * B + k];
-                    m = round_to(cc, m);
-                    m = fabsf(m) < 1e-8f ? 1.0f : m;
+                    float m = round_to(cc, mass[k]);
+                    m = keep_if(fabsf(m) >= 1e-8f, m) + keep_if(fabsf(m) < 1e-8f, 1.0f);
                     acc[k] = round_to(cc, acc[k] / m);
                 }
             }
@@ -510,21 +522,36 @@ SOUP_INLINE void combine_impl(const combine_args *a, int f16c)
     }
 }
 
-SOUP_NOINLINE static void combine_generic(const combine_args *a) { combine_impl(a, 0); }
+SOUP_NOINLINE static void combine_generic(const combine_args *a) { combine_impl(a, 0, DT_F32); }
+SOUP_NOINLINE static void combine_generic_bf16(const combine_args *a) { combine_impl(a, 0, DT_BF16); }
+SOUP_NOINLINE static void combine_generic_f16(const combine_args *a) { combine_impl(a, 0, DT_F16); }
 
 #if SOUP_X86
-SOUP_TARGET_AVX2 SOUP_NOINLINE static void combine_avx2(const combine_args *a) { combine_impl(a, 1); }
+SOUP_TARGET_AVX2 SOUP_NOINLINE static void combine_avx2(const combine_args *a) { combine_impl(a, 1, DT_F32); }
+SOUP_TARGET_AVX2 SOUP_NOINLINE static void combine_avx2_bf16(const combine_args *a) { combine_impl(a, 1, DT_BF16); }
+SOUP_TARGET_AVX2 SOUP_NOINLINE static void combine_avx2_f16(const combine_args *a) { combine_impl(a, 1, DT_F16); }
 #endif
 
 static void combine_run(const combine_args *a)
 {
+    const int cc = a->compute_code;
 #if SOUP_X86
     if (use_avx2) {
-        combine_avx2(a);
+        if (cc == DT_BF16)
+            combine_avx2_bf16(a);
+        else if (cc == DT_F16)
+            combine_avx2_f16(a);
+        else
+            combine_avx2(a);
         return;
     }
 #endif
-    combine_generic(a);
+    if (cc == DT_BF16)
+        combine_generic_bf16(a);
+    else if (cc == DT_F16)
+        combine_generic_f16(a);
+    else
+        combine_generic(a);
 }
 
 /* ------------------------------------------------------------------------------------------------ */
