@@ -36,10 +36,13 @@ GOLDEN = Path(__file__).parent / "golden"
 # -- what souplm does not do yet -----------------------------------------------------------------------
 # case (or "load_<case>") -> why it fails today. strict: the day souplm gets it right the test XPASSes and
 # fails; whoever fixed it removes the entry.
-_BF16 = ("issue 13 §1: mergekit computes {} in the recipe's dtype (bf16/fp16 here), souplm in fp32 "
-         "(the fp32 recipe of the same method agrees)")
-_FUSION = ("issue 14: arcee_fusion on a bf16 recipe: lm_head differs at 61/512 elements (max 0.074; mergekit writes "
-           "that tensor in fp32; the fp32 recipe m_arcee_fusion agrees)")
+_BF16 = ("{}: a bf16 recipe differs from mergekit (mergekit computes in the recipe's dtype; the fp32 recipe of "
+         "the same method agrees)")
+_TIES_K = ("issue 13 §1 (TIES exact k): in {} the deltas' magnitudes tie at the k-th (up to 12 entries measured); "
+           "mergekit keeps exactly k = int(density*n), souplm every tie")
+_FUSION = ("issue 14: arcee_fusion on a bf16 recipe: the fusion mask differs (lm_head: mergekit takes 10.0% of the "
+           "entries from model b, souplm 11.3%; max |diff| 0.074); mergekit writes that tensor in fp32; the fp32 "
+           "recipe m_arcee_fusion agrees")
 _MOE = ("issue 13 §4: souplm writes MoE experts in transformers 5's fused layout (mlp.experts.gate_up_proj); "
         "mergekit, like the inputs, per expert ({})")
 _ULPS = "rounding: souplm's {} is {} ulp from mergekit's at the tensor's magnitude (1 allowed), measured here"
@@ -47,13 +50,13 @@ XFAIL: dict[str, str] = {
     # issue 13 §1: the measured semantic differences still open
     "s1_ties_exact_k": "issue 13 §1: mergekit trims TIES to exactly k = int(density*n); souplm keeps all ties with the k-th",
     "s1_slerp_no_t": "issue 13 §1: mergekit requires t for slerp; souplm merges without it",
-    "s1_ties_bf16_recipe": _BF16.format("ties"),
-    "s1_ties_bf16_inputs": _BF16.format("ties"),
-    "mk_ties": _BF16.format("ties"),
-    "ex_bio_merge": _BF16.format("ties"),
-    "mk_sce": _BF16.format("sce"),
-    "mk_ram": _BF16.format("ram"),
-    "mk_ramplus_tl": _BF16.format("ramplus_tl"),
+    "s1_ties_bf16_recipe": _TIES_K.format("bf16"),
+    "s1_ties_bf16_inputs": _TIES_K.format("bf16"),
+    "mk_ties": _TIES_K.format("bf16"),
+    "ex_bio_merge": _TIES_K.format("fp16"),
+    "mk_sce": _BF16.format("issue 14: sce"),
+    "mk_ram": _BF16.format("issue 14: ram"),
+    "mk_ramplus_tl": _BF16.format("issue 14: ramplus_tl"),
     "ex_arcee_fusion": _FUSION,
     "mk_arcee_fusion": _FUSION,
     # issue 13 §4: architectures

@@ -1,9 +1,11 @@
-"""Today's golden failures with no xfail marks, as a markdown table (not run by CI; see docs/GOLDEN.md).
+"""Today's golden results as markdown tables (not run by CI; see docs/GOLDEN.md).
 
-    python scripts/golden/xfail_table.py > /tmp/table.md
+    python scripts/golden/xfail_table.py            # failures with no xfail marks, beside their XFAIL reasons
+    python scripts/golden/xfail_table.py --cases    # every case: mergekit ok/failed, souplm pass/xfail/FAIL
 
-Runs tests/test_golden.py with SOUPLM_GOLDEN_NO_XFAIL=1 and lists every failing case with its first error
-line, beside the reason tests/test_golden.py's XFAIL table gives for it (or "NOT IN XFAIL").
+The first runs tests/test_golden.py with SOUPLM_GOLDEN_NO_XFAIL=1 and lists every failing case with its
+first error line, beside the reason the XFAIL table gives for it (or "NOT IN XFAIL"); the second runs it
+as CI does.
 """
 
 from __future__ import annotations
@@ -17,7 +19,39 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def cases_table() -> None:
+    env = dict(os.environ, COLUMNS="4000")
+    run = subprocess.run([sys.executable, "-m", "pytest", "tests/test_golden.py", "-q", "-rA", "--tb=no",
+                          "-p", "no:cacheprovider"], check=False, cwd=ROOT, env=env, capture_output=True, text=True)
+    sys.path.insert(0, str(ROOT / "tests"))
+    import test_golden as tg
+
+    status: dict[str, str] = {}
+    for line in run.stdout.splitlines():
+        m = re.match(r"(PASSED|FAILED|XFAIL|XPASS) tests/test_golden.py::test_(\w+)\[(\w+)\]", line)
+        if m:
+            status[m.group(3)] = {"PASSED": "pass", "XFAIL": "xfail", "FAILED": "FAIL", "XPASS": "XPASS"}[m.group(1)]
+    print("| case | group | method | arch | mergekit | souplm | load+generate | note |\n|---|---|---|---|---|---|---|---|")
+    for name, c in tg.CASES.items():
+        mk = "ok" if c["mergekit_ok"] else "failed: " + (c["mergekit_error"] or "").splitlines()[0][:90]
+        note = tg.XFAIL.get(name) or tg.NOT_REFERENCE.get(name) or ""
+        if not c["mergekit_ok"] and name not in tg.NOT_REFERENCE:
+            note = note or "souplm must refuse it too"
+        elif name in tg.NOT_REFERENCE:
+            note = "reference: float64 statement (" + note + ")"
+        load = status.get(f"load_{name}", "")
+        print(f"| {name} | {c['group']} | {c['method']} | {c['arch']} | {mk.replace('|', '/')} | "
+              f"{status.get(name, '?')} | {load} | {note.replace('|', '/')} |")
+    counts: dict[str, int] = {}
+    for v in status.values():
+        counts[v] = counts.get(v, 0) + 1
+    print("\nTests: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+
+
 def main() -> None:
+    if "--cases" in sys.argv:
+        cases_table()
+        return
     env = dict(os.environ, SOUPLM_GOLDEN_NO_XFAIL="1", COLUMNS="4000")
     run = subprocess.run([sys.executable, "-m", "pytest", "tests/test_golden.py", "-q", "-rf", "--tb=no",
                           "-p", "no:cacheprovider"], check=False, cwd=ROOT, env=env, capture_output=True, text=True)
