@@ -266,6 +266,11 @@ def test_multimodal_copy_policy_takes_the_named_model(tmp_path):
     assert f"copied unchanged from {b} (vision_policy: copy); those of {a} are not used" in card
 
 
+def test_vision_policy_is_merge_or_copy():
+    with pytest.raises(SoupError, match=r"vision_policy: Input should be 'merge' or 'copy' \(got 'mix'\)"):
+        Recipe.load({"models": [{"model": "a"}], "vision_policy": "mix"})
+
+
 def test_multimodal_parts_of_another_shape_are_copied_and_said(tmp_path):
     a = build_llava(1, tmp_path / "a")
     b = tmp_path / "b"
