@@ -57,6 +57,9 @@ def fused_blocker(plan: Plan) -> str | None:
     for item in plan.items:
         if item.copy_from is not None:
             continue
+        if plan.method.torch is not None and plan.method.form_for(
+                len(item.inputs), {**item.model_params, **item.global_params}, has_base=item.base is not None) is None:
+            return f"method {plan.method.name} is stated in torch for {item.out_name}'s parameters"
         names = list(zip(item.sources, item.inputs))
         if item.base is not None:
             names.append((item.base_from, item.base))
@@ -179,7 +182,7 @@ class Executor:
         xs = [_head(t, merged) for t in models]
         b = _head(base, merged) if base is not None else None
 
-        form = method.form_for(n_models, {**item.model_params, **item.global_params})
+        form = method.form_for(n_models, {**item.model_params, **item.global_params}, has_base=base is not None)
         weight = form.weight if form.reweigh is None else form.reweigh(
             gram_of(lambda i, lo, hi: _as_float32(xs[i][lo * models[i].dtype.itemsize: hi * models[i].dtype.itemsize],
                                                   models[i].code), n_models, merged))

@@ -67,8 +67,9 @@ def _compute_on(plan: Plan, sources: Sources, item: Item, tensors, base) -> torc
 
     method = plan.method
     keys = draw_keys(plan.recipe.seed, item.canonical, len(item.inputs)) if method.random else None
-    if method.form is not None:  # the method's one statement, run by torch (methods/form.py)
-        form = method.form_for(len(item.inputs), {**item.model_params, **item.global_params})
+    form = None if method.form is None else method.form_for(
+        len(item.inputs), {**item.model_params, **item.global_params}, has_base=base is not None)
+    if form is not None:  # the method's one statement, run by torch (methods/form.py)
         out = run_form(form, tensors, base, keys, compute_dtype(plan, item))
     else:  # a method stated directly in torch
         dev = tensors[0].device

@@ -93,4 +93,4 @@ def karcher(n_models, max_iter=10, tol=1e-5, weight=None) -> Form:
     if n_models == 1:
         return Form(np.ones(1, np.float32))
     it, tl = int(max_iter), float(tol)
-    return Form(np.full(n_models, 1.0 / n_models, np.float32), reweigh=lambda g: coefficients_from_gram(g, it, tl))
+    return Form(np.full(n_models, 1.0 / n_models, np.float32), reweigh=lambda g: coefficients_from_gram(g, it, tl).astype(np.float32))

@@ -13,8 +13,9 @@ of a matrix; a 1-D tensor is one vector either way). `nuslerp_row_wise` only act
 `nuslerp_flatten` is false, as in mergekit.
 
 The result is a linear combination of v_1 and v_2 whose two coefficients depend only on the Gram matrix
-of each vector pair: `coefficients_from_gram`. The torch method measures the Gram matrices (one read of
-the inputs; per vector when not flattened) and applies the coefficients (a second read).
+of each vector pair: `coefficients_from_gram`. Whole tensors without a base are a Form (weights from the
+Gram matrix, as SLERP's: both executors, two reads of the inputs); task vectors and rows are
+`nuslerp_torch` (the Gram matrices of the task vectors or of each vector, then the weighted sum).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import SoupError
+from .form import Form
 from .gram import coefficient_weights, gram, gram_along
 from .linear import weighted_sum
 from .registry import ParamSpec, register
@@ -51,6 +53,24 @@ def coefficients_from_gram(gram: np.ndarray, t: float) -> np.ndarray:
     return np.stack([c1, c2], axis=-1)
 
 
+def nuslerp_torch(tensors, base, weight, nuslerp_flatten=True, nuslerp_row_wise=False):
+    """The torch statement, for what the Form cannot state: task vectors (a base) and per-row/column SLERPs."""
+    import torch
+
+    if weight.dim() != 1:
+        raise SoupError("nuslerp takes one weight per model, not per row")
+    t = interpolation_t(weight.double().cpu().numpy())
+    vs = task_vectors(tensors, base) if base is not None else tensors
+    if nuslerp_flatten or vs[0].dim() <= 1:
+        coef = torch.from_numpy(coefficients_from_gram(gram(vs), t))
+    else:
+        dim = 0 if nuslerp_row_wise else -1
+        coef = coefficient_weights(coefficients_from_gram(gram_along(vs, dim), t), dim, vs[0].dim())
+        coef = coef.to(device=vs[0].device, dtype=torch.float32)
+    out = weighted_sum(vs, coef)
+    return add_to_base(out, base, 1.0) if base is not None else out
+
+
 @register(
     "nuslerp",
     specs={
@@ -66,21 +86,16 @@ def coefficients_from_gram(gram: np.ndarray, t: float) -> np.ndarray:
     global_params={"nuslerp_flatten": True, "nuslerp_row_wise": False},
     required=("weight",),
     row_weights=False,
+    torch=nuslerp_torch,
     reference="mergekit 0.1.5 merge_methods/nuslerp.py; Shoemake 1985 (SLERP)",
 )
-def nuslerp(tensors, base, weight, nuslerp_flatten=True, nuslerp_row_wise=False):
+def nuslerp(weight, nuslerp_flatten=True, nuslerp_row_wise=False, has_base=False) -> Form | None:
     """SLERP of two models (or task vectors) by t = w_2 / (w_1 + w_2), whole-tensor or per row/column."""
-    import torch
-
-    if weight.dim() != 1:
+    w = np.asarray(weight, dtype=np.float64)
+    if w.ndim != 1:
         raise SoupError("nuslerp takes one weight per model, not per row")
-    t = interpolation_t(weight.double().cpu().numpy())
-    vs = task_vectors(tensors, base) if base is not None else tensors
-    if nuslerp_flatten or vs[0].dim() <= 1:
-        coef = torch.from_numpy(coefficients_from_gram(gram(vs), t))
-    else:
-        dim = 0 if nuslerp_row_wise else -1
-        coef = coefficient_weights(coefficients_from_gram(gram_along(vs, dim), t), dim, vs[0].dim())
-        coef = coef.to(device=vs[0].device, dtype=torch.float32)
-    out = weighted_sum(vs, coef)
-    return add_to_base(out, base, 1.0) if base is not None else out
+    if has_base or not nuslerp_flatten:
+        return None  # the Gram matrix of task vectors, or of each row: nuslerp_torch
+    t = interpolation_t(w)
+    return Form(np.array([1 - t, t], np.float32),
+                reweigh=lambda g: coefficients_from_gram(g, t).astype(np.float32))

@@ -124,14 +124,20 @@ class Method:
     reference: str = ""
     summary: str = ""
     form: Callable | None = None  # the form builder, when the method is stated as a Form (fn derives from it)
+    # the torch statement where the form builder gives None (parameters its Form cannot state, e.g. NuSLERP's
+    # task vectors or rows): fn(tensors, base, **params), run by the torch executor only
+    torch: Callable | None = None
 
-    def form_for(self, n_models: int, params: dict) -> object:
-        """The method's Form for one tensor: `params` holds its per-model (NumPy [N]) and global values."""
+    def form_for(self, n_models: int, params: dict, has_base: bool = False) -> object:
+        """The method's Form for one tensor: `params` holds its per-model (NumPy [N]) and global values.
+        None: no Form states these parameters, `torch` runs instead."""
         accepted = inspect.signature(self.form).parameters
         kwargs = {("lam" if k == "lambda" else k): v for k, v in params.items() if v is not None}
         kwargs = {k: v for k, v in kwargs.items() if k in accepted}
         if "n_models" in accepted:
             kwargs["n_models"] = n_models
+        if "has_base" in accepted:
+            kwargs["has_base"] = has_base
         return self.form(**kwargs)
 
     def check(self, n_models: int, has_base: bool) -> None:
@@ -176,7 +182,9 @@ def _torch_statement(name: str) -> Callable:
         from .form import as_numpy, run
 
         method = METHODS[name]
-        form = method.form_for(len(tensors), {k: as_numpy(v) for k, v in params.items()})
+        form = method.form_for(len(tensors), {k: as_numpy(v) for k, v in params.items()}, has_base=base is not None)
+        if form is None:
+            return method.torch(tensors, base, **params, **({} if keys is None else {"keys": keys}))
         return run(form, tensors, base, keys)
 
     fn.__name__ = f"{name}_in_torch"
