@@ -1100,6 +1100,22 @@ done:
     return result;
 }
 
+/* A DARE draw key: a Python int in [0, 2**64). */
+static int get_key(PyObject *obj, unsigned long long *key, const char *fn)
+{
+    if (!PyLong_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: key must be an int, not %.100s", fn, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *key = PyLong_AsUnsignedLongLong(obj);
+    if (*key == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: key must be in [0, 2**64)", fn);
+        return -1;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(draws_doc,
 "dare_draws(key, start, stop, out) -> None\n"
 "\n"
@@ -1116,16 +1132,9 @@ static PyObject *py_dare_draws(PyObject *self, PyObject *args, PyObject *kwargs)
     (void)self;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OnnO:dare_draws", kwlist, &key_obj, &start, &stop, &out_obj))
         return NULL;
-    if (!PyLong_Check(key_obj)) {
-        PyErr_Format(PyExc_TypeError, "%s: key must be an int, not %.100s", fn, Py_TYPE(key_obj)->tp_name);
+    unsigned long long key;
+    if (get_key(key_obj, &key, fn) < 0)
         return NULL;
-    }
-    unsigned long long key = PyLong_AsUnsignedLongLong(key_obj);
-    if (key == (unsigned long long)-1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "%s: key must be in [0, 2**64)", fn);
-        return NULL;
-    }
     if (check_range(start, stop, fn) < 0)
         return NULL;
     Py_buffer view;
@@ -1229,16 +1238,9 @@ static PyObject *py_dare_abs_sums(PyObject *self, PyObject *args, PyObject *kwar
         return NULL;
     if (check_dtype(x_code, fn, "x_dtype") < 0 || check_dtype(compute_code, fn, "compute_dtype") < 0 || check_range(start, stop, fn) < 0)
         return NULL;
-    if (!PyLong_Check(key_obj)) {
-        PyErr_Format(PyExc_TypeError, "%s: key must be an int, not %.100s", fn, Py_TYPE(key_obj)->tp_name);
+    unsigned long long key;
+    if (get_key(key_obj, &key, fn) < 0)
         return NULL;
-    }
-    unsigned long long key = PyLong_AsUnsignedLongLong(key_obj);
-    if (key == (unsigned long long)-1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "%s: key must be in [0, 2**64)", fn);
-        return NULL;
-    }
     if (level > N_LEVELS) {
         PyErr_Format(PyExc_ValueError, "%s: keep_level = %lu is above 65536", fn, level);
         return NULL;
