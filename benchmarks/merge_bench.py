@@ -55,6 +55,13 @@ OPTIONAL_METHODS = ("slerp",)  # measured on request: --methods linear,slerp
 # issue 14: mergekit's sparsified task-vector methods and model stock (base + ft_a + ft_b)
 SPARSE_METHODS = ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "model_stock")
 OPTIONAL_METHODS += SPARSE_METHODS
+# issue 14: the geometric methods and mergekit's other per-tensor ones; which of the trio each reads
+GEOMETRIC_INPUTS = {
+    "nuslerp": ("ft_a", "ft_b"), "multislerp": ("base", "ft_a", "ft_b"), "karcher": ("ft_a", "ft_b"),
+    "nearswap": ("base", "ft_a"), "arcee_fusion": ("base", "ft_a"), "ram": ("base", "ft_a", "ft_b"), "ramplus_tl": ("base", "ft_a", "ft_b"),
+    "passthrough": ("ft_a",),
+}
+OPTIONAL_METHODS += tuple(GEOMETRIC_INPUTS)
 TOOLS = ("souplm", "mergekit")
 MODEL_NAMES = ("base", "ft_a", "ft_b")
 DEFAULT_CACHE = Path(os.path.expanduser("~/.cache/souplm"))
@@ -340,6 +347,8 @@ def write_recipe(method: str, dirs: dict[str, Path], path: Path, density: float 
         models = "".join(f"  - model: {m}\n" + (f"    parameters:\n{per_model}" if per_model else "") for m in (a, b))
         shared = f"parameters:\n  select_topk: {density}\n" if method == "sce" else ""
         text = f"models:\n{models}merge_method: {method}\nbase_model: {base}\n{shared}dtype: bfloat16\n"
+    elif method in GEOMETRIC_INPUTS:
+        text = geometric_recipe(method, dirs)
     else:
         raise ValueError(f"unknown method {method!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -347,8 +356,30 @@ def write_recipe(method: str, dirs: dict[str, Path], path: Path, density: float 
     return path
 
 
+def geometric_recipe(method: str, dirs: dict[str, Path]) -> str:
+    """The recipe of one of GEOMETRIC_INPUTS, in mergekit's YAML (each reads the models listed there)."""
+    base = dirs["base"]
+    weights = {"nuslerp": (0.6, 0.4), "multislerp": (0.6, 0.4)}.get(method)
+    models = [dirs[n] for n in GEOMETRIC_INPUTS[method] if n != "base"]
+    lines = ["models:"]
+    for k, m in enumerate(models):
+        lines.append(f"  - model: {m}")
+        if weights:
+            lines.append(f"    parameters:\n      weight: {weights[k]}")
+    if method == "passthrough":
+        lines.append("    parameters:\n      scale:\n        - filter: o_proj\n          value: 0.5\n        - value: 1.0")
+    lines.append(f"merge_method: {method}")
+    if "base" in GEOMETRIC_INPUTS[method]:
+        lines.append(f"base_model: {base}")
+    if method == "nearswap":
+        lines.append("parameters:\n  t: 0.001")
+    return "\n".join(lines) + "\ndtype: bfloat16\n"
+
+
 def input_models(method: str) -> tuple[str, ...]:
     """Which of the trio a method reads."""
+    if method in GEOMETRIC_INPUTS:
+        return GEOMETRIC_INPUTS[method]
     return ("ft_a", "ft_b") if method in ("linear", "slerp") else MODEL_NAMES
 
 
@@ -873,6 +904,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if s_out.is_dir() and m_out.is_dir():
                     verification = compare_outputs_elsewhere(s_out, m_out)
                     print(f"  linear outputs: {verification}", flush=True)
+            if last and m in GEOMETRIC_INPUTS and set(TOOLS) <= set(args.tools):  # the same merge, bf16 rounding
+                s_out, m_out = bench.out_dir("souplm", m), bench.out_dir("mergekit", m)
+                if s_out.is_dir() and m_out.is_dir():
+                    print(f"  {m} outputs: {compare_outputs_elsewhere(s_out, m_out)}", flush=True)
             if not args.keep_outputs:
                 for t in args.tools:
                     shutil.rmtree(bench.out_dir(t, m), ignore_errors=True)
