@@ -152,6 +152,8 @@ def test_union_rows_follow_mergekit_rules(tk, tmp_path):
         # padding rows: each model's mean over its aligned rows, so (linear) the mean of the merged rows
         np.testing.assert_allclose(got[kind][16:], np.broadcast_to(want.mean(0), (5, 16)), rtol=1e-5, atol=1e-6)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 21
+    card = (out / "README.md").read_text()
+    assert "tokenizer keys built it" in card and "tokenizer: union of 3 tokenizers, 16 tokens" in card
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -33,7 +33,7 @@ from .execute_torch import merged_tensors, resolve_device
 from .plan import Item, Plan
 from .recipe import Recipe
 from .sources import Sources, prepare
-from .tokenizer import write_tokenizer
+from .tokenizer import wants_tokenizer, write_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -280,7 +280,9 @@ def _model_card(plan: Plan, hashes: dict[Path, str]) -> str:
         lines.append(f"| model {i} | `{s.model}` | {_params_text(s.parameters)} |")
     if r.base_model:
         lines.append(f"| base | `{r.base_model}` | |")
-    lines += ["", f"Output layout, config and tokenizer from `{plan.output.path}`.", ""]
+    tok = ("tokenizer as the recipe's tokenizer keys built it (notes below)" if wants_tokenizer(r)
+           else "tokenizer" + (" with the recipe's chat_template" if r.chat_template else ""))
+    lines += ["", f"Output layout and config from `{plan.output.path}`; {tok}.", ""]
     if plan.coefficients is not None:
         lines.append(f"Per-unit coefficients: {len(plan.coefficients.coefficients)} entries, in `souplm_coefficients.json`.\n")
     lines += [f"- {n}" for n in plan.notes]
