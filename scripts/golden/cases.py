@@ -196,7 +196,8 @@ case("tok_model_token_id", "tokenizer", tok_recipe([TB, TC], TB, tokenizer={
         "_tok_20": {"source": {"kind": "model_token", "model": TC, "token_id": 64}, "force": True},
         "_tok_21": {"source": {"kind": "model_token", "model": TB, "token": "<s>"}, "force": True}}}))
 case("tok_pad_to_multiple_of", "tokenizer", tok_recipe([TC], TC, tokenizer={"source": "base", "pad_to_multiple_of": 16}))
-for name, template in (("chat_template_chatml", "chatml"), ("chat_template_literal", "{{messages[0]['content']}}")):
+for name, template in (("chat_template_chatml", "chatml"), ("chat_template_literal", "{{messages[0]['content']}}"),
+                       ("chat_template_auto", "auto")):
     case(name, "tokenizer", {"merge_method": "linear", "models": [
         {"model": TB, "parameters": {"weight": 0.5}}, {"model": "tok-b", "parameters": {"weight": 0.5}}],
         "base_model": TB, "dtype": "bfloat16", "chat_template": template})
@@ -311,6 +312,15 @@ case("fr_linear_two_slices", "slices", {"merge_method": "linear", "slices": [
                  {"model": B, "layer_range": [0, 2], "parameters": {"weight": 0.5}}]},
     {"sources": [{"model": A, "layer_range": [1, 3], "parameters": {"weight": 0.3}},
                  {"model": B, "layer_range": [1, 3], "parameters": {"weight": 0.7}}]}], "dtype": "float32"})
+case("fr_offset_sources", "slices", {"merge_method": "linear", "slices": [{"sources": [
+    {"model": A, "layer_range": [0, 2], "parameters": {"weight": 0.5}},
+    {"model": B, "layer_range": [1, 3], "parameters": {"weight": 0.5}}]}], "dtype": "float32"},
+    note="one slice whose sources span different layers: a's 0-1 with b's 1-2")
+case("fr_slerp_gradient_slices", "slices", {"merge_method": "slerp", "base_model": A, "slices": [
+    {"sources": [{"model": A, "layer_range": [0, 2]}, {"model": B, "layer_range": [0, 2]}]},
+    {"sources": [{"model": A, "layer_range": [1, 3]}, {"model": B, "layer_range": [1, 3]}],
+     "parameters": {"t": 0.8}}], "parameters": {"t": [0, 1]}, "dtype": "bfloat16"},
+    note="a t gradient over the stacked output, one slice overriding it")
 case("fr_gemma3_stack", "slices", {"merge_method": "passthrough", "slices": [
     {"sources": [{"model": "gemma3_text-a", "layer_range": [0, 2]}]},
     {"sources": [{"model": "gemma3_text-b", "layer_range": [1, 3]}]}], "dtype": "float32"}, arch="gemma3_text",
