@@ -467,7 +467,7 @@ def test_embeddings_of_different_sizes_merge_the_shared_rows(tmp_path, method):
               "models": [{"model": str(paths["a"]), "parameters": params}, {"model": str(big), "parameters": params}]}
     souplm.merge(recipe, tmp_path / "out", progress=False, hash_inputs=False)
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
-    for k in extra:
+    for k, rows in extra.items():
         got = out[k].to(torch.float64).numpy()
         assert got.shape == (44, 16)
         base, ms = t["base"][k], [t["a"][k], t["b"][k]]
@@ -476,7 +476,7 @@ def test_embeddings_of_different_sizes_merge_the_shared_rows(tmp_path, method):
         else:
             ref = model_stock_ref(base, ms, False)
         ulp_close(got[:40], ref, "float32")
-        np.testing.assert_array_equal(got[40:], extra[k].numpy())
+        np.testing.assert_array_equal(got[40:], rows.numpy())
 
 
 def test_mergekit_recipe_listing_the_base_among_models(tmp_path):
@@ -491,3 +491,24 @@ def test_mergekit_recipe_listing_the_base_among_models(tmp_path):
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
     k = "model.layers.0.mlp.down_proj.weight"
     ulp_close(out[k].numpy().astype(np.float64), model_stock_ref(t["base"][k], [t["a"][k], t["b"][k]], False), "float32")
+
+
+@pytest.mark.parametrize("name", ["breadcrumbs", "breadcrumbs_ties", "della_linear", "della"])
+def test_row_weights_from_a_coefficient_table(name):
+    """A coefficient table's per-row weights [N, rows] weigh each output row (the sparsification is unchanged)."""
+    base, models = trio(12, 9)
+    models = models[:2]
+    w = np.abs(rand(2, 12)) + 0.1
+    m = get_method(name)
+    kwargs = {"weight": torch.tensor(w), "density": torch.tensor([0.5, 0.5])}
+    kwargs["gamma" if "breadcrumbs" in name else "epsilon"] = torch.tensor([0.1, 0.1])
+    if m.random:
+        kwargs["keys"] = [5, 6]
+    got = m.fn([torch.tensor(x) for x in models], torch.tensor(base), normalize=True, **kwargs).numpy()
+    if "breadcrumbs" in name:
+        deltas = [breadcrumb_ref(x.astype(np.float64) - base, 0.5, 0.1, False) for x in models]
+    else:
+        deltas = [della_ref(x.astype(np.float64) - base, 0.5, 0.1, k, True) for x, k in zip(models, [5, 6])]
+    for r in range(12):  # each row: the formula with that row's weights
+        ref = combine_ref(base[r], [d[r] for d in deltas], w[:, r], name in ("breadcrumbs_ties", "della"), True, 1.0)
+        close(got[r], ref)
