@@ -55,7 +55,6 @@ XFAIL: dict[str, str] = {
     "mk_ties": _TIES_K.format("bf16"),
     "ex_bio_merge": _TIES_K.format("fp16"),
     "mk_sce": _BF16.format("issue 14: sce"),
-    "mk_ram": _BF16.format("issue 14: ram"),
     "mk_ramplus_tl": _BF16.format("issue 14: ramplus_tl"),
     "ex_arcee_fusion": _FUSION,
     "mk_arcee_fusion": _FUSION,
