@@ -35,8 +35,15 @@ def breadcrumb(delta: torch.Tensor, density: float, gamma: float, rescale: bool)
     """Keep the entries of `delta` inside the outlier window, in place (L1-rescaled with `rescale`)."""
     if density >= 1.0:
         return delta
+    import torch
+
+    from ..io import pool
+
     lo, hi = outlier_window(delta.numel(), density, gamma)
-    return l1_rescaled(delta, keep_positions(delta.abs(), lo, hi).view(delta.shape), rescale)
+    mag = torch.abs(delta, out=pool.empty_like(delta))
+    keep = keep_positions(mag, lo, hi).view(delta.shape)
+    pool.release(mag)
+    return l1_rescaled(delta, keep, rescale)
 
 
 def _trimmed(tensors, base, density, gamma, rescale):

@@ -43,7 +43,7 @@ def lam_of(g: dict) -> float:
 
 
 def keep_positions(mag: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """0/1 mask (dtype of `mag`, flat) of the entries whose rank in ascending order of `mag` lies in [lo, hi).
+    """Boolean mask (flat) of the entries whose rank in ascending order of `mag` lies in [lo, hi).
 
     Exactly hi - lo entries are kept: two selections (`ties.kth_largest`, O(n)) give the values at ranks lo
     and hi - 1; entries strictly between are kept. Ties are broken by index, a lower index ranking as the
@@ -54,14 +54,14 @@ def keep_positions(mag: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     n = mag.numel()
     flat = mag.reshape(-1)
     if hi <= lo:
-        return torch.zeros_like(flat)
+        return torch.zeros_like(flat, dtype=torch.bool)
     if lo <= 0 and hi >= n:
-        return torch.ones_like(flat)
+        return torch.ones_like(flat, dtype=torch.bool)
     v_lo = _value_at_rank(flat, lo)
     v_hi = _value_at_rank(flat, hi - 1)
     keep = torch.ge(flat, v_lo).logical_and_(torch.le(flat, v_hi))
     if int(torch.count_nonzero(keep)) == hi - lo:  # no ties straddle a cut (the common case for fp32)
-        return keep.to(mag.dtype)
+        return keep
     keep = torch.gt(flat, v_lo).logical_and_(torch.lt(flat, v_hi))
     for v in (v_lo,) if bool(v_lo == v_hi) else (v_lo, v_hi):
         tied = torch.nonzero(flat == v).reshape(-1).flip(0)  # in ascending rank: descending index
@@ -70,7 +70,7 @@ def keep_positions(mag: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         first, last = max(lo - below, 0), min(hi - below, tied.numel())
         if last > first:
             keep[tied[first:last]] = True
-    return keep.to(mag.dtype)
+    return keep
 
 
 def _value_at_rank(flat: torch.Tensor, r: int) -> torch.Tensor:
