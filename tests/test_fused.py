@@ -163,7 +163,7 @@ def test_fused_blocker_names_why_not(family, tmp_path, monkeypatch):
     pickled.mkdir()
     torch.save(weights(family["b"]), pickled / "pytorch_model.bin")
     plan, _ = prepare(Recipe.vanilla(family["a"], pickled, 0.5).model_copy(update={"allow_pickle": True}))
-    assert fused.fused_blocker(plan) == "an input is not a plain safetensors checkpoint (pickle or mapped)"
+    assert fused.fused_blocker(plan) == "an input is not a plain safetensors checkpoint (pickled, mapped, or re-indexed to a merged vocabulary)"
 
 
 def test_fused_ties_splits_tied_magnitudes_across_threads_like_torch(family, tmp_path, monkeypatch):

@@ -53,7 +53,7 @@ def fused_blocker(plan: Plan) -> str | None:
     if plan.method.form is None:
         return f"method {plan.method.name} is stated in torch, not as a one-pass Form"
     if not all(isinstance(c, Checkpoint) and c.is_safetensors for c in plan.checkpoints):
-        return "an input is not a plain safetensors checkpoint (pickle or mapped)"
+        return "an input is not a plain safetensors checkpoint (pickled, mapped, or re-indexed to a merged vocabulary)"
     for item in plan.items:
         if item.copy_from is not None:
             continue
