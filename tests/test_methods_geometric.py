@@ -128,7 +128,20 @@ def arcee_fusion_ref(base, x):
     return a + (b - a) * (s >= thr), np.abs(s - thr) / max(abs(thr), 1e-30)
 
 
-def ram_ref(base, xs, eps=1e-5, r=None, alpha=None):
+def ram_ref(base, xs, eps=1e-5, r=None, alpha=None, dtype=None):
+    """`dtype` (RAM): mergekit's arithmetic in that dtype, each step's result rounded to it (the sum over models
+    accumulated in float32 and rounded once, as a torch reduction)."""
+    if dtype is not None and dtype != "float32":
+        low = TORCH[dtype]
+
+        def rnd(x):
+            return torch.tensor(np.asarray(x, np.float32)).to(low).double().numpy()
+
+        b = rnd(base)
+        ds = [rnd(rnd(x) - b) for x in xs]
+        count = sum((np.abs(d) > eps).astype(np.int64) for d in ds)
+        merged = rnd(sum(rnd(np.where(np.abs(d) > eps, d, 0) / np.maximum(count, 1)) for d in ds))
+        return rnd(b + merged)
     b = np.float64(base)
     ds = [np.float64(x) - b for x in xs]
     nz = [np.abs(d) > eps for d in ds]
@@ -362,7 +375,7 @@ def one_step_close(got, ref, dtype, mask=None):
     assert not bad.any(), float(np.max(np.abs(got - ref) - tol))
 
 
-def references(method, t, k):
+def references(method, t, k, dtype):
     """The float64 statement of each recipe in MERGE_CASES for tensor k (and where it may differ)."""
     base, (a, b, c) = t["base"][k], [t[n][k] for n in "abc"]
     if method == "nuslerp":
@@ -378,8 +391,8 @@ def references(method, t, k):
     if method == "arcee_fusion":
         ref, dist = arcee_fusion_ref(base, a)
         return ref, dist > 1e-4
-    if method == "ram":
-        return ram_ref(base, [a, b, c]), None
+    if method == "ram":  # computed in the recipe's dtype, as mergekit does
+        return ram_ref(base, [a, b, c], dtype=dtype), None
     if method == "ramplus_tl":
         return ram_ref(base, [a, b, c], 1e-5, 0.3, 0.5), None
     if method == "passthrough":
@@ -424,7 +437,7 @@ def test_merge_matches_formula(tmp_path, dtype, method):
     assert set(out) == set(CKPT_SHAPES)
     for k in CKPT_SHAPES:
         assert out[k].dtype == TORCH[dtype]
-        ref, mask = references(method, t, k)
+        ref, mask = references(method, t, k, dtype)
         one_step_close(out[k].to(torch.float64).numpy(), ref, dtype, mask)
 
 

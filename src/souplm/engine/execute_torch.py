@@ -77,6 +77,8 @@ def _compute_on(plan: Plan, sources: Sources, item: Item, tensors, base) -> torc
         kwargs.update({k: v for k, v in item.global_params.items() if v is not None})
         if keys is not None:
             kwargs["keys"] = keys
+        if method.native_dtype:  # the dtype its steps round to, as mergekit's (engine/precision.py)
+            kwargs["compute"] = compute_dtype(plan, item)
         out = method.fn(tensors, base, **kwargs)
     if item.extra_from is not None:
         k, name = item.extra_from

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from ..io import pool
 from .registry import ParamSpec, register
-from .task_arithmetic import task_vectors
+from .steps import rounder, task_vectors
 
 if TYPE_CHECKING:
     import torch
@@ -36,12 +36,16 @@ def _counted(d: torch.Tensor, epsilon: float, mask: torch.Tensor, scratch: torch
     return torch.gt(torch.abs(d, out=scratch), epsilon, out=mask)
 
 
-def ram_merge(deltas: list[torch.Tensor], base: torch.Tensor, epsilon: float, r: float | None = None,
-              alpha: float | None = None) -> torch.Tensor:
+def ram_merge(tensors: list[torch.Tensor], base: torch.Tensor, epsilon: float, r: float | None = None,
+              alpha: float | None = None, compute: str = "F32") -> torch.Tensor:
     """base + sum_i [|d_i| > eps] d_i / max(c, 1), RAM+'s unique entries times lambda_i when r is given.
-    Consumes the task vectors (overwritten in place)."""
+    Consumes the tensors (overwritten in place). `compute` "BF16"/"F16": the inputs, each difference, each
+    share and the results rounded as mergekit's ops in that dtype round them (RAM only; the sum over models
+    accumulates in float32, as a torch reduction does)."""
     import torch
 
+    rnd = rounder(compute) if r is None else None
+    deltas = task_vectors(tensors, base, rnd)
     like = deltas[0]
     scratch = pool.empty_like(like)
     mask = pool.empty(tuple(like.shape), torch.bool)
@@ -54,6 +58,8 @@ def ram_merge(deltas: list[torch.Tensor], base: torch.Tensor, epsilon: float, r:
     for d in deltas:
         counted = _counted(d, epsilon, mask, scratch)
         d.mul_(counted).div_(divisor)  # the model's share of every entry it counts at
+        if rnd is not None:
+            rnd(d)
         if unique is not None:
             lam = ramplus_lambda(counted, unique, epsilon, r, alpha)
             d.mul_(torch.where(unique, lam, torch.ones((), dtype=d.dtype, device=d.device), out=scratch))
@@ -61,7 +67,10 @@ def ram_merge(deltas: list[torch.Tensor], base: torch.Tensor, epsilon: float, r:
     for t in (scratch, mask, count, unique):
         if t is not None:
             pool.release(t)
-    return out.add_(base)
+    if rnd is not None:
+        rnd(out)
+    out.add_(base)
+    return out if rnd is None else rnd(out)
 
 
 def ramplus_lambda(counted: torch.Tensor, unique: torch.Tensor, epsilon: float, r: float,
@@ -84,11 +93,12 @@ def ramplus_lambda(counted: torch.Tensor, unique: torch.Tensor, epsilon: float, 
     max_models=None,
     model_params={"weight": 1.0},  # accepted and ignored, as mergekit does (its recipes often set it)
     global_params={"epsilon": 1e-5},
+    native_dtype=True,  # mergekit computes it in the recipe's dtype: every step of a bf16 recipe rounds to bf16
     reference="https://arxiv.org/abs/2601.13572 (mergekit 0.1.5)",
 )
-def ram(tensors, base, weight=None, epsilon=1e-5):
+def ram(tensors, base, weight=None, epsilon=1e-5, compute="F32"):
     """base + per entry: the one model's change where only one changed it, their mean where several did."""
-    return ram_merge(task_vectors(tensors, base), base, float(epsilon))
+    return ram_merge(tensors, base, float(epsilon), compute=compute)
 
 
 @register(
@@ -107,4 +117,4 @@ def ram(tensors, base, weight=None, epsilon=1e-5):
 )
 def ramplus_tl(tensors, base, weight=None, r=0.1, alpha=0.2, epsilon=1e-5):
     """RAM with each model's unique entries scaled by 1 + r min(shared/unique, alpha) (tensor-local)."""
-    return ram_merge(task_vectors(tensors, base), base, float(epsilon), float(r), float(alpha))
+    return ram_merge(tensors, base, float(epsilon), float(r), float(alpha))
