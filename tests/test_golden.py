@@ -80,8 +80,8 @@ XFAIL: dict[str, str] = {
 # Cases where mergekit is no reference: it fails (its error is in the manifest) where souplm should merge, or
 # its output is wrong. souplm is compared with an independent float64 statement of the formula instead
 # (`independent` below), to a few rounding steps.
-_VLM = ("mergekit's LLaVA output drops the language model (27 of 48 tensors, renamed to model.*) and does not "
-        "load: the independent statement keeps every input tensor under its checkpoint name")
+_VLM = ("mergekit's LLaVA output drops the language model (27 of 48 tensors, renamed to model.*; transformers "
+        "loads it with the 21 LM tensors missing): the float64 statement keeps every input tensor, as named")
 NOT_REFERENCE: dict[str, str] = {
     "fr_gemma3_stack": "mergekit stacks the layers but keeps the sources' layer_types: its config does not validate",
     "fr_qwen2_stack": "mergekit stacks the layers but keeps the sources' layer_types: its config does not validate",
@@ -111,7 +111,8 @@ CONFIG_KEYS = ("architectures", "model_type", "num_hidden_layers", "n_layer", "v
 Z = 6.0  # sigmas of the random methods' statistics
 MIN_N = 64  # per-tensor statistics on tensors this large (a norm's 8 entries are no sample); the whole model on all
 LOAD_CASES = [n for n, c in CASES.items() if (c["group"] == "arch" and n.endswith("_linear"))
-              or c["group"] == "slices" or n in ("ex_orcamini_platy", "mk_gpt2_stack")]
+              or c["group"] == "slices" or n in ("ex_orcamini_platy", "mk_gpt2_stack", "vlm_linear")]
+AUTO_CLASS = {"llava": "AutoModelForImageTextToText"}  # the rest: AutoModelForCausalLM
 
 
 def _param(name: str, **kw):
@@ -454,10 +455,12 @@ def test_same_result_as_mergekit(name, souplm_outputs, inputs_dir):
 
 @pytest.mark.parametrize("name", [_param(f"load_{n}") for n in LOAD_CASES])
 def test_output_loads_and_generates(name, souplm_outputs):
-    from transformers import AutoModelForCausalLM
+    import transformers
 
-    out = souplm_outputs(name.removeprefix("load_"))
-    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    case = name.removeprefix("load_")
+    out = souplm_outputs(case)
+    auto = getattr(transformers, AUTO_CLASS.get(CASES[case]["arch"], "AutoModelForCausalLM"))
+    model, info = auto.from_pretrained(out, output_loading_info=True)
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     assert not bad, f"transformers loading souplm's output: {bad}"
     cfg = json.loads((out / "config.json").read_text())
