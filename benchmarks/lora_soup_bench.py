@@ -83,6 +83,7 @@ def child(mode: str, base: Path, adapters: list[Path], batch: int, tokens: int, 
         soup = build_soup(model, specs[1:], base_index=0, granularity="layer_mapping", activation="softmax")
     else:
         soup = None
+        model.requires_grad_(False)  # the floor: activations' backward only, no weight gradients
     build_s = time.perf_counter() - t0
     ids = torch.randint(0, 49152, (batch, tokens), generator=torch.Generator().manual_seed(1))
     times = []
