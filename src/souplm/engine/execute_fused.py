@@ -183,9 +183,13 @@ class Executor:
         b = _head(base, merged) if base is not None else None
 
         form = method.form_for(n_models, {**item.model_params, **item.global_params}, has_base=base is not None)
-        weight = form.weight if form.reweigh is None else form.reweigh(
-            gram_of(lambda i, lo, hi: _as_float32(xs[i][lo * models[i].dtype.itemsize: hi * models[i].dtype.itemsize],
-                                                  models[i].code), n_models, merged))
+        def term(i: int, lo: int, hi: int) -> np.ndarray:  # the Form's d_i: x_i, or x_i - base (fp32, as torch's)
+            x = _as_float32(xs[i][lo * models[i].dtype.itemsize: hi * models[i].dtype.itemsize], models[i].code)
+            if not form.use_base:
+                return x
+            return x - _as_float32(b[lo * base.dtype.itemsize: hi * base.dtype.itemsize], base.code)
+
+        weight = form.weight if form.reweigh is None else form.reweigh(gram_of(term, n_models, merged))
         weight = weight[:, :rows] if weight.ndim == 2 else weight
         cc = compute_dtype(plan, item)  # what each step rounds to (engine/precision.py)
         ccode = KERNEL_DTYPES[cc]

@@ -45,7 +45,8 @@ class Form:
     trim: list[float] | None = None  # per-model densities of the magnitude trim (TIES)
     drop: list[float] | None = None  # per-model keep probabilities of the random drop (DARE)
     rescale: str | None = "l1"  # the survivors of a drop: "l1" (keep the tensor's L1 norm), "inverse" (1/q), None
-    # The tensors' Gram matrix G[i, j] = <x_i, x_j> (float64, over the whole tensor) -> the weights to use.
+    # The terms' Gram matrix G[i, j] = <d_i, d_j> (float64, over the whole tensor; d_i = x_i, or the task vector
+    # x_i - base with use_base) -> the weights to use.
     reweigh: Callable[[np.ndarray], np.ndarray] | None = None
 
 
@@ -87,14 +88,12 @@ def run(form: Form, tensors: list[torch.Tensor], base: torch.Tensor | None, keys
     )
 
     rnd = rounder(compute)
-    weight = form.weight
-    if form.reweigh is not None:
-        weight = form.reweigh(gram(tensors))
+    terms = task_vectors(tensors, base, rnd) if form.use_base else tensors
+    weight = form.weight if form.reweigh is None else form.reweigh(gram(terms))  # the terms' Gram matrix
     weight = round_to(weight, compute)
     w = torch.as_tensor(weight, device=tensors[0].device)
     if w.dim() == 2:
         w = w[:, : tensors[0].shape[0]]
-    terms = task_vectors(tensors, base, rnd) if form.use_base else tensors
     if form.trim is not None:
         terms = trim_all(terms, form.trim)
     if form.drop is not None:

@@ -13,9 +13,9 @@ direction scaled to the weighted mean norm.) One model: its tensor unchanged. Wh
 points cancel: two models are interpolated linearly, w_1 x_1 + w_2 x_2 (+ base); more are an error.
 
 The result is a linear combination of the x_i whose coefficients depend only on their Gram matrix:
-`coefficients_from_gram`. Without a base it is a Form (weights from the Gram matrix, as SLERP's: both
-executors); with one, `multislerp_torch` (the Gram matrix of the task vectors). Either reads the inputs
-twice: once for the Gram matrix (N(N+1)/2 dot products), once for the weighted sum.
+`coefficients_from_gram`. A Form (weights from the Gram matrix of the models, or of their task vectors with
+a base: both executors): two reads of the inputs, one for the Gram matrix (N(N+1)/2 dot products), one for
+the weighted sum.
 """
 
 from __future__ import annotations
@@ -24,10 +24,7 @@ import numpy as np
 
 from ..errors import SoupError
 from .form import Form
-from .gram import gram
-from .linear import normalized, weighted_sum
 from .registry import ParamSpec, register
-from .task_arithmetic import add_to_base, task_vectors
 
 
 def coefficients_from_gram(gram: np.ndarray, weight: np.ndarray, eps: float = 1e-8) -> np.ndarray:
@@ -51,21 +48,6 @@ def coefficients_from_gram(gram: np.ndarray, weight: np.ndarray, eps: float = 1e
     return float(norms @ w) * (np.cos(t_norm) * mh + np.sin(t_norm) / t_norm * tangent)
 
 
-def multislerp_torch(tensors, base, weight, normalize_weights=True, eps=1e-8):
-    """The torch statement, for task vectors (a base): the Gram matrix of theta_i - base."""
-    import torch
-
-    if weight.dim() != 1:
-        raise SoupError("multislerp takes one weight per model, not per row")
-    if len(tensors) == 1:
-        return tensors[0]
-    w = normalized(weight.double(), "multislerp weights") if normalize_weights else weight.double()
-    vs = task_vectors(tensors, base) if base is not None else tensors
-    coef = coefficients_from_gram(gram(vs), w.cpu().numpy(), float(eps))
-    out = weighted_sum(vs, torch.from_numpy(coef))
-    return add_to_base(out, base, 1.0) if base is not None else out
-
-
 @register(
     "multislerp",
     specs={
@@ -81,7 +63,6 @@ def multislerp_torch(tensors, base, weight, normalize_weights=True, eps=1e-8):
     global_params={"normalize_weights": True, "eps": 1e-8},
     required=("weight",),
     row_weights=False,
-    torch=multislerp_torch,
     reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea (mergekit 0.1.5)",
 )
 def multislerp(weight, n_models, normalize_weights=True, eps=1e-8, has_base=False) -> Form | None:
@@ -91,12 +72,11 @@ def multislerp(weight, n_models, normalize_weights=True, eps=1e-8, has_base=Fals
         raise SoupError("multislerp takes one weight per model, not per row")
     if n_models == 1:
         return Form(np.ones(1, np.float32))  # the one model, unchanged
-    if has_base:
-        return None  # the Gram matrix of the task vectors: multislerp_torch
     if normalize_weights:
         total = float(w.sum())
         if abs(total) < 1e-12:
             raise SoupError("multislerp weights sum to zero and cannot be normalized (set normalize_weights: false)")
         w = w / total
     e = float(eps)
-    return Form(w.astype(np.float32), reweigh=lambda g: coefficients_from_gram(g, w, e).astype(np.float32))
+    return Form(w.astype(np.float32), use_base=has_base,
+                reweigh=lambda g: coefficients_from_gram(g, w, e).astype(np.float32))

@@ -13,9 +13,9 @@ of a matrix; a 1-D tensor is one vector either way). `nuslerp_row_wise` only act
 `nuslerp_flatten` is false, as in mergekit.
 
 The result is a linear combination of v_1 and v_2 whose two coefficients depend only on the Gram matrix
-of each vector pair: `coefficients_from_gram`. Whole tensors without a base are a Form (weights from the
-Gram matrix, as SLERP's: both executors, two reads of the inputs); task vectors and rows are
-`nuslerp_torch` (the Gram matrices of the task vectors or of each vector, then the weighted sum).
+of each vector pair: `coefficients_from_gram`. Whole tensors are a Form (weights from the Gram matrix of the models or, with a
+base, of their task vectors: both executors, two reads of the inputs); rows and columns are `nuslerp_torch`
+(one Gram matrix per vector, then the weighted sum).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def coefficients_from_gram(gram: np.ndarray, t: float) -> np.ndarray:
 
 
 def nuslerp_torch(tensors, base, weight, nuslerp_flatten=True, nuslerp_row_wise=False):
-    """The torch statement, for what the Form cannot state: task vectors (a base) and per-row/column SLERPs."""
+    """The torch statement, for what the Form cannot state: per-row/column SLERPs (and, called directly, any case)."""
     import torch
 
     if weight.dim() != 1:
@@ -94,8 +94,8 @@ def nuslerp(weight, nuslerp_flatten=True, nuslerp_row_wise=False, has_base=False
     w = np.asarray(weight, dtype=np.float64)
     if w.ndim != 1:
         raise SoupError("nuslerp takes one weight per model, not per row")
-    if has_base or not nuslerp_flatten:
-        return None  # the Gram matrix of task vectors, or of each row: nuslerp_torch
+    if not nuslerp_flatten:
+        return None  # one Gram matrix per row or column: nuslerp_torch
     t = interpolation_t(w)
-    return Form(np.array([1 - t, t], np.float32),
+    return Form(np.array([1 - t, t], np.float32), use_base=has_base,
                 reweigh=lambda g: coefficients_from_gram(g, t).astype(np.float32))
