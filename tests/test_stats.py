@@ -84,8 +84,11 @@ def test_paired_bootstrap_over_items() -> None:
     assert (t.diff.low < 0 < t.diff.high) == (t.p > 0.05)
     # A ratio metric (bits per byte, den = bytes per document) on the same documents.
     nll_a, nll_b, nb = np.array([10.0, 12, 8, 9]), np.array([11.0, 13, 9, 10]), np.array([10.0, 10, 10, 10])
+    t = S.paired_bootstrap(nll_a, nll_b, nb, resamples=500, min_items=0)
+    assert t.diff.estimate == pytest.approx(39 / 40 - 43 / 40) and t.diff.high < 0 and t.p < 0.01
+    # Four documents that all moved alike are no evidence: below MIN_ITEMS the test gives p = 1.
     t = S.paired_bootstrap(nll_a, nll_b, nb, resamples=500)
-    assert t.diff.estimate == pytest.approx(39 / 40 - 43 / 40) and t.diff.high < 0
+    assert t.p == 1.0 and t.test == "paired-bootstrap (too few items)" and t.diff.high < 0
 
 
 def test_holm_and_benjamini_hochberg_on_a_hand_made_list() -> None:

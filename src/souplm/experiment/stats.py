@@ -21,6 +21,7 @@ import numpy as np
 
 RESAMPLES = 2000  # bootstrap resamples of every interval and paired test in RESULTS.md
 LEVEL = 0.95  # two-sided interval level
+MIN_ITEMS = 10  # a paired bootstrap over fewer items gives no p-value (p = 1): 2 items moving alike is no evidence
 ALPHA = 0.05  # family-wise error rate of the claims' verdicts (Holm over every test the document makes)
 
 
@@ -155,9 +156,11 @@ class PairedTest:
 
 def paired_bootstrap(num_a: Sequence[float], num_b: Sequence[float], den: Sequence[float] | None = None, *,
                      den_b: Sequence[float] | None = None, resamples: int = RESAMPLES, level: float = LEVEL,
-                     seed: int = 0) -> PairedTest:
+                     seed: int = 0, min_items: int = MIN_ITEMS) -> PairedTest:
     """ratio(a) - ratio(b), resampling the same items for both; p is twice the smaller tail mass of the
-    replicates on either side of 0 (with the +1 correction, so it is never 0)."""
+    replicates on either side of 0 (with the +1 correction, so it is never 0). Below `min_items` items the
+    resamples cannot show anything (two documents that both moved the same way give p = 0.001): p = 1 and
+    the test is named `paired-bootstrap (too few items)`."""
     a, b = np.asarray(num_a, dtype=np.float64), np.asarray(num_b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError("a paired comparison needs both scores on the same items")
@@ -168,6 +171,8 @@ def paired_bootstrap(num_a: Sequence[float], num_b: Sequence[float], den: Sequen
     lo, hi = percentile_interval(reps, level)
     est = _ratio(a, da) - _ratio(b, db)
     reps = reps[~np.isnan(reps)]
+    if len(a) < min_items:
+        return PairedTest(Interval(est, lo, hi), 1.0, "paired-bootstrap (too few items)", len(a))
     if not reps.size or np.all(reps == 0):
         p = 1.0
     else:
@@ -211,7 +216,8 @@ def mcnemar(a_correct: Sequence[float], b_correct: Sequence[float], *, resamples
     if a.shape != b_.shape:
         raise ValueError("a paired comparison needs both scores on the same items")
     only_a, only_b = int((a & ~b_).sum()), int((~a & b_).sum())
-    boot = paired_bootstrap(a.astype(float), b_.astype(float), resamples=resamples, level=level, seed=seed)
+    boot = paired_bootstrap(a.astype(float), b_.astype(float), resamples=resamples, level=level, seed=seed,
+                            min_items=0)
     return PairedTest(boot.diff, mcnemar_exact(only_a, only_b), "mcnemar-exact", len(a), (only_a, only_b))
 
 

@@ -34,6 +34,7 @@ from souplm.experiment.settings import (
 from souplm.experiment.stats import (
     ALPHA,
     LEVEL,
+    MIN_ITEMS,
     RESAMPLES,
     best_of,
     better,
@@ -581,6 +582,7 @@ def step_statistics(ctx: Context, results: dict[str, Any]) -> dict[str, Any]:
         c["p_holm"] = p
         c["significant"] = p < ALPHA
     return {"resamples": RESAMPLES, "level": LEVEL, "level_percent": round(100 * LEVEL), "alpha": ALPHA,
+            "min_items": MIN_ITEMS,
             "correction": "holm",
             "n_comparisons": len(found), "intervals": intervals, "comparisons": found}
 
