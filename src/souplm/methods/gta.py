@@ -4,7 +4,7 @@ by magnitude rank, the L1 rescale, and the final weighted (optionally sign-elect
 mergekit 0.1.5 runs these methods as "generalized task arithmetic": sparsify each task vector
 tau_i = theta_i - base on its own, multiply by its weight, then either sum (no consensus) or keep, per
 entry, the models whose weighted entry has the elected sign (sign of the weighted sum, + where the sum
-is exactly 0) and divide by their weight mass; normalize by the weight sum, scale by lambda, add the base.
+is exactly 0; TIES's own election) and divide by their weight mass; normalize by the weight sum, scale by lambda, add the base.
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import SoupError
-from ..io import pool
 from . import ties
 from .linear import normalized, weighted_sum
-from .registry import broadcast
 from .task_arithmetic import add_to_base
 
 if TYPE_CHECKING:
@@ -93,48 +91,16 @@ def l1_rescaled(delta: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch
     return delta
 
 
-def elect_and_sum(deltas: list[torch.Tensor], weight: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """mergekit's sign consensus on weighted task vectors (consumed in place): e = +1 where
-    sum_i w_i d_i >= 0 (so + where it is exactly 0), else -1; model i agrees where w_i d_i has sign e;
-    result sum_{i agrees} w_i d_i, divided (normalize) by sum_{i agrees} w_i, or by 1 where that is 0."""
-    import torch
-
-    w = weight.tolist() if weight.dim() == 1 else list(broadcast(weight, deltas[0]))
-    for d, wi in zip(deltas, w):
-        d.mul_(wi)
-    elected = pool.empty_like(deltas[0]).copy_(deltas[0])
-    for d in deltas[1:]:
-        elected.add_(d)
-    elected = elected.ge_(0).mul_(2.0).sub_(1.0)  # +-1
-    agree = pool.empty_like(elected)
-    merged = mass = None
-    for i, (d, wi) in enumerate(zip(deltas, w)):
-        torch.mul(d, elected, out=agree).gt_(0)
-        if i == 0:
-            merged = d.mul_(agree)  # the running sum lives in the first task vector's storage
-            if normalize:
-                mass = agree.mul(wi)
-        else:
-            merged.addcmul_(d, agree)
-            if mass is not None:
-                mass.add_(agree.mul_(wi))
-    if mass is not None:
-        w_min = min(float(x.min()) if hasattr(x, "min") else x for x in w)
-        if w_min > 0:  # agreeing mass is >= w_min, or 0 where none agrees (and merged is 0 there)
-            merged.div_(mass.clamp_(min=0.5 * w_min))
-        else:
-            merged.div_(mass.masked_fill_(mass == 0, 1.0))
-    return merged
-
-
 def combine(deltas: list[torch.Tensor], base: torch.Tensor, weight: torch.Tensor, consensus: bool,
             normalize: bool, lam: float) -> torch.Tensor:
     """base + lambda * merge of the (sparsified) task vectors, consumed in place.
 
-    consensus: the sign-elected sum above; otherwise the weighted sum, divided by the weight sum when
-    normalizing."""
+    consensus: TIES's sign election (`ties.elect_and_merge`, mergekit's rule: + where the weighted sum is
+    exactly 0), the agreeing sum divided by the agreeing weight mass when normalizing (0 where that mass is 0:
+    mergekit divides by 1 there, which differs only when weights of both signs cancel exactly); otherwise the
+    weighted sum, divided by the weight sum when normalizing."""
     if consensus:
-        merged = elect_and_sum(deltas, weight, normalize)
+        merged = ties.elect_and_merge(deltas, weight, normalize)
     else:
         merged = weighted_sum(deltas, normalized(weight) if normalize else weight)
     return add_to_base(merged, base, lam)
