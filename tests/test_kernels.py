@@ -603,3 +603,18 @@ def test_bad_arguments_raise():
     for args in [(-1, 0, 5, d), (2**64, 0, 5, d), (1.5, 0, 5, d), (1, 0, 11, d), (1, 5, 3, d), (1, 0, 5, bytes(20))]:
         with pytest.raises((TypeError, ValueError)):
             K.dare_draws(*args)
+
+
+@pytest.mark.parametrize("use_base", [False, True])
+def test_gram_against_numpy_float64(use_base):
+    """G[i][j] = <x_i - base, x_j - base> over the range, the differences in float32, the rest in float64."""
+    rng = np.random.default_rng(3 + use_base)
+    size = 3000
+    codes = [BF16, F16, F32]
+    xs, base = make_models(rng, 3, size, codes, BF16 if use_base else None)
+    d = [decode(x, c)[9:size - 4] - (decode(base, BF16)[9:size - 4] if use_base else np.float32(0))
+         for x, c in zip(xs, codes)]
+    d = [v.astype(np.float32).astype(np.float64) for v in d]
+    expect = np.array([[a @ b for b in d] for a in d])
+    got = each_isa(lambda: K.gram(xs, codes, base, BF16 if use_base else 0, 9, size - 4))
+    np.testing.assert_allclose(np.asarray(got).reshape(3, 3), expect, rtol=1e-13)

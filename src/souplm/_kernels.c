@@ -1295,6 +1295,161 @@ done:
     return result;
 }
 
+/* ------------------------------------------------------------------------------------------------ */
+/* gram: the Gram matrix of the (task-vector) inputs, for SLERP and the other angle-based methods     */
+/* ------------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    int n;
+    const unsigned char **in;
+    const int *in_code;
+    const unsigned char *base;
+    int base_code;
+    Py_ssize_t start, stop;
+    float *scratch; /* (n + 1) * 512 floats */
+    double *g;      /* n * n */
+} gram_args;
+
+SOUP_INLINE void gram_impl(gram_args *a, int f16c)
+{
+    const int N = a->n, B = 512;
+    float *bb = a->scratch, *dd = a->scratch + B;
+    const int bsz = dtype_size(a->base_code);
+    for (Py_ssize_t j0 = a->start; j0 < a->stop; j0 += B) {
+        const int n = (int)(a->stop - j0 < B ? a->stop - j0 : B);
+        if (a->base)
+            load_block(a->base_code, a->base + (size_t)j0 * bsz, bb, n, f16c);
+        for (int i = 0; i < N; i++) {
+            float *SOUP_RESTRICT d = dd + (size_t)i * B;
+            load_block(a->in_code[i], a->in[i] + (size_t)j0 * dtype_size(a->in_code[i]), d, n, f16c);
+            if (a->base)
+                for (int k = 0; k < n; k++)
+                    d[k] = d[k] - bb[k];
+        }
+        for (int i = 0; i < N; i++)
+            for (int j = i; j < N; j++) {
+                const float *SOUP_RESTRICT x = dd + (size_t)i * B, *SOUP_RESTRICT y = dd + (size_t)j * B;
+                double acc = 0.0; /* float64 products and sums: any split gives the same matrix to ~1e-16 */
+                for (int k = 0; k < n; k++)
+                    acc += (double)x[k] * (double)y[k];
+                a->g[i * N + j] += acc;
+            }
+    }
+}
+
+SOUP_NOINLINE static void gram_generic(gram_args *a) { gram_impl(a, 0); }
+
+#if SOUP_X86
+SOUP_TARGET_AVX2 SOUP_NOINLINE static void gram_avx2(gram_args *a) { gram_impl(a, 1); }
+#endif
+
+PyDoc_STRVAR(gram_doc,
+"gram(inputs, in_dtypes, base, base_dtype, start, stop) -> tuple\n"
+"\n"
+"G[i][j] = sum over j in [start, stop) of d_i * d_j, d_i = inputs[i] - base (inputs[i] when base is None)\n"
+"in float32, the products and sums in float64; returned row by row as N*N floats (symmetric).");
+
+static PyObject *py_gram(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"inputs", "in_dtypes", "base", "base_dtype", "start", "stop", NULL};
+    static const char *fn = "gram";
+    PyObject *inputs_obj, *codes_obj, *base_obj;
+    int base_code;
+    Py_ssize_t start, stop;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOinn:gram", kwlist, &inputs_obj, &codes_obj, &base_obj,
+                                     &base_code, &start, &stop))
+        return NULL;
+    if (check_range(start, stop, fn) < 0)
+        return NULL;
+    PyObject *result = NULL, *inputs_fast = NULL, *codes_fast = NULL;
+    Py_buffer *views = NULL, base_view;
+    int have_base = 0;
+    Py_ssize_t n_views = 0;
+    const unsigned char **ptrs = NULL;
+    int *codes = NULL;
+    float *scratch = NULL;
+    double *g = NULL;
+    inputs_fast = PySequence_Fast(inputs_obj, "gram: inputs must be a sequence of buffers");
+    if (!inputs_fast)
+        goto done;
+    codes_fast = PySequence_Fast(codes_obj, "gram: in_dtypes must be a sequence of ints");
+    if (!codes_fast)
+        goto done;
+    const Py_ssize_t N = PySequence_Fast_GET_SIZE(inputs_fast);
+    if (N < 1 || N > 4096 || PySequence_Fast_GET_SIZE(codes_fast) != N) {
+        PyErr_SetString(PyExc_ValueError, "gram: need 1 to 4096 inputs and one dtype code each");
+        goto done;
+    }
+    views = PyMem_Calloc((size_t)N, sizeof(Py_buffer));
+    ptrs = PyMem_Calloc((size_t)N, sizeof(*ptrs));
+    codes = PyMem_Calloc((size_t)N, sizeof(int));
+    g = PyMem_Calloc((size_t)N * (size_t)N, sizeof(double));
+    scratch = PyMem_RawMalloc(sizeof(float) * 512 * ((size_t)N + 1));
+    if (!views || !ptrs || !codes || !g || !scratch) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < N; i++) {
+        char what[64];
+        long code = PyLong_AsLong(PySequence_Fast_GET_ITEM(codes_fast, i));
+        if (code == -1 && PyErr_Occurred())
+            goto done;
+        PyOS_snprintf(what, sizeof what, "in_dtypes[%zd]", i);
+        if (check_dtype(code, fn, what) < 0)
+            goto done;
+        codes[i] = (int)code;
+        PyOS_snprintf(what, sizeof what, "inputs[%zd]", i);
+        if (get_buffer(PySequence_Fast_GET_ITEM(inputs_fast, i), &views[i], fn, what, 0) < 0)
+            goto done;
+        n_views = i + 1;
+        if (check_length(&views[i], codes[i], stop, fn, what) < 0)
+            goto done;
+        ptrs[i] = views[i].buf;
+    }
+    if (get_base(base_obj, &base_code, &base_view, &have_base, stop, fn) < 0)
+        goto done;
+    gram_args a;
+    a.n = (int)N;
+    a.in = ptrs;
+    a.in_code = codes;
+    a.base = have_base ? base_view.buf : NULL;
+    a.base_code = base_code;
+    a.start = start;
+    a.stop = stop;
+    a.scratch = scratch;
+    a.g = g;
+    Py_BEGIN_ALLOW_THREADS
+#if SOUP_X86
+    if (use_avx2)
+        gram_avx2(&a);
+    else
+#endif
+        gram_generic(&a);
+    Py_END_ALLOW_THREADS
+    result = PyTuple_New(N * N);
+    if (!result)
+        goto done;
+    for (Py_ssize_t i = 0; i < N; i++)
+        for (Py_ssize_t j = 0; j < N; j++) {
+            double v = j >= i ? g[i * N + j] : g[j * N + i];
+            PyTuple_SET_ITEM(result, i * N + j, PyFloat_FromDouble(v));
+        }
+done:
+    for (Py_ssize_t i = 0; i < n_views; i++)
+        PyBuffer_Release(&views[i]);
+    if (have_base)
+        PyBuffer_Release(&base_view);
+    PyMem_Free(views);
+    PyMem_Free(ptrs);
+    PyMem_Free(codes);
+    PyMem_Free(g);
+    PyMem_RawFree(scratch);
+    Py_XDECREF(inputs_fast);
+    Py_XDECREF(codes_fast);
+    return result;
+}
+
 /* Private, for the tests: which copy of the kernels runs ("avx2" or "generic"); _set_isa("generic")
  * forces the portable copy, _set_isa("auto") returns to the choice made at import. */
 static int detect_avx2(void)
@@ -1335,6 +1490,7 @@ static PyMethodDef kernel_methods[] = {
      hist_doc},
     {"dare_draws", (PyCFunction)(void (*)(void))py_dare_draws, METH_VARARGS | METH_KEYWORDS, draws_doc},
     {"dare_abs_sums", (PyCFunction)(void (*)(void))py_dare_abs_sums, METH_VARARGS | METH_KEYWORDS, sums_doc},
+    {"gram", (PyCFunction)(void (*)(void))py_gram, METH_VARARGS | METH_KEYWORDS, gram_doc},
     {"isa", py_isa, METH_NOARGS, "isa() -> str: which copy of the kernels runs, 'avx2' or 'generic'."},
     {"_set_isa", py_set_isa, METH_O, "_set_isa(name): 'generic' forces the portable kernels, 'auto' re-detects."},
     {NULL, NULL, 0, NULL},

@@ -30,7 +30,7 @@ from ..errors import output_not_finite as _output_not_finite
 from ..io.checkpoint import Checkpoint
 from ..io.dtypes import DType
 from ..methods.form import Form
-from ..methods.steps import draw_keys, gram_of, keep_level, l1_scale, round_to, survivor_scale, trim_count
+from ..methods.steps import draw_keys, gram_kernel, keep_level, l1_scale, round_to, survivor_scale, trim_count
 from .plan import Item, Plan
 from .precision import compute_dtype
 
@@ -183,13 +183,10 @@ class Executor:
         b = _head(base, merged) if base is not None else None
 
         form = method.form_for(n_models, {**item.model_params, **item.global_params}, has_base=base is not None)
-        def term(i: int, lo: int, hi: int) -> np.ndarray:  # the Form's d_i: x_i, or x_i - base (fp32, as torch's)
-            x = _as_float32(xs[i][lo * models[i].dtype.itemsize: hi * models[i].dtype.itemsize], models[i].code)
-            if not form.use_base:
-                return x
-            return x - _as_float32(b[lo * base.dtype.itemsize: hi * base.dtype.itemsize], base.code)
-
-        weight = form.weight if form.reweigh is None else form.reweigh(gram_of(term, n_models, merged))
+        weight = form.weight
+        if form.reweigh is not None:  # the Form's terms' Gram matrix: x_i, or x_i - base
+            gb, gc = (b, base.code) if form.use_base else (None, 0)
+            weight = form.reweigh(gram_kernel(xs, [t.code for t in models], gb, gc, merged, self.workers.map))
         weight = weight[:, :rows] if weight.ndim == 2 else weight
         cc = compute_dtype(plan, item)  # what each step rounds to (engine/precision.py)
         ccode = KERNEL_DTYPES[cc]

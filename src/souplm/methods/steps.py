@@ -322,9 +322,29 @@ def gram_of(chunk, n_models: int, n: int) -> np.ndarray:
     return np.triu(g) + np.triu(g, 1).T
 
 
+def gram_kernel(xs: list, codes: list[int], base, base_code: int, n: int, map_fn=map) -> np.ndarray:
+    """G[i, j] = <x_i - base, x_j - base> (or <x_i, x_j>) over n entries of stored bytes, by the C kernel:
+    float64 products and sums, in fixed chunks of 2**20 entries (`map_fn` may run them in threads) added in
+    order, so any executor and any thread count give the same matrix."""
+    from .. import _kernels
+
+    m = len(xs)
+    parts = map_fn(lambda lo: _kernels.gram(xs, codes, base, base_code, lo, min(n, lo + GRAM_CHUNK)),
+                   range(0, n, GRAM_CHUNK))
+    g = np.zeros((m, m), np.float64)
+    for part in parts:
+        g += np.asarray(part, np.float64).reshape(m, m)
+    return g
+
+
 def gram(tensors: list[torch.Tensor]) -> np.ndarray:
-    """The Gram matrix of fp32 torch tensors (moved to the host when they live on a device)."""
+    """The Gram matrix of fp32 torch tensors (moved to the host when they live on a device): the kernel's
+    when the C extension is built (so both executors agree to the bit), else float32 BLAS chunks."""
     flat = [t.detach().reshape(-1).cpu().numpy() for t in tensors]
-    return gram_of(lambda i, lo, hi: flat[i][lo:hi], len(flat), flat[0].size)
+    try:
+        from .. import _kernels  # noqa: F401
+    except ImportError:
+        return gram_of(lambda i, lo, hi: flat[i][lo:hi], len(flat), flat[0].size)
+    return gram_kernel(flat, [0] * len(flat), None, 0, flat[0].size)
 
 
