@@ -320,7 +320,7 @@ def test_eval_cache_key_includes_dtype(fam, tmp_path, monkeypatch):
     class Store:
         def get(self, key, *a):
             seen.append(key)
-            return {"kind": "perplexity", "n": 1, "metrics": {"bpb": 1.0}, "primary": "bpb"}
+            return {"kind": "perplexity", "n": 1, "metrics": {"bpb": 1.0}, "primary": "bpb", "items": {}}  # a hit
 
     monkeypatch.setattr(runner, "as_cache", lambda c: Store())
     monkeypatch.setattr(runner, "checked_tasks", lambda *a: [type("T", (), {"name": "t", "cache_version": "1"})()])
