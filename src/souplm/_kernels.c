@@ -387,7 +387,7 @@ SOUP_INLINE void combine_impl(const combine_args *a, int f16c, const int cc)
 
         if (a->base) {
             a->bad[N] |= (unsigned char)(load_block(a->base_code, a->base + (size_t)j0 * bsz, bb, n, f16c) != 0);
-            if (cc != DT_F32)
+            if (cc != DT_F32 && a->base_code != cc) /* (values stored in the compute dtype are already rounded) */
                 for (int k = 0; k < n; k++)
                     bb[k] = round_to(cc, bb[k]);
         }
@@ -397,7 +397,7 @@ SOUP_INLINE void combine_impl(const combine_args *a, int f16c, const int cc)
             const float *SOUP_RESTRICT w = ww + (size_t)i * B;
             const int isz = dtype_size(a->in_code[i]);
             a->bad[i] |= (unsigned char)(load_block(a->in_code[i], a->in[i] + (size_t)j0 * isz, d, n, f16c) != 0);
-            if (cc != DT_F32)
+            if (cc != DT_F32 && a->in_code[i] != cc)
                 for (int k = 0; k < n; k++)
                     d[k] = round_to(cc, d[k]);
             if (a->base)
@@ -572,7 +572,7 @@ typedef struct {
     uint32_t *keys; /* block */
 } hist_args;
 
-SOUP_INLINE void hist_impl(const hist_args *a, int f16c)
+SOUP_INLINE void hist_impl(const hist_args *a, int f16c, const int cc)
 {
     const int B = a->block;
     float *SOUP_RESTRICT xs = a->scratch;
@@ -582,15 +582,20 @@ SOUP_INLINE void hist_impl(const hist_args *a, int f16c)
     const int xsz = dtype_size(a->x_code), bsz = dtype_size(a->base_code);
     for (Py_ssize_t j0 = a->start; j0 < a->stop; j0 += B) {
         const int n = (int)(a->stop - j0 < B ? a->stop - j0 : B);
-        const int cc = a->compute_code;
         load_block(a->x_code, a->x + (size_t)j0 * xsz, xs, n, f16c);
+        if (cc != DT_F32 && a->x_code != cc) /* (values stored in the compute dtype are already rounded) */
+            for (int k = 0; k < n; k++)
+                xs[k] = round_to(cc, xs[k]);
         if (a->base) {
             load_block(a->base_code, a->base + (size_t)j0 * bsz, bs, n, f16c);
+            if (cc != DT_F32 && a->base_code != cc)
+                for (int k = 0; k < n; k++)
+                    bs[k] = round_to(cc, bs[k]);
             for (int k = 0; k < n; k++)
-                keys[k] = f32_to_bits(fabsf(round_to(cc, round_to(cc, xs[k]) - round_to(cc, bs[k]))));
+                keys[k] = f32_to_bits(fabsf(round_to(cc, xs[k] - bs[k])));
         } else {
             for (int k = 0; k < n; k++)
-                keys[k] = f32_to_bits(fabsf(round_to(cc, xs[k])));
+                keys[k] = f32_to_bits(fabsf(xs[k]));
         }
         if (a->prefix < 0) {
             for (int k = 0; k < n; k++)
@@ -604,22 +609,44 @@ SOUP_INLINE void hist_impl(const hist_args *a, int f16c)
     }
 }
 
-SOUP_NOINLINE static void hist_generic(const hist_args *a) { hist_impl(a, 0); }
-
-#if SOUP_X86
-SOUP_TARGET_AVX2 SOUP_NOINLINE static void hist_avx2(const hist_args *a) { hist_impl(a, 1); }
-#endif
-
-static void hist_run(const hist_args *a)
-{
-#if SOUP_X86
-    if (use_avx2) {
-        hist_avx2(a);
-        return;
+/* One copy per compute dtype (a compile-time constant, so the float32 copies vectorize as if it were absent). */
+#define SOUP_BY_COMPUTE(name, args_t, impl)                                                            \
+    SOUP_NOINLINE static void name##_f32(args_t *a) { impl(a, 0, DT_F32); }                           \
+    SOUP_NOINLINE static void name##_bf16(args_t *a) { impl(a, 0, DT_BF16); }                         \
+    SOUP_NOINLINE static void name##_f16(args_t *a) { impl(a, 0, DT_F16); }                           \
+    SOUP_BY_COMPUTE_X86(name, args_t, impl)                                                           \
+    static void name##_run(args_t *a)                                                                 \
+    {                                                                                                 \
+        const int cc = a->compute_code;                                                               \
+        SOUP_BY_COMPUTE_X86_RUN(name)                                                                 \
+        if (cc == DT_BF16)                                                                            \
+            name##_bf16(a);                                                                           \
+        else if (cc == DT_F16)                                                                        \
+            name##_f16(a);                                                                            \
+        else                                                                                          \
+            name##_f32(a);                                                                            \
     }
+#if SOUP_X86
+#define SOUP_BY_COMPUTE_X86(name, args_t, impl)                                                        \
+    SOUP_TARGET_AVX2 SOUP_NOINLINE static void name##_avx2_f32(args_t *a) { impl(a, 1, DT_F32); }     \
+    SOUP_TARGET_AVX2 SOUP_NOINLINE static void name##_avx2_bf16(args_t *a) { impl(a, 1, DT_BF16); }   \
+    SOUP_TARGET_AVX2 SOUP_NOINLINE static void name##_avx2_f16(args_t *a) { impl(a, 1, DT_F16); }
+#define SOUP_BY_COMPUTE_X86_RUN(name)                                                                  \
+    if (use_avx2) {                                                                                   \
+        if (cc == DT_BF16)                                                                            \
+            name##_avx2_bf16(a);                                                                      \
+        else if (cc == DT_F16)                                                                        \
+            name##_avx2_f16(a);                                                                       \
+        else                                                                                          \
+            name##_avx2_f32(a);                                                                       \
+        return;                                                                                       \
+    }
+#else
+#define SOUP_BY_COMPUTE_X86(name, args_t, impl)
+#define SOUP_BY_COMPUTE_X86_RUN(name)
 #endif
-    hist_generic(a);
-}
+
+SOUP_BY_COMPUTE(hist, const hist_args, hist_impl)
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Argument handling                                                                                */
@@ -1183,7 +1210,7 @@ typedef struct {
     double all, kept;
 } sums_args;
 
-SOUP_INLINE void sums_impl(sums_args *a, int f16c)
+SOUP_INLINE void sums_impl(sums_args *a, int f16c, const int cc)
 {
     const int B = 1024;
     float *SOUP_RESTRICT xs = a->scratch;
@@ -1193,14 +1220,19 @@ SOUP_INLINE void sums_impl(sums_args *a, int f16c)
     for (Py_ssize_t j0 = a->start; j0 < a->stop; j0 += B) {
         const int n = (int)(a->stop - j0 < B ? a->stop - j0 : B);
         load_block(a->x_code, a->x + (size_t)j0 * xsz, xs, n, f16c);
-        const int cc = a->compute_code;
+        if (cc != DT_F32 && a->x_code != cc)
+            for (int k = 0; k < n; k++)
+                xs[k] = round_to(cc, xs[k]);
         if (a->base) {
             load_block(a->base_code, a->base + (size_t)j0 * bsz, bs, n, f16c);
+            if (cc != DT_F32 && a->base_code != cc)
+                for (int k = 0; k < n; k++)
+                    bs[k] = round_to(cc, bs[k]);
             for (int k = 0; k < n; k++)
-                xs[k] = fabsf(round_to(cc, round_to(cc, xs[k]) - round_to(cc, bs[k])));
+                xs[k] = fabsf(round_to(cc, xs[k] - bs[k]));
         } else
             for (int k = 0; k < n; k++)
-                xs[k] = fabsf(round_to(cc, xs[k]));
+                xs[k] = fabsf(xs[k]);
         const uint16_t *SOUP_RESTRICT r = gen_draws(a->key, (uint64_t)j0, n, a->draws);
         for (int k = 0; k < n; k++) { /* float64 sums: any split of the tensor gives the same norms */
             all += (double)xs[k];
@@ -1211,11 +1243,7 @@ SOUP_INLINE void sums_impl(sums_args *a, int f16c)
     a->kept = kept;
 }
 
-SOUP_NOINLINE static void sums_generic(sums_args *a) { sums_impl(a, 0); }
-
-#if SOUP_X86
-SOUP_TARGET_AVX2 SOUP_NOINLINE static void sums_avx2(sums_args *a) { sums_impl(a, 1); }
-#endif
+SOUP_BY_COMPUTE(sums, sums_args, sums_impl)
 
 PyDoc_STRVAR(sums_doc,
 "dare_abs_sums(x, x_dtype, base, base_dtype, start, stop, key, keep_level, compute_dtype=0) -> (float, float)\n"
@@ -1277,12 +1305,7 @@ static PyObject *py_dare_abs_sums(PyObject *self, PyObject *args, PyObject *kwar
     a.draws = draws;
     a.all = a.kept = 0.0;
     Py_BEGIN_ALLOW_THREADS
-#if SOUP_X86
-    if (use_avx2)
-        sums_avx2(&a);
-    else
-#endif
-        sums_generic(&a);
+    sums_run(&a);
     Py_END_ALLOW_THREADS
     result = Py_BuildValue("(dd)", a.all, a.kept);
 done:
