@@ -497,3 +497,20 @@ def test_mapping_spec_optional_must_be_a_boolean():
     spec = {"name": "m", "map": [{"target": "model.norm.weight", "source": "model.norm.weight", "optional": "false"}]}
     with pytest.raises(SoupError, match=r"map\[0\]: optional must be true or false"):
         load_mapping(spec)
+
+
+def test_a_coefficient_table_is_never_silently_ignored(fam, tmp_path, capsys):
+    """Without --method, a table means a linear soup; a method without per-model weights refuses a table."""
+    import json
+
+    from souplm.engine.coefficients import CoefficientTable
+
+    table = tmp_path / "t.json"
+    CoefficientTable([str(fam["A"]), str(fam["B"])], {"default": [0.9, 0.1]}).save(table)
+    out = tmp_path / "o"
+    assert main(["merge", "--model", str(fam["A"]), "--model", str(fam["B"]), "--coefficients", str(table),
+                 "-o", str(out), "--quiet"]) == 0
+    saved = (out / "souplm_recipe.yaml").read_text()
+    assert "merge_method: linear" in saved and json.loads((out / "souplm_coefficients.json").read_text())
+    refused(capsys, tmp_path / "u", "merge", "--model", fam["A"], "--model", fam["B"], "--method", "uniform",
+            "--coefficients", table, "-o", tmp_path / "u", "--quiet", contains=("coefficient table", "uniform"))

@@ -68,7 +68,8 @@ def _recipe(args: argparse.Namespace):
         return _refuse_unused(recipe, args)
     if len(args.model) < 1:
         raise SoupError("nothing to merge: give a recipe file or --model (twice or more)")
-    method = args.method or ("linear" if args.alpha is not None else "uniform")
+    # a coefficient table weighs the models, so without --method it means a linear soup (uniform takes no weights)
+    method = args.method or ("linear" if args.alpha is not None or args.coefficients else "uniform")
     from ..methods import get_method
 
     m = get_method(method)

@@ -80,6 +80,9 @@ def prepare(recipe: Recipe | str | os.PathLike | dict, coefficients=None, source
     if not isinstance(recipe, Recipe):
         recipe = Recipe.load(recipe)
     table = _load_coefficients(recipe, coefficients)
+    if table is not None and "weight" not in recipe.method.model_params:
+        raise SoupError(f"a coefficient table sets per-model weights, which method {recipe.merge_method} does not take "
+                        "(use linear, task_arithmetic, ties, dare_* or another method with a per-model weight)")
     sources = sources or open_sources(recipe)
     plan = build_plan(recipe, sources.index_for(recipe), table)
     plan.notes.extend(sources.notes)
