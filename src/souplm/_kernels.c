@@ -743,6 +743,34 @@ static int get_params(PyObject *obj, void *dst, Py_ssize_t n, int itemsize, cons
     return 0;
 }
 
+/* The N input buffers and their dtype codes, each checked to hold `stop` elements; *n_views counts the
+ * buffers acquired (the caller releases them). */
+static int get_inputs(PyObject *inputs_fast, PyObject *codes_fast, Py_ssize_t N, Py_ssize_t stop, const char *fn,
+                      Py_buffer *views, const unsigned char **ptrs, int *codes, Py_ssize_t *n_views)
+{
+    for (Py_ssize_t i = 0; i < N; i++) {
+        char what[64];
+        long code = PyLong_AsLong(PySequence_Fast_GET_ITEM(codes_fast, i));
+        if (code == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s: in_dtypes[%zd] must be an int", fn, i);
+            return -1;
+        }
+        PyOS_snprintf(what, sizeof what, "in_dtypes[%zd]", i);
+        if (check_dtype(code, fn, what) < 0)
+            return -1;
+        codes[i] = (int)code;
+        PyOS_snprintf(what, sizeof what, "inputs[%zd]", i);
+        if (get_buffer(PySequence_Fast_GET_ITEM(inputs_fast, i), &views[i], fn, what, 0) < 0)
+            return -1;
+        *n_views = i + 1;
+        if (check_length(&views[i], codes[i], stop, fn, what) < 0)
+            return -1;
+        ptrs[i] = views[i].buf;
+    }
+    return 0;
+}
+
 static int block_for(int n_models)
 {
     /* the scratch of one block (2N + 4 float rows) around 12 KiB: it stays in L1 beside the streams
@@ -863,26 +891,8 @@ static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kwargs)
     if (check_length(&out_view, out_code, stop, fn, "out") < 0)
         goto done;
 
-    for (Py_ssize_t i = 0; i < N; i++) {
-        char what[64];
-        long code = PyLong_AsLong(PySequence_Fast_GET_ITEM(codes_fast, i));
-        if (code == -1 && PyErr_Occurred()) {
-            PyErr_Clear();
-            PyErr_Format(PyExc_TypeError, "combine: in_dtypes[%zd] must be an int", i);
-            goto done;
-        }
-        PyOS_snprintf(what, sizeof what, "in_dtypes[%zd]", i);
-        if (check_dtype(code, fn, what) < 0)
-            goto done;
-        in_codes[i] = (int)code;
-        PyOS_snprintf(what, sizeof what, "inputs[%zd]", i);
-        if (get_buffer(PySequence_Fast_GET_ITEM(inputs_fast, i), &in_views[i], fn, what, 0) < 0)
-            goto done;
-        n_views = i + 1;
-        if (check_length(&in_views[i], in_codes[i], stop, fn, what) < 0)
-            goto done;
-        in_ptrs[i] = in_views[i].buf;
-    }
+    if (get_inputs(inputs_fast, codes_fast, N, stop, fn, in_views, in_ptrs, in_codes, &n_views) < 0)
+        goto done;
 
     if (get_base(base_obj, &base_code, &base_view, &have_base, stop, fn) < 0)
         goto done;
@@ -1413,23 +1423,8 @@ static PyObject *py_gram(PyObject *self, PyObject *args, PyObject *kwargs)
         PyErr_NoMemory();
         goto done;
     }
-    for (Py_ssize_t i = 0; i < N; i++) {
-        char what[64];
-        long code = PyLong_AsLong(PySequence_Fast_GET_ITEM(codes_fast, i));
-        if (code == -1 && PyErr_Occurred())
-            goto done;
-        PyOS_snprintf(what, sizeof what, "in_dtypes[%zd]", i);
-        if (check_dtype(code, fn, what) < 0)
-            goto done;
-        codes[i] = (int)code;
-        PyOS_snprintf(what, sizeof what, "inputs[%zd]", i);
-        if (get_buffer(PySequence_Fast_GET_ITEM(inputs_fast, i), &views[i], fn, what, 0) < 0)
-            goto done;
-        n_views = i + 1;
-        if (check_length(&views[i], codes[i], stop, fn, what) < 0)
-            goto done;
-        ptrs[i] = views[i].buf;
-    }
+    if (get_inputs(inputs_fast, codes_fast, N, stop, fn, views, ptrs, codes, &n_views) < 0)
+        goto done;
     if (get_base(base_obj, &base_code, &base_view, &have_base, stop, fn) < 0)
         goto done;
     gram_args a;
