@@ -293,14 +293,6 @@ def _dare_args(form: Form, seed: int, canonical: str, n: int) -> tuple:
             _f32([survivor_scale(lv) for lv in levels]))
 
 
-def _as_float32(data: np.ndarray, code: int) -> np.ndarray:
-    if code == KERNEL_DTYPES["F32"]:
-        return data.view(np.float32)
-    if code == KERNEL_DTYPES["F16"]:
-        return data.view(np.float16).astype(np.float32)
-    return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
 def _select(hist: np.ndarray, k: int) -> tuple[int, int]:
     """The bin holding the k-th largest key, and how many keys lie in bins above it (over the populated
     bins only: deltas fill a few hundred of the 65536)."""

@@ -308,20 +308,6 @@ def l1_scale(before: float, after: float, compute: str = "F32") -> float:
 GRAM_CHUNK = 1 << 20
 
 
-def gram_of(chunk, n_models: int, n: int) -> np.ndarray:
-    """G[i, j] = <x_i, x_j> over n entries: float32 dot products (BLAS) over chunks of 2**20 entries,
-    summed in float64 across chunks; `chunk(i, lo, hi)` gives model i's entries lo..hi as float32. Both
-    executors compute it with this one function, so their coefficients agree to the bit."""
-    g = np.zeros((n_models, n_models), np.float64)
-    for lo in range(0, n, GRAM_CHUNK):
-        hi = min(n, lo + GRAM_CHUNK)
-        xs = [chunk(i, lo, hi) for i in range(n_models)]
-        for i in range(n_models):
-            for j in range(i, n_models):
-                g[i, j] += float(xs[i] @ xs[j])
-    return np.triu(g) + np.triu(g, 1).T
-
-
 def gram_kernel(xs: list, codes: list[int], base, base_code: int, n: int, map_fn=map) -> np.ndarray:
     """G[i, j] = <x_i - base, x_j - base> (or <x_i, x_j>) over n entries of stored bytes, by the C kernel:
     float64 products and sums, in fixed chunks of 2**20 entries (`map_fn` may run them in threads) added in
@@ -339,12 +325,17 @@ def gram_kernel(xs: list, codes: list[int], base, base_code: int, n: int, map_fn
 
 def gram(tensors: list[torch.Tensor]) -> np.ndarray:
     """The Gram matrix of fp32 torch tensors (moved to the host when they live on a device): the kernel's
-    when the C extension is built (so both executors agree to the bit), else float32 BLAS chunks."""
+    when the C extension is built (so both executors agree to the bit), else the same float64 products and
+    sums in NumPy, chunk by chunk."""
     flat = [t.detach().reshape(-1).cpu().numpy() for t in tensors]
     try:
         from .. import _kernels  # noqa: F401
     except ImportError:
-        return gram_of(lambda i, lo, hi: flat[i][lo:hi], len(flat), flat[0].size)
+        g = np.zeros((len(flat), len(flat)), np.float64)
+        for lo in range(0, flat[0].size, GRAM_CHUNK):
+            chunk = np.stack([x[lo: lo + GRAM_CHUNK] for x in flat]).astype(np.float64)
+            g += chunk @ chunk.T
+        return g
     return gram_kernel(flat, [0] * len(flat), None, 0, flat[0].size)
 
 
