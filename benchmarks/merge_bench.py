@@ -519,6 +519,7 @@ class Bench:
     env: dict[str, str]
     tag: str
     results: list[RunResult] = field(default_factory=list)
+    outputs: Path | None = None  # where merged outputs go (None: under workdir/runs); e.g. a tmpfs
 
     def command(self, tool: str, recipe: Path, out: Path) -> list[str]:
         """The exact command line for ``tool``."""
@@ -529,7 +530,7 @@ class Bench:
 
     def out_dir(self, tool: str, method: str) -> Path:
         """Where ``tool`` writes its ``method`` output."""
-        return self.workdir / "runs" / self.tag / f"{tool}-{method}"
+        return (self.outputs or self.workdir / "runs") / self.tag / f"{tool}-{method}"
 
     def run(self, tool: str, method: str, recipe: Path, *, record: bool = True) -> RunResult:
         """One measured run (output directory removed first, dirty pages synced)."""
@@ -806,6 +807,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--keep-outputs", action="store_true", help="keep merged outputs (default: delete)")
     p.add_argument(
+        "--outputs", type=Path, default=None,
+        help="write both tools' merged outputs (and logs) under this folder, e.g. /dev/shm/bench: a tmpfs takes "
+             "the disk's write-back noise out of the ratios (default: WORKDIR/runs)",
+    )
+    p.add_argument(
         "--profile-mergekit",
         metavar="METHOD",
         default=None,
@@ -874,7 +880,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         m: write_recipe(m, dirs, workdir / "recipes" / spec.tag / f"{m}.yaml", args.density)
         for m in METHODS + OPTIONAL_METHODS
     }
-    bench = Bench(dirs, workdir, find_souplm(), mk_exe, env, spec.tag)
+    bench = Bench(dirs, workdir, find_souplm(), mk_exe, env, spec.tag, outputs=args.outputs)
 
     if args.profile_mergekit:
         preread([f for m in MODEL_NAMES for f in sorted(dirs[m].glob("*.safetensors"))])
@@ -932,7 +938,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Tools: `souplm merge RECIPE -o OUT` ({souplm_revision()}) vs `mergekit-yaml RECIPE OUT` "
             f"(mergekit {MERGEKIT_VERSION}, default options, CPU); same recipe file, `dtype: bfloat16`; "
             f"median of {args.repeats} run(s), inputs pre-read into the page cache, "
-            f"{'one untimed warm-up per tool, ' if warmup else ''}tool order alternated."
+            f"{'one untimed warm-up per tool, ' if warmup else ''}tool order alternated; outputs written under "
+            f"{args.outputs or workdir / 'runs'}."
         ),
         "",
         table,
