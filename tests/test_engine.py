@@ -379,3 +379,20 @@ def test_buffer_pool_lends_best_fit_and_spares_an_output_in_flight():
         P.release(x)
         y = P.empty_like(t)
     assert y.data_ptr() == x.data_ptr() and taken == [y]
+
+
+def test_slerp_t_comes_from_a_coefficient_table_where_it_has_entries(family, tmp_path):
+    """mergekit requires slerp's t; a table states it instead for the tensors it lists (the second model's share
+    of its weights, overriding t as tables override weights), and t holds for the rest."""
+    a, o = str(family["a"]), str(family["other"])
+    recipe = {"merge_method": "slerp", "base_model": a, "models": [{"model": a}, {"model": o}]}
+    with pytest.raises(SoupError, match="slerp needs parameter t for tensor"):
+        souplm.merge(recipe, tmp_path / "none", progress=False)
+    assert not (tmp_path / "none").exists()
+    table = CoefficientTable([a, o], {"model.layers.0.mlp.down_proj.weight": [0.0, 1.0]})
+    out = tmp_path / "soup"
+    souplm.merge({**recipe, "parameters": {"t": 0.0}}, out, coefficients=table, progress=False)
+    ws, wa, wo = weights(out), weights(family["a"]), weights(family["other"])
+    d, v = "model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.v_proj.weight"
+    torch.testing.assert_close(ws[d], wo[d], rtol=0, atol=1e-6)  # the table's share 1: the second model
+    torch.testing.assert_close(ws[v], wa[v], rtol=0, atol=1e-6)  # the recipe's t = 0: the base

@@ -47,7 +47,6 @@ _MOE = ("issue 13 §4: mergekit 0.1.5 writes MoE experts in transformers 5's fus
 _ULPS = "rounding: souplm's {} is {} ulp from mergekit's at the tensor's magnitude (1 allowed), measured here"
 XFAIL: dict[str, str] = {
     # issue 13 §1: the measured semantic differences still open
-    "s1_slerp_no_t": "issue 13 §1: mergekit requires t for slerp; souplm merges without it",
     "mk_sce": _BF16.format("issue 14: sce"),
     "mk_ramplus_tl": _BF16.format("issue 14: ramplus_tl"),
     "ex_arcee_fusion": _FUSION,

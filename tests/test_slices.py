@@ -361,10 +361,6 @@ def test_required_parameters_are_refused_when_missing(zoo):
 
 
 def test_slerp_without_t_is_refused_like_mergekit(zoo):
-    from souplm.methods import get_method
-
-    if "t" not in get_method("slerp").required:
-        pytest.xfail("methods/slerp.py does not declare t required (souplm takes t from per-model weights)")
     with pytest.raises(SoupError, match="needs parameter t"):
         prepare({"merge_method": "slerp", "base_model": str(zoo["a"]), "models": [{"model": str(zoo["b"])}]})
 

@@ -402,12 +402,16 @@ class _Context:
         item.model_params = self._model_params(sl, names, c_out, t, item)
         item.global_params = {}
         scopes = [(f"{sl.label}.parameters", sl.params), ("parameters", recipe.parameters)]
+        tabled = self.coefficients is not None and self.coefficients.lookup(c_out) is not None
         for key, default in method.global_params.items():
             v, where = _lookup(key, scopes, c_out, t)
+            if key in method.table_states and tabled:  # the table overrides it, as it overrides weights
+                v, where = default, "the coefficient table"
             if v is _UNSET:
                 if key in getattr(method, "required", ()):
-                    raise SoupError(f"parameters.{key}: missing required parameter of method {method.name} for "
-                                    f"tensor {c_out} (no default; mergekit refuses it too)")
+                    table = " or apply a coefficient table" if key in method.table_states else ""
+                    raise SoupError(f"method {method.name} needs parameter {key} for tensor {c_out} (set it in "
+                                    f"parameters{table}; it has no default, mergekit refuses it too)")
                 v, where = default, f"parameters.{key}"
             method.spec(key).check(v, f"{where} (tensor {c_out})", recipe.allow_extrapolation)
             item.global_params[key] = v

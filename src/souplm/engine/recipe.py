@@ -157,12 +157,15 @@ class Recipe(BaseModel):
 
         This is souplm's quick form (the CLI's `--model ... --method` uses it too): a `weight` the method
         requires (mergekit requires it of every task-vector method, and of a recipe in its format) is 1.0
-        per model unless `weights` or `weight` is given."""
+        per model unless `weights` or `weight` is given, and slerp's `t` (mergekit requires it) is the second
+        model's share of `weights`, 0.5 without them."""
         recipe_keys = set(cls.model_fields) - {"models", "merge_method", "base_model", "parameters"}
         top = {k: v for k, v in fields.items() if k in recipe_keys}
         params = {k: v for k, v in fields.items() if k not in recipe_keys}
         if weights is None and "weight" not in params and "weight" in get_method(method).required:
             params["weight"] = 1.0
+        if method == "slerp" and "t" not in params:  # the quick form's t: the second model's share of the weights
+            params["t"] = 0.5 if weights is None else float(weights[1]) / float(sum(weights))
         specs = [
             {"model": str(p), "parameters": {} if weights is None else {"weight": float(w)}}
             for p, w in zip(paths, weights or [None] * len(paths))
@@ -212,7 +215,9 @@ class Recipe(BaseModel):
                         f"(per-model: {', '.join(sorted(m.model_params)) or 'none'})"
                     )
         self.check_values()  # a value written wrong is named before a value left out
-        for key in () if self.slices else m.required:  # no default: set globally, or for every model (mergekit's rule)
+        # no default: set globally, or for every model (mergekit's rule); what a coefficient table may state
+        # instead is checked per tensor by the plan, which knows the table
+        for key in () if self.slices else (k for k in m.required if k not in m.table_states):
             per_model = key in m.model_params and all(key in s.parameters for s in self.models)
             if key not in self.parameters and not per_model:
                 where = "parameters or every model's parameters" if key in m.model_params else "parameters"

@@ -120,6 +120,9 @@ class Method:
     optional_base: bool = False  # uses base_model when the recipe names one (needs_base: must name one)
     forbids_base: bool = False  # refuses a base_model (passthrough: one model, nothing else)
     required: tuple[str, ...] = ()  # parameters without a default: the recipe must set them (as mergekit's)
+    # required parameters a coefficient table states instead for the tensors it lists (slerp's t: the second
+    # model's share of the table's weights), as it overrides per-model weights there
+    table_states: tuple[str, ...] = ()
     native_dtype: bool = False  # mergekit computes it in the tensors' dtype (engine/precision.py), not float32
     reference: str = ""
     summary: str = ""

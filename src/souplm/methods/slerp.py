@@ -35,6 +35,8 @@ def slerp_coefficients(gram: np.ndarray, t: float, epsilon: float) -> np.ndarray
     model_params={"weight": 1.0},
     global_params={"t": None, "epsilon": 1e-8},
     row_weights=False,
+    required=("t",),  # as mergekit's; a coefficient table's per-model weights state it instead
+    table_states=("t",),
     reference="Shoemake 1985, 'Animating rotation with quaternion curves'",
 )
 def slerp(weight, t=None, epsilon=1e-8) -> Form:
@@ -42,7 +44,7 @@ def slerp(weight, t=None, epsilon=1e-8) -> Form:
     weight = np.asarray(weight, dtype=np.float32)
     if weight.ndim != 1:
         raise SoupError("slerp takes one weight per model, not per row")
-    if t is None:  # from per-model weights (a coefficient table): t is model 2's share
+    if t is None:  # from per-model weights (a coefficient table, which the plan allows only without t)
         t = float(weight[1] / weight.sum())
     t, eps = float(t), float(epsilon)
     return Form(np.array([1 - t, t], np.float32), reweigh=lambda g: slerp_coefficients(g, t, eps))
