@@ -74,6 +74,12 @@ class Context:
     # Per-example (num, den) columns of every scored model, by label and task (stats.item_columns): the
     # intervals and paired tests are computed from these; results.json keeps only their summaries.
     items: dict[str, dict[str, tuple[list[float], list[float]]]] = field(default_factory=dict)
+    # The family's roles, soup pair, variants and test tasks: the SmolLM2 family's unless a second family
+    # (second_family.py) passes its own.
+    roles: dict[str, str] = field(default_factory=lambda: dict(ROLES))
+    pair: tuple[str, str] = ("llava", "smollm2")
+    variants: tuple[str, ...] = VARIANTS
+    task_names: tuple[str, ...] = TASKS
 
     def keep(self, label: str, results: dict[str, dict[str, Any]]) -> None:
         """Remember the per-example values of one model's task results under `label`."""
@@ -84,17 +90,17 @@ class Context:
     @property
     def pair_paths(self) -> list[str]:
         """(LLaVA, Vicuna) folders: the vanilla and learnable soups' models, LLaVA first (its architecture)."""
-        return [str(self.family["llava"]), str(self.family["smollm2"])]
+        return [str(self.family[k]) for k in self.pair]
 
     @property
     def test_tasks(self) -> list[Any]:
         """The test tasks in the table order."""
-        return [self.data.tasks[n] for n in TASKS]
+        return [self.data.tasks[n] for n in self.task_names]
 
 
 def _role_of(ctx: Context, path: str) -> str:
     """A model folder's name in the study (LLaVA, Vicuna, Math, Shakespeare)."""
-    for stage, role in ROLES.items():
+    for stage, role in ctx.roles.items():
         if Path(path) == Path(ctx.family[stage]):
             return role
     return Path(path).name
@@ -246,8 +252,9 @@ def step_vanilla(ctx: Context) -> dict[str, Any]:
     res.to_csv(sweep_dir / "sweep.csv")
     (sweep_dir / "sweep.md").write_text(res.to_markdown())
     (sweep_dir / "sweep.json").write_text(json.dumps(res.to_json(), indent=1))
-    plot_sweep(res, ctx.out / "results" / "vanilla_sweep", title="Vanilla soup: alpha * LLaVA + (1 - alpha) * Vicuna",
-               labels=("LLaVA", "Vicuna"))  # roles, not the family's hashed folder names
+    first, second = (ctx.roles[k] for k in ctx.pair)
+    plot_sweep(res, ctx.out / "results" / "vanilla_sweep", title=f"Vanilla soup: alpha * {first} + (1 - alpha) * {second}",
+               labels=(first, second))  # roles, not the family's hashed folder names
     _drop_svg(ctx.out / "results")
     for a in res.alphas:
         ctx.keep(vanilla_label(a), res.results[a])
@@ -269,10 +276,10 @@ def step_vanilla(ctx: Context) -> dict[str, Any]:
         }
     return {
         "alphas": res.alphas,
-        "scores": {f"{a:g}": {n: res.score(a, n) for n in TASKS} for a in res.alphas},
+        "scores": {f"{a:g}": {n: res.score(a, n) for n in ctx.task_names} for a in res.alphas},
         "per_task": per_task,
         "figure": "results/vanilla_sweep.png",
-        "evaluations": len(res.alphas) * len(TASKS),
+        "evaluations": len(res.alphas) * len(ctx.task_names),
         "labels": {f"{a:g}": vanilla_label(a) for a in res.alphas},
     }
 
@@ -397,7 +404,7 @@ def step_greedy(ctx: Context) -> dict[str, Any]:
     """Step 4: greedy and uniform soups of the four variants, each greedy soup chosen on a dev task."""
     from souplm.search.greedy import greedy_soup
 
-    paths = [str(ctx.family[k]) for k in ("llava", "smollm2", "math", "shakespeare")]
+    paths = [str(ctx.family[k]) for k in ctx.variants]
     out = []
     for heldout in ctx.settings.greedy_heldout:
         res = greedy_soup(paths, ctx.data.dev_tasks[heldout], test_tasks=ctx.test_tasks, cache=ctx.store,
@@ -422,7 +429,7 @@ def uniform_soup_results(ctx: Context, members: list[str]) -> dict[str, dict[str
     from souplm.evaluate.cache import model_hash, soup_key
     from souplm.search.sweep import METHOD, SoupModel, evaluate_candidate
 
-    paths = [str(ctx.family[k]) for k in VARIANTS]
+    paths = [str(ctx.family[k]) for k in ctx.variants]
     if ctx.soup4 is None:
         ctx.soup4 = (SoupModel(paths, batch_size=ctx.settings.eval_batch, progress=ctx.progress),
                      [model_hash(p) for p in paths])
