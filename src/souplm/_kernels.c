@@ -329,11 +329,15 @@ typedef struct {
     float lam;
     int normalize;
     int compute_code;        /* DT_F32: plain float32; DT_BF16 / DT_F16: every step rounded to that dtype */
-    const float *thr;        /* NULL or [n] */
-    const int64_t *quota;    /* NULL or [n]: entries tied with thr[i] kept in this range, first in index order; -1 all */
-    int64_t *qleft;          /* [n] scratch: quota left */
+    const float *thr;        /* NULL or [n]: the trim keeps thr[i] <= |d| (TIES; breadcrumbs' lower cut) */
+    const float *thr_hi;     /* NULL or [n]: ... and |d| <= thr_hi[i] (breadcrumbs' upper cut) */
+    const int64_t *quota;    /* NULL or [n][4]: of the entries tied with thr[i], skip the first [0], keep the next
+                                [1]; of those tied with thr_hi[i] (and not with thr[i]), skip [2], keep [3]; in
+                                index order within this range; [1] == -1: no tie limit for model i */
+    int64_t *qleft;          /* [n][4] scratch: the counts left */
     const uint64_t *keys;    /* NULL or [n] (with levels and scales) */
     const uint32_t *levels;  /* [n] */
+    const unsigned char *const *masks; /* NULL or [n] byte masks of the whole tensor (DELLA): kept where != 0 */
     const float *scales;     /* [n] */
     int block;               /* elements per block */
     float *scratch;          /* block * (2n + 4) floats */
@@ -404,17 +408,29 @@ SOUP_INLINE void combine_impl(const combine_args *a, int f16c, const int cc)
                 for (int k = 0; k < n; k++)
                     d[k] = round_to(cc, d[k] - bb[k]);
             if (a->thr) {
-                const float th = a->thr[i];
-                if (a->quota && a->quota[i] >= 0) { /* exactly k kept: the first ties in index order */
-                    int64_t q = a->qleft[i];
+                const float th = a->thr[i], hi = a->thr_hi ? a->thr_hi[i] : INFINITY;
+                if (a->quota && a->quota[4 * i + 1] >= 0) { /* exact counts: which tied entries survive */
+                    int64_t *SOUP_RESTRICT q = a->qleft + 4 * i;
                     for (int k = 0; k < n; k++) {
                         const float m = fabsf(d[k]);
-                        const int tie = m == th && q > 0;
-                        q -= tie;
-                        d[k] = keep_if(m > th || tie, d[k]);
+                        int keep = m > th && m < hi;
+                        if (m == th || m == hi) {
+                            int64_t *c = m == th ? q : q + 2; /* [skip, keep] of this cut */
+                            if (c[0] > 0)
+                                c[0]--;
+                            else if (c[1] > 0) {
+                                c[1]--;
+                                keep = 1;
+                            }
+                        }
+                        d[k] = keep_if(keep, d[k]);
                     }
-                    a->qleft[i] = q;
-                } else
+                } else if (a->thr_hi)
+                    for (int k = 0; k < n; k++) {
+                        const float m = fabsf(d[k]);
+                        d[k] = keep_if(m >= th && m <= hi, d[k]);
+                    }
+                else
                     for (int k = 0; k < n; k++)
                         d[k] = keep_if(fabsf(d[k]) >= th, d[k]);
             }
@@ -424,6 +440,15 @@ SOUP_INLINE void combine_impl(const combine_args *a, int f16c, const int cc)
                 const float scale = a->scales[i];
                 for (int k = 0; k < n; k++)
                     d[k] = keep_if((uint32_t)r[k] < level, round_to(cc, d[k] * scale));
+            } else if (a->masks) {
+                const unsigned char *SOUP_RESTRICT mk = a->masks[i] + j0;
+                const float scale = a->scales[i];
+                for (int k = 0; k < n; k++)
+                    d[k] = keep_if(mk[k] != 0, round_to(cc, d[k] * scale));
+            } else if (a->scales) { /* a trim's survivors rescaled (breadcrumbs' rescale) */
+                const float scale = a->scales[i];
+                for (int k = 0; k < n; k++)
+                    d[k] = round_to(cc, d[k] * scale);
             }
             if (a->mode == MODE_SUM) {
                 if (i == 0)
@@ -566,6 +591,8 @@ typedef struct {
     Py_ssize_t start, stop;
     uint32_t *hist;
     long prefix;
+    uint32_t *hist2; /* NULL, or (prefix >= 0) the low 16 bits of the keys whose high 16 bits are prefix2 */
+    long prefix2;
     int compute_code;
     int block;
     float *scratch; /* 2 * block floats */
@@ -600,6 +627,15 @@ SOUP_INLINE void hist_impl(const hist_args *a, int f16c, const int cc)
         if (a->prefix < 0) {
             for (int k = 0; k < n; k++)
                 hist[keys[k] >> 16]++;
+        } else if (a->hist2) { /* two cuts of one tensor in one pass (breadcrumbs) */
+            const uint32_t pre = (uint32_t)a->prefix, pre2 = (uint32_t)a->prefix2;
+            uint32_t *SOUP_RESTRICT hist2 = a->hist2;
+            for (int k = 0; k < n; k++) {
+                if ((keys[k] >> 16) == pre)
+                    hist[keys[k] & 0xFFFFu]++;
+                if ((keys[k] >> 16) == pre2)
+                    hist2[keys[k] & 0xFFFFu]++;
+            }
         } else {
             const uint32_t pre = (uint32_t)a->prefix;
             for (int k = 0; k < n; k++)
@@ -786,21 +822,27 @@ static int block_for(int n_models)
 
 PyDoc_STRVAR(combine_doc,
 "combine(out, out_dtype, inputs, in_dtypes, base, base_dtype, weights, row_len, start, stop, mode, lam,\n"
-"        normalize, thresholds, dare_keys, keep_levels, scales, tie_quota=None, compute_dtype=0) -> int\n"
+"        normalize, thresholds, dare_keys, keep_levels, scales, tie_quota=None, compute_dtype=0,\n"
+"        upper=None, masks=None) -> int\n"
 "\n"
 "Write elements [start, stop) of the merge of `inputs` into `out` (float32 arithmetic, fixed order):\n"
 "  d_i = x_i - base (or x_i); trimmed to 0 where |d_i| < thresholds[i]; DARE: kept (times scales[i])\n"
 "  where draw(dare_keys[i], j) < keep_levels[i], else 0; mode 0 (sum): acc = sum_i d_i * w_i, divided by\n"
 "  sum_i w_i when normalize (by 1 where that sum is below 1e-8 in magnitude);\n"
-"  tie_quota (int64 [N] or None): of the entries with |d_i| == thresholds[i], keep only the first\n"
-"  tie_quota[i] of the range (-1: all);\n"
+"  upper (float32 [N] or None): also zeroed where |d_i| > upper[i] (a two-sided trim);\n"
+"  tie_quota (int64 [N] or [N][4], or None): [N]: of the entries with |d_i| == thresholds[i], keep only the\n"
+"  first tie_quota[i] of the range (-1: all); [N][4]: of those tied with thresholds[i], skip the first [0] and\n"
+"  keep the next [1]; of those tied with upper[i], skip [2], keep [3] ([1] == -1: all ties kept);\n"
+"  masks (N byte buffers of >= stop bytes, or None; with scales, without dare_keys and keep_levels): kept\n"
+"  (times scales[i]) where masks[i][j] != 0, else 0 (DELLA's drop, drawn beforehand by magprune_mask);\n"
 "  mode 1 (elect): s = +1 if sum_i d_i w_i >= 0 else -1, v_i = max(d_i w_i s, 0), acc = sum_i v_i s, divided by\n"
 "  the mass sum_i [v_i > 0] w_i when normalize (0 where the mass is 0); result = acc * lam + base (or acc).\n"
 "compute_dtype 1 or 2: the inputs, each difference, product, sum, quotient and the result are rounded to\n"
 "float16 or bfloat16 as torch does in that dtype (sums over models accumulate in float32, then round).\n"
 "Dtype codes: 0 float32, 1 float16, 2 bfloat16. weights: float32 [N][R]; R == 1 one weight per model,\n"
 "else element j uses row j // row_len. thresholds: float32 [N] or None; dare_keys uint64 [N], keep_levels\n"
-"uint32 [N] (0..65536), scales float32 [N]: all three or none.\n"
+"uint32 [N] (0..65536), scales float32 [N]: all three or none; scales with masks; or scales alone (with\n"
+"thresholds): the trim's survivors times scales[i], rounded to the compute dtype.\n"
 "Returns -1 when every value read was finite, else the lowest index of an input holding a NaN/Inf in the\n"
 "range (N for the base), or N + 1 when the inputs were finite but a written value is not (overflow, or\n"
 "a float16 output past 65504); `out` is then unspecified.");
@@ -809,23 +851,27 @@ static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"out", "out_dtype", "inputs", "in_dtypes", "base", "base_dtype", "weights",
                              "row_len", "start", "stop", "mode", "lam", "normalize", "thresholds",
-                             "dare_keys", "keep_levels", "scales", "tie_quota", "compute_dtype", NULL};
+                             "dare_keys", "keep_levels", "scales", "tie_quota", "compute_dtype", "upper",
+                             "masks", NULL};
     static const char *fn = "combine";
     PyObject *out_obj, *inputs_obj, *in_dtypes_obj, *base_obj, *weights_obj, *thr_obj, *keys_obj, *levels_obj,
-        *scales_obj, *quota_obj = Py_None;
+        *scales_obj, *quota_obj = Py_None, *upper_obj = Py_None, *masks_obj = Py_None;
     int out_code, base_code, mode, normalize, compute_code = DT_F32;
     Py_ssize_t row_len, start, stop;
     double lam;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOOOiOnnnidpOOOO|Oi:combine", kwlist, &out_obj, &out_code,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOOOiOnnnidpOOOO|OiOO:combine", kwlist, &out_obj, &out_code,
                                      &inputs_obj, &in_dtypes_obj, &base_obj, &base_code, &weights_obj, &row_len,
                                      &start, &stop, &mode, &lam, &normalize, &thr_obj, &keys_obj, &levels_obj,
-                                     &scales_obj, &quota_obj, &compute_code))
+                                     &scales_obj, &quota_obj, &compute_code, &upper_obj, &masks_obj))
         return NULL;
 
-    PyObject *result = NULL, *inputs_fast = NULL, *codes_fast = NULL;
+    PyObject *result = NULL, *inputs_fast = NULL, *codes_fast = NULL, *masks_fast = NULL;
     Py_buffer out_view, base_view, w_view;
-    Py_buffer *in_views = NULL;
+    Py_buffer *in_views = NULL, *mask_views = NULL;
+    Py_ssize_t n_masks = 0;
+    const unsigned char **mask_ptrs = NULL;
+    float *thr_hi = NULL;
     int have_out = 0, have_base = 0, have_w = 0;
     Py_ssize_t n_views = 0;
     const unsigned char **in_ptrs = NULL;
@@ -874,13 +920,17 @@ static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kwargs)
     in_ptrs = PyMem_Calloc((size_t)N, sizeof(*in_ptrs));
     in_codes = PyMem_Calloc((size_t)N, sizeof(int));
     thr = PyMem_Calloc((size_t)N, sizeof(float));
+    thr_hi = PyMem_Calloc((size_t)N, sizeof(float));
+    mask_views = PyMem_Calloc((size_t)N, sizeof(Py_buffer));
+    mask_ptrs = PyMem_Calloc((size_t)N, sizeof(*mask_ptrs));
     scales = PyMem_Calloc((size_t)N, sizeof(float));
     keys = PyMem_Calloc((size_t)N, sizeof(uint64_t));
     levels = PyMem_Calloc((size_t)N, sizeof(uint32_t));
-    quota = PyMem_Calloc((size_t)N, sizeof(int64_t));
-    qleft = PyMem_Calloc((size_t)N, sizeof(int64_t));
+    quota = PyMem_Calloc((size_t)N * 4, sizeof(int64_t));
+    qleft = PyMem_Calloc((size_t)N * 4, sizeof(int64_t));
     bad = PyMem_Calloc((size_t)N + 2, 1);
-    if (!in_views || !in_ptrs || !in_codes || !thr || !scales || !keys || !levels || !quota || !qleft || !bad) {
+    if (!in_views || !in_ptrs || !in_codes || !thr || !thr_hi || !mask_views || !mask_ptrs || !scales || !keys ||
+        !levels || !quota || !qleft || !bad) {
         PyErr_NoMemory();
         goto done;
     }
@@ -928,14 +978,67 @@ static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_ValueError, "combine: tie_quota needs thresholds");
         goto done;
     }
-    if (use_quota && get_params(quota_obj, quota, N, 8, fn, "tie_quota", "int64") < 0)
+    if (use_quota) {
+        Py_buffer qv;
+        if (get_buffer(quota_obj, &qv, fn, "tie_quota", 0) < 0)
+            goto done;
+        Py_ssize_t qlen = qv.len;
+        PyBuffer_Release(&qv);
+        if (qlen == N * 8) { /* [N]: the first tie_quota[i] ties of the lower cut */
+            if (get_params(quota_obj, qleft, N, 8, fn, "tie_quota", "int64") < 0)
+                goto done;
+            for (Py_ssize_t i = 0; i < N; i++) {
+                quota[4 * i] = 0;
+                quota[4 * i + 1] = qleft[i];
+                quota[4 * i + 2] = quota[4 * i + 3] = 0;
+            }
+        } else if (get_params(quota_obj, quota, 4 * N, 8, fn, "tie_quota", "int64") < 0)
+            goto done;
+        memcpy(qleft, quota, sizeof(int64_t) * 4 * (size_t)N);
+    }
+    int use_upper = upper_obj != Py_None;
+    if (use_upper && !use_thr) {
+        PyErr_SetString(PyExc_ValueError, "combine: upper needs thresholds");
         goto done;
-    for (Py_ssize_t i = 0; use_quota && i < N; i++)
-        qleft[i] = quota[i];
+    }
+    if (use_upper && get_params(upper_obj, thr_hi, N, 4, fn, "upper", "float32") < 0)
+        goto done;
+    int use_masks = masks_obj != Py_None;
     int n_dare = (keys_obj != Py_None) + (levels_obj != Py_None) + (scales_obj != Py_None);
-    if (n_dare != 0 && n_dare != 3) {
-        PyErr_SetString(PyExc_ValueError, "combine: dare_keys, keep_levels and scales must all be given or all None");
+    int scales_only = !use_masks && n_dare == 1 && scales_obj != Py_None;
+    if (scales_only && !use_thr) {
+        PyErr_SetString(PyExc_ValueError, "combine: scales alone rescale a trim's survivors: they need thresholds");
         goto done;
+    }
+    if (use_masks ? (n_dare != 1 || scales_obj == Py_None) : (n_dare != 0 && n_dare != 3 && !scales_only)) {
+        PyErr_SetString(PyExc_ValueError, use_masks ? "combine: masks take scales, and no dare_keys or keep_levels"
+                        : "combine: dare_keys, keep_levels and scales must all be given or all None");
+        goto done;
+    }
+    if (scales_only && get_params(scales_obj, scales, N, 4, fn, "scales", "float32") < 0)
+        goto done;
+    if (use_masks) {
+        masks_fast = PySequence_Fast(masks_obj, "combine: masks must be a sequence of buffers");
+        if (!masks_fast)
+            goto done;
+        if (PySequence_Fast_GET_SIZE(masks_fast) != N) {
+            PyErr_Format(PyExc_ValueError, "combine: masks has %zd buffers for %zd inputs",
+                         PySequence_Fast_GET_SIZE(masks_fast), N);
+            goto done;
+        }
+        for (Py_ssize_t i = 0; i < N; i++) {
+            if (get_buffer(PySequence_Fast_GET_ITEM(masks_fast, i), &mask_views[i], fn, "masks[i]", 0) < 0)
+                goto done;
+            n_masks = i + 1;
+            if (mask_views[i].len < stop) {
+                PyErr_Format(PyExc_ValueError, "combine: masks[%zd] holds %zd bytes, fewer than stop=%zd", i,
+                             mask_views[i].len, stop);
+                goto done;
+            }
+            mask_ptrs[i] = mask_views[i].buf;
+        }
+        if (get_params(scales_obj, scales, N, 4, fn, "scales", "float32") < 0)
+            goto done;
     }
     int use_dare = n_dare == 3;
     if (use_dare) {
@@ -977,11 +1080,13 @@ static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kwargs)
     a.normalize = normalize;
     a.compute_code = compute_code;
     a.thr = use_thr ? thr : NULL;
+    a.thr_hi = use_upper ? thr_hi : NULL;
+    a.masks = use_masks ? mask_ptrs : NULL;
     a.quota = use_quota ? quota : NULL;
     a.qleft = qleft;
     a.keys = use_dare ? keys : NULL;
     a.levels = levels;
-    a.scales = scales;
+    a.scales = (use_dare || use_masks || scales_only) ? scales : NULL;
     a.block = B;
     a.scratch = scratch;
     a.draw_buf = draw_buf;
@@ -1010,10 +1115,15 @@ done:
         PyBuffer_Release(&w_view);
     for (Py_ssize_t i = 0; i < n_views; i++)
         PyBuffer_Release(&in_views[i]);
+    for (Py_ssize_t i = 0; i < n_masks; i++)
+        PyBuffer_Release(&mask_views[i]);
     PyMem_Free(in_views);
+    PyMem_Free(mask_views);
+    PyMem_Free(mask_ptrs);
     PyMem_Free(in_ptrs);
     PyMem_Free(in_codes);
     PyMem_Free(thr);
+    PyMem_Free(thr_hi);
     PyMem_Free(scales);
     PyMem_Free(keys);
     PyMem_Free(levels);
@@ -1025,6 +1135,7 @@ done:
     PyMem_RawFree(draw_buf);
     Py_XDECREF(inputs_fast);
     Py_XDECREF(codes_fast);
+    Py_XDECREF(masks_fast);
     return result;
 }
 
@@ -1034,21 +1145,29 @@ PyDoc_STRVAR(hist_doc,
 "Count key = bits of |x[j] - base[j]| (|x[j]| when base is None) as uint32, for j in [start, stop), into\n"
 "hist (65536 uint32 counters, accumulated, not zeroed): prefix < 0 counts key >> 16; prefix >= 0 counts\n"
 "key & 0xFFFF of the keys with key >> 16 == prefix. Needs stop - start < 2**32. compute_dtype 1 or 2:\n"
-"x, base and their difference rounded to float16 / bfloat16 first (as combine does).");
+"x, base and their difference rounded to float16 / bfloat16 first (as combine does). hist2, prefix2 (with\n"
+"prefix >= 0; a buffer like hist): the same pass also counts, into hist2, key & 0xFFFF of the keys with\n"
+"key >> 16 == prefix2.");
 
 static PyObject *py_abs_delta_histogram(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"x", "x_dtype", "base", "base_dtype", "start", "stop", "hist", "prefix", "compute_dtype",
-                             NULL};
+                             "hist2", "prefix2", NULL};
     static const char *fn = "abs_delta_histogram";
-    PyObject *x_obj, *base_obj, *hist_obj;
+    PyObject *x_obj, *base_obj, *hist_obj, *hist2_obj = Py_None;
     int x_code, base_code, compute_code = DT_F32;
     Py_ssize_t start, stop;
-    long prefix;
+    long prefix, prefix2 = 0;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOinnOl|i:abs_delta_histogram", kwlist, &x_obj, &x_code,
-                                     &base_obj, &base_code, &start, &stop, &hist_obj, &prefix, &compute_code))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOinnOl|iOl:abs_delta_histogram", kwlist, &x_obj, &x_code,
+                                     &base_obj, &base_code, &start, &stop, &hist_obj, &prefix, &compute_code,
+                                     &hist2_obj, &prefix2))
         return NULL;
+    if (hist2_obj != Py_None && (prefix < 0 || prefix2 < 0 || prefix2 > 0xFFFF)) {
+        PyErr_Format(PyExc_ValueError, "%s: hist2 needs prefix and prefix2 in [0, 65535], got %ld and %ld", fn, prefix,
+                     prefix2);
+        return NULL;
+    }
     if (check_dtype(x_code, fn, "x_dtype") < 0 || check_dtype(compute_code, fn, "compute_dtype") < 0 || check_range(start, stop, fn) < 0)
         return NULL;
     if ((uint64_t)(stop - start) >= ((uint64_t)1 << 32)) {
@@ -1062,10 +1181,10 @@ static PyObject *py_abs_delta_histogram(PyObject *self, PyObject *args, PyObject
     }
 
     PyObject *result = NULL;
-    Py_buffer x_view, base_view, hist_view;
-    int have_x = 0, have_base = 0, have_hist = 0;
+    Py_buffer x_view, base_view, hist_view, hist2_view;
+    int have_x = 0, have_base = 0, have_hist = 0, have_hist2 = 0;
     float *scratch = NULL;
-    uint32_t *keys = NULL, *local = NULL;
+    uint32_t *keys = NULL, *local = NULL, *local2 = NULL;
 
     if (get_buffer(x_obj, &x_view, fn, "x", 0) < 0)
         goto done;
@@ -1083,13 +1202,27 @@ static PyObject *py_abs_delta_histogram(PyObject *self, PyObject *args, PyObject
         goto done;
     }
 
+    if (hist2_obj != Py_None) {
+        if (get_buffer(hist2_obj, &hist2_view, fn, "hist2", 1) < 0)
+            goto done;
+        have_hist2 = 1;
+        if (hist2_view.len != 65536 * 4) {
+            PyErr_Format(PyExc_ValueError, "%s: hist2 must hold 65536 uint32 counters (262144 bytes), got %zd bytes",
+                         fn, hist2_view.len);
+            goto done;
+        }
+    }
+
     const int B = 1024;
     scratch = PyMem_RawMalloc(sizeof(float) * 2 * B);
     keys = PyMem_RawMalloc(sizeof(uint32_t) * B);
-    int aligned = ((uintptr_t)hist_view.buf % sizeof(uint32_t)) == 0;
-    if (!aligned)
+    int aligned = ((uintptr_t)hist_view.buf % sizeof(uint32_t)) == 0 &&
+                  (!have_hist2 || ((uintptr_t)hist2_view.buf % sizeof(uint32_t)) == 0);
+    if (!aligned) {
         local = PyMem_RawCalloc(65536, sizeof(uint32_t));
-    if (!scratch || !keys || (!aligned && !local)) {
+        local2 = PyMem_RawCalloc(65536, sizeof(uint32_t));
+    }
+    if (!scratch || !keys || (!aligned && (!local || !local2))) {
         PyErr_NoMemory();
         goto done;
     }
@@ -1103,6 +1236,8 @@ static PyObject *py_abs_delta_histogram(PyObject *self, PyObject *args, PyObject
     a.stop = stop;
     a.hist = aligned ? (uint32_t *)hist_view.buf : local;
     a.prefix = prefix;
+    a.hist2 = have_hist2 ? (aligned ? (uint32_t *)hist2_view.buf : local2) : NULL;
+    a.prefix2 = prefix2;
     a.compute_code = compute_code;
     a.block = B;
     a.scratch = scratch;
@@ -1111,15 +1246,17 @@ static PyObject *py_abs_delta_histogram(PyObject *self, PyObject *args, PyObject
     if (stop > start) {
         Py_BEGIN_ALLOW_THREADS
         hist_run(&a);
-        if (!aligned) {
-            unsigned char *h = hist_view.buf;
-            for (size_t i = 0; i < 65536; i++) {
-                uint32_t c;
-                memcpy(&c, h + 4 * i, 4);
-                c += local[i];
-                memcpy(h + 4 * i, &c, 4);
+        if (!aligned)
+            for (int which = 0; which < 1 + have_hist2; which++) {
+                unsigned char *h = which ? hist2_view.buf : hist_view.buf;
+                const uint32_t *l = which ? local2 : local;
+                for (size_t i = 0; i < 65536; i++) {
+                    uint32_t c;
+                    memcpy(&c, h + 4 * i, 4);
+                    c += l[i];
+                    memcpy(h + 4 * i, &c, 4);
+                }
             }
-        }
         Py_END_ALLOW_THREADS
     }
     result = Py_NewRef(Py_None);
@@ -1131,9 +1268,12 @@ done:
         PyBuffer_Release(&base_view);
     if (have_hist)
         PyBuffer_Release(&hist_view);
+    if (have_hist2)
+        PyBuffer_Release(&hist2_view);
     PyMem_RawFree(scratch);
     PyMem_RawFree(keys);
     PyMem_RawFree(local);
+    PyMem_RawFree(local2);
     return result;
 }
 
@@ -1214,6 +1354,7 @@ typedef struct {
     Py_ssize_t start, stop;
     uint64_t key;
     uint32_t level;
+    float lower, upper; /* kept only where lower < |d| < upper too (breadcrumbs' window, ties left out) */
     int compute_code;
     float *scratch;  /* 2 * 1024 floats */
     uint16_t *draws; /* 1024 + 8 */
@@ -1243,10 +1384,18 @@ SOUP_INLINE void sums_impl(sums_args *a, int f16c, const int cc)
         } else
             for (int k = 0; k < n; k++)
                 xs[k] = fabsf(xs[k]);
-        const uint16_t *SOUP_RESTRICT r = gen_draws(a->key, (uint64_t)j0, n, a->draws);
-        for (int k = 0; k < n; k++) { /* float64 sums: any split of the tensor gives the same norms */
-            all += (double)xs[k];
-            kept += (double)keep_if((uint32_t)r[k] < a->level, xs[k]);
+        const float lower = a->lower, upper = a->upper;
+        if (a->level >= N_LEVELS) /* no draws: every entry inside the window */
+            for (int k = 0; k < n; k++) {
+                all += (double)xs[k];
+                kept += (double)keep_if(xs[k] > lower && xs[k] < upper, xs[k]);
+            }
+        else {
+            const uint16_t *SOUP_RESTRICT r = gen_draws(a->key, (uint64_t)j0, n, a->draws);
+            for (int k = 0; k < n; k++) { /* float64 sums: any split of the tensor gives the same norms */
+                all += (double)xs[k];
+                kept += (double)keep_if((uint32_t)r[k] < a->level && xs[k] > lower && xs[k] < upper, xs[k]);
+            }
         }
     }
     a->all = all;
@@ -1256,23 +1405,26 @@ SOUP_INLINE void sums_impl(sums_args *a, int f16c, const int cc)
 SOUP_BY_COMPUTE(sums, sums_args, sums_impl)
 
 PyDoc_STRVAR(sums_doc,
-"dare_abs_sums(x, x_dtype, base, base_dtype, start, stop, key, keep_level, compute_dtype=0) -> (float, float)\n"
+"dare_abs_sums(x, x_dtype, base, base_dtype, start, stop, key, keep_level, compute_dtype=0, lower=-1.0,\n"
+"              upper=inf) -> (float, float)\n"
 "\n"
 "Over j in [start, stop), with d_j = x[j] - base[j] (x[j] when base is None) in float32: the sum of |d_j|\n"
-"and the sum of |d_j| over the entries DARE keeps (dare_draws(key, j) < keep_level), in float64.");
+"and the sum of |d_j| over the entries DARE keeps (dare_draws(key, j) < keep_level; 65536: all) that lie\n"
+"strictly inside (lower, upper), in float64.");
 
 static PyObject *py_dare_abs_sums(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"x", "x_dtype", "base", "base_dtype", "start", "stop", "key", "keep_level",
-                             "compute_dtype", NULL};
+                             "compute_dtype", "lower", "upper", NULL};
     static const char *fn = "dare_abs_sums";
     PyObject *x_obj, *base_obj, *key_obj;
     int x_code, base_code, compute_code = DT_F32;
     Py_ssize_t start, stop;
     unsigned long level;
+    double lower = -1.0, upper = INFINITY;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOinnOk|i:dare_abs_sums", kwlist, &x_obj, &x_code, &base_obj,
-                                     &base_code, &start, &stop, &key_obj, &level, &compute_code))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOinnOk|idd:dare_abs_sums", kwlist, &x_obj, &x_code, &base_obj,
+                                     &base_code, &start, &stop, &key_obj, &level, &compute_code, &lower, &upper))
         return NULL;
     if (check_dtype(x_code, fn, "x_dtype") < 0 || check_dtype(compute_code, fn, "compute_dtype") < 0 || check_range(start, stop, fn) < 0)
         return NULL;
@@ -1310,6 +1462,8 @@ static PyObject *py_dare_abs_sums(PyObject *self, PyObject *args, PyObject *kwar
     a.stop = stop;
     a.key = (uint64_t)key;
     a.level = (uint32_t)level;
+    a.lower = (float)lower;
+    a.upper = (float)upper;
     a.compute_code = compute_code;
     a.scratch = scratch;
     a.draws = draws;
@@ -1324,6 +1478,249 @@ done:
     if (have_base)
         PyBuffer_Release(&base_view);
     PyMem_RawFree(scratch);
+    PyMem_RawFree(draws);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* magprune_mask: DELLA's drop, by magnitude rank within each row                                    */
+/* ------------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    const unsigned char *x;
+    int x_code;
+    const unsigned char *base;
+    int base_code;
+    Py_ssize_t m, inner;            /* row length; distance between a row's entries, in elements */
+    Py_ssize_t row_start, row_stop; /* rows numbered outer * inner + c */
+    const uint32_t *levels;         /* [m]: the keep level of ascending rank r */
+    uint64_t key;
+    unsigned char *mask; /* the whole tensor's mask */
+    int compute_code;
+    float *mag;                              /* m */
+    uint32_t *keys, *idx, *tkeys, *tidx, *lev; /* m each */
+    float *bs;                               /* 1024 */
+    uint16_t *draws;                         /* 1024 + 8 */
+    double all, kept;
+} prune_args;
+
+/* |x - base| of one element, in the compute dtype (as combine computes it). */
+SOUP_INLINE float abs_delta_at(const prune_args *a, Py_ssize_t j, int f16c, const int cc)
+{
+    float x, b = 0.0f;
+    load_block(a->x_code, a->x + (size_t)j * dtype_size(a->x_code), &x, 1, f16c);
+    x = round_to(cc, x);
+    if (!a->base)
+        return fabsf(x);
+    load_block(a->base_code, a->base + (size_t)j * dtype_size(a->base_code), &b, 1, f16c);
+    return fabsf(round_to(cc, x - round_to(cc, b)));
+}
+
+SOUP_INLINE void prune_impl(prune_args *a, int f16c, const int cc)
+{
+    const Py_ssize_t m = a->m, inner = a->inner;
+    const int xsz = dtype_size(a->x_code), bsz = dtype_size(a->base_code);
+    float *SOUP_RESTRICT mag = a->mag;
+    uint32_t *SOUP_RESTRICT lev = a->lev;
+    double all = 0.0, kept = 0.0;
+    for (Py_ssize_t row = a->row_start; row < a->row_stop; row++) {
+        const Py_ssize_t j0 = (row / inner) * m * inner + row % inner; /* the row's entry 0 */
+        if (inner == 1)
+            for (Py_ssize_t k0 = 0; k0 < m; k0 += 1024) {
+                const int n = (int)(m - k0 < 1024 ? m - k0 : 1024);
+                float *SOUP_RESTRICT xs = mag + k0;
+                float *SOUP_RESTRICT bs = a->bs;
+                load_block(a->x_code, a->x + (size_t)(j0 + k0) * xsz, xs, n, f16c);
+                if (cc != DT_F32 && a->x_code != cc)
+                    for (int k = 0; k < n; k++)
+                        xs[k] = round_to(cc, xs[k]);
+                if (a->base) {
+                    load_block(a->base_code, a->base + (size_t)(j0 + k0) * bsz, bs, n, f16c);
+                    if (cc != DT_F32 && a->base_code != cc)
+                        for (int k = 0; k < n; k++)
+                            bs[k] = round_to(cc, bs[k]);
+                    for (int k = 0; k < n; k++)
+                        xs[k] = fabsf(round_to(cc, xs[k] - bs[k]));
+                } else
+                    for (int k = 0; k < n; k++)
+                        xs[k] = fabsf(xs[k]);
+            }
+        else
+            for (Py_ssize_t r = 0; r < m; r++)
+                mag[r] = abs_delta_at(a, j0 + r * inner, f16c, cc);
+
+        /* ranks: a stable LSD radix sort of the magnitudes' bits (non-negative floats order as their
+           bits), a byte at a time; a byte every entry shares is skipped (bf16 values' low two bytes) */
+        uint32_t count[4][256];
+        memset(count, 0, sizeof count);
+        for (Py_ssize_t r = 0; r < m; r++) {
+            const uint32_t k = f32_to_bits(mag[r]);
+            a->keys[r] = k;
+            a->idx[r] = (uint32_t)r;
+            count[0][k & 255]++;
+            count[1][(k >> 8) & 255]++;
+            count[2][(k >> 16) & 255]++;
+            count[3][k >> 24]++;
+        }
+        uint32_t *src_k = a->keys, *src_i = a->idx, *dst_k = a->tkeys, *dst_i = a->tidx;
+        for (int pass = 0; pass < 4; pass++) {
+            const int shift = 8 * pass;
+            if (count[pass][(src_k[0] >> shift) & 255] == (uint32_t)m)
+                continue;
+            uint32_t offset[256], total = 0;
+            for (int b = 0; b < 256; b++) {
+                offset[b] = total;
+                total += count[pass][b];
+            }
+            for (Py_ssize_t r = 0; r < m; r++) {
+                const uint32_t o = offset[(src_k[r] >> shift) & 255]++;
+                dst_k[o] = src_k[r];
+                dst_i[o] = src_i[r];
+            }
+            uint32_t *t = src_k;
+            src_k = dst_k;
+            dst_k = t;
+            t = src_i;
+            src_i = dst_i;
+            dst_i = t;
+        }
+        for (Py_ssize_t r = 0; r < m; r++) /* the entry of ascending rank r (ties: lower index first) */
+            lev[src_i[r]] = a->levels[r];
+
+        if (inner == 1)
+            for (Py_ssize_t k0 = 0; k0 < m; k0 += 1024) {
+                const int n = (int)(m - k0 < 1024 ? m - k0 : 1024);
+                const uint16_t *SOUP_RESTRICT r = gen_draws(a->key, (uint64_t)(j0 + k0), n, a->draws);
+                unsigned char *SOUP_RESTRICT out = a->mask + j0 + k0;
+                for (int k = 0; k < n; k++) {
+                    const int keep = (uint32_t)r[k] < lev[k0 + k];
+                    out[k] = (unsigned char)keep;
+                    all += (double)mag[k0 + k];
+                    kept += (double)keep_if(keep, mag[k0 + k]);
+                }
+            }
+        else
+            for (Py_ssize_t r = 0; r < m; r++) {
+                const uint64_t j = (uint64_t)(j0 + r * inner);
+                const uint16_t draw = (uint16_t)(sm_mix(a->key + ((j >> 2) + 1u) * SM_GAMMA) >> (16 * (j & 3u)));
+                const int keep = (uint32_t)draw < lev[r];
+                a->mask[j] = (unsigned char)keep;
+                all += (double)mag[r];
+                kept += (double)keep_if(keep, mag[r]);
+            }
+    }
+    a->all = all;
+    a->kept = kept;
+}
+
+SOUP_BY_COMPUTE(prune, prune_args, prune_impl)
+
+PyDoc_STRVAR(prune_doc,
+"magprune_mask(x, x_dtype, base, base_dtype, row_len, inner, row_start, row_stop, levels, key, mask,\n"
+"              compute_dtype=0) -> (float, float)\n"
+"\n"
+"DELLA's drop for rows [row_start, row_stop) of a tensor viewed as [outer, row_len, inner] (row\n"
+"outer * inner + c holds the entries outer * row_len * inner + r * inner + c, r < row_len): rank each row's\n"
+"|d| = |x - base| (|x| when base is None; rounded to the compute dtype as combine does) ascending, ties in\n"
+"index order, and write mask[j] = 1 where dare_draws(key, j) < levels[rank of j] (levels: uint32\n"
+"[row_len], each <= 65536), else 0. Returns the float64 sums of |d| and of the kept |d| over those rows.");
+
+static PyObject *py_magprune_mask(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"x", "x_dtype", "base", "base_dtype", "row_len", "inner", "row_start", "row_stop",
+                             "levels", "key", "mask", "compute_dtype", NULL};
+    static const char *fn = "magprune_mask";
+    PyObject *x_obj, *base_obj, *levels_obj, *key_obj, *mask_obj;
+    int x_code, base_code, compute_code = DT_F32;
+    Py_ssize_t m, inner, row_start, row_stop;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOinnnnOOO|i:magprune_mask", kwlist, &x_obj, &x_code, &base_obj,
+                                     &base_code, &m, &inner, &row_start, &row_stop, &levels_obj, &key_obj, &mask_obj,
+                                     &compute_code))
+        return NULL;
+    if (check_dtype(x_code, fn, "x_dtype") < 0 || check_dtype(compute_code, fn, "compute_dtype") < 0 ||
+        check_range(row_start, row_stop, fn) < 0)
+        return NULL;
+    if (m < 1 || inner < 1 || m >= ((Py_ssize_t)1 << 31)) {
+        PyErr_Format(PyExc_ValueError, "%s: need 1 <= row_len < 2**31 and inner >= 1, got %zd and %zd", fn, m, inner);
+        return NULL;
+    }
+    unsigned long long key;
+    if (get_key(key_obj, &key, fn) < 0)
+        return NULL;
+    const Py_ssize_t need = row_stop > 0 ? ((row_stop - 1) / inner + 1) * m * inner : 0;
+    PyObject *result = NULL;
+    Py_buffer x_view, base_view, mask_view;
+    int have_x = 0, have_base = 0, have_mask = 0;
+    uint32_t *levels = NULL, *work = NULL;
+    float *fwork = NULL;
+    uint16_t *draws = NULL;
+    if (get_buffer(x_obj, &x_view, fn, "x", 0) < 0)
+        goto done;
+    have_x = 1;
+    if (check_length(&x_view, x_code, need, fn, "x") < 0)
+        goto done;
+    if (get_base(base_obj, &base_code, &base_view, &have_base, need, fn) < 0)
+        goto done;
+    if (get_buffer(mask_obj, &mask_view, fn, "mask", 1) < 0)
+        goto done;
+    have_mask = 1;
+    if (mask_view.len < need) {
+        PyErr_Format(PyExc_ValueError, "%s: mask holds %zd bytes, fewer than the %zd these rows reach", fn,
+                     mask_view.len, need);
+        goto done;
+    }
+    levels = PyMem_RawMalloc(sizeof(uint32_t) * (size_t)m);
+    work = PyMem_RawMalloc(sizeof(uint32_t) * 5 * (size_t)m);
+    fwork = PyMem_RawMalloc(sizeof(float) * ((size_t)m + 1024));
+    draws = PyMem_RawMalloc(sizeof(uint16_t) * (1024 + 8));
+    if (!levels || !work || !fwork || !draws) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (get_params(levels_obj, levels, m, 4, fn, "levels", "uint32") < 0)
+        goto done;
+    for (Py_ssize_t r = 0; r < m; r++)
+        if (levels[r] > N_LEVELS) {
+            PyErr_Format(PyExc_ValueError, "%s: levels[%zd] = %lu is above 65536", fn, r, (unsigned long)levels[r]);
+            goto done;
+        }
+    prune_args a;
+    a.x = x_view.buf;
+    a.x_code = x_code;
+    a.base = have_base ? base_view.buf : NULL;
+    a.base_code = base_code;
+    a.m = m;
+    a.inner = inner;
+    a.row_start = row_start;
+    a.row_stop = row_stop;
+    a.levels = levels;
+    a.key = (uint64_t)key;
+    a.mask = mask_view.buf;
+    a.compute_code = compute_code;
+    a.mag = fwork;
+    a.bs = fwork + m;
+    a.keys = work;
+    a.idx = work + m;
+    a.tkeys = work + 2 * m;
+    a.tidx = work + 3 * m;
+    a.lev = work + 4 * m;
+    a.draws = draws;
+    a.all = a.kept = 0.0;
+    Py_BEGIN_ALLOW_THREADS
+    prune_run(&a);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(dd)", a.all, a.kept);
+done:
+    if (have_x)
+        PyBuffer_Release(&x_view);
+    if (have_base)
+        PyBuffer_Release(&base_view);
+    if (have_mask)
+        PyBuffer_Release(&mask_view);
+    PyMem_RawFree(levels);
+    PyMem_RawFree(work);
+    PyMem_RawFree(fwork);
     PyMem_RawFree(draws);
     return result;
 }
@@ -1508,6 +1905,7 @@ static PyMethodDef kernel_methods[] = {
      hist_doc},
     {"dare_draws", (PyCFunction)(void (*)(void))py_dare_draws, METH_VARARGS | METH_KEYWORDS, draws_doc},
     {"dare_abs_sums", (PyCFunction)(void (*)(void))py_dare_abs_sums, METH_VARARGS | METH_KEYWORDS, sums_doc},
+    {"magprune_mask", (PyCFunction)(void (*)(void))py_magprune_mask, METH_VARARGS | METH_KEYWORDS, prune_doc},
     {"gram", (PyCFunction)(void (*)(void))py_gram, METH_VARARGS | METH_KEYWORDS, gram_doc},
     {"isa", py_isa, METH_NOARGS, "isa() -> str: which copy of the kernels runs, 'avx2' or 'generic'."},
     {"_set_isa", py_set_isa, METH_O, "_set_isa(name): 'generic' forces the portable kernels, 'auto' re-detects."},

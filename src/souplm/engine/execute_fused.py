@@ -16,7 +16,10 @@ from the same counter-based stream in both. `engine.merge` picks this executor w
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
+import math
 import os
 import threading
 from collections.abc import Iterator
@@ -30,7 +33,18 @@ from ..errors import output_not_finite as _output_not_finite
 from ..io.checkpoint import Checkpoint
 from ..io.dtypes import DType
 from ..methods.form import Form
-from ..methods.steps import draw_keys, gram_kernel, keep_level, l1_scale, round_to, survivor_scale, trim_count
+from ..methods.steps import (
+    draw_keys,
+    gram_kernel,
+    keep_level,
+    l1_scale,
+    ramp_levels,
+    random_dtype,
+    round_to,
+    row_view,
+    survivor_scale,
+    trim_window,
+)
 from .plan import Item, Plan
 from .precision import compute_dtype
 
@@ -154,8 +168,10 @@ class Executor:
         self.plan = plan
         self.threads = threads or os.cpu_count() or 1
         self.workers = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="souplm-fused")
-        # One 65536-bin histogram per thread, reused: TIES asks for two per model and tensor.
+        # Two 65536-bin histograms per thread, reused: a trim asks for two or three per model and tensor.
         self._hists = [np.zeros(1 << 16, dtype=np.uint32) for _ in range(self.threads)]
+        self._hists2 = [np.zeros(1 << 16, dtype=np.uint32) for _ in range(self.threads)]
+        self._masks: list[np.ndarray] = []  # DELLA's per-model keep masks, reused (the largest tensor's size)
 
     def close(self) -> None:
         self.workers.shutdown()
@@ -191,28 +207,44 @@ class Executor:
         cc = compute_dtype(plan, item)  # what each step rounds to (engine/precision.py)
         ccode = KERNEL_DTYPES[cc]
         weight = round_to(weight, cc)  # (mergekit holds the weights in the compute dtype too)
-        dare = _dare_args(form, plan.recipe.seed, item.canonical, n_models)
         base_arg, base_code = (b, base.code) if form.use_base else (None, 0)
-        if form.drop is not None and form.rescale == "l1":  # each dropped task vector keeps its L1 norm
+        masks = None
+        if form.drop is not None and form.ramp is not None:  # DELLA: a pass that ranks rows and draws the masks
+            shape = (rows, *item.shape[1:]) if item.shape else (merged,)
+            masks, scales = self._magprune(form, xs, [t.code for t in models], base_arg, base_code, shape, cc,
+                                           draw_keys(plan.recipe.seed, item.canonical, n_models))
+            dare = (None, None, _f32(scales))
+        else:
+            dare = _dare_args(form, plan.recipe.seed, item.canonical, n_models)
+        if form.drop is not None and form.ramp is None and form.rescale == "l1":  # each keeps its L1 norm
             dare = (*dare[:2], _f32([self._l1_scale(x, t.code, base_arg, base_code, merged, key, level, cc)
                                      for x, t, key, level in zip(xs, models, np.frombuffer(dare[0], np.uint64),
                                                                  np.frombuffer(dare[1], np.uint32))]))
-        elif form.drop is not None and form.rescale is None:
+        elif form.drop is not None and form.ramp is None and form.rescale is None:
             dare = (*dare[:2], _f32([1.0] * n_models))
-        thresholds, quotas = None, {}
+        thresholds, upper, quotas = None, None, {}
         if form.trim:
-            cuts = [self._threshold(x, t.code, b, base.code, merged, p, ccode) for x, t, p in zip(xs, models, form.trim)]
-            thresholds = _f32([c[0] for c in cuts])
-            if any(c[1] is not None for c in cuts):  # ties to split: how many each range keeps, per model
+            outliers = form.outliers or [None] * n_models
+            cuts = [self._window(x, t.code, b, base.code, merged, *trim_window(merged, p, g), ccode)
+                    for x, t, p, g in zip(xs, models, form.trim, outliers)]
+            thresholds = _f32([c.lower for c in cuts])
+            if form.outliers is not None:
+                upper = _f32([c.upper for c in cuts])
+            if any(c.quota is not None for c in cuts):  # ties to split: which ones each range keeps, per model
                 for r, (start, _) in enumerate(_ranges(merged, self.threads)):
-                    quotas[start] = np.array([-1 if q is None else q[r] for _, q in cuts], np.int64).tobytes()
+                    quotas[start] = np.array([c.quota[r] if c.quota is not None else (0, -1, 0, 0) for c in cuts],
+                                             np.int64).tobytes()
+            if form.rescale == "l1" and form.drop is None:  # the survivors keep the task vector's L1 norm
+                dare = (None, None, _f32([1.0 if p >= 1.0 else self._trim_scale(x, t.code, b, base.code, merged, c, cc)
+                                          for x, t, p, c in zip(xs, models, form.trim, cuts)]))
         weights = _f32(weight)
         in_codes = [t.code for t in models]
         mode = ELECT if form.elect else SUM
 
         def run(start: int, stop: int) -> int:
             return _kernels.combine(out_view, out_code, xs, in_codes, base_arg, base_code, weights, row_len, start,
-                                    stop, mode, form.lam, form.normalize, thresholds, *dare, quotas.get(start), ccode)
+                                    stop, mode, form.lam, form.normalize, thresholds, *dare, quotas.get(start), ccode,
+                                    upper=upper, masks=masks)
 
         bad = [r for r in self._parallel(run, merged) if r >= 0]
         if bad:
@@ -236,25 +268,30 @@ class Executor:
                     raise output_not_finite(item)
                 raise input_not_finite(nm, ck.path)
 
-    def _threshold(self, x: np.ndarray, code: int, base: np.ndarray, base_code: int, n: int,
-                   density: float, compute: int = 0) -> tuple[float, list[int] | None]:
-        """TIES's trim: the exact k-th largest |x - base| (k = trim_count), by a two-pass radix select over
-        the float bits (the top 16 bits, then the low 16 within the chosen bin); and, when more entries tie
-        with it than there is room for, how many ties each of the executor's ranges keeps (the first in
-        index order), else None (all ties kept)."""
-        k = trim_count(density, n)
-        if k >= n:
-            return 0.0, None  # |d| >= 0 keeps every entry
-        if k <= 0:
-            return float("inf"), None  # keeps none (inputs are finite)
+    def _window(self, x: np.ndarray, code: int, base: np.ndarray, base_code: int, n: int, lo: int, hi: int,
+                compute: int = 0) -> Cut:
+        """A magnitude trim that keeps the entries of ascending |x - base| rank [lo, hi) (steps.trim_window):
+        the exact values at ranks lo and hi - 1, by a radix select over the float bits (the top 16 bits for
+        both cuts in one pass, then the low 16 within each chosen bin in a second); and, where more entries
+        tie with a cut than the window holds, which ties each of the executor's ranges keeps (a lower index
+        ranks as the larger, as `steps.window_mask`)."""
+        if lo <= 0 and hi >= n:
+            return Cut(-1.0, math.inf)  # every |d| >= 0 kept
+        if hi <= lo:
+            return Cut(math.inf, math.inf)  # none kept (inputs are finite)
         ranges = _ranges(n, self.threads)
 
-        def histograms(prefix: int) -> list[np.ndarray]:
-            def part(i: int, start: int, stop: int) -> np.ndarray:
-                hist = self._hists[i]
+        def histograms(prefix: int, prefix2: int | None = None) -> list[tuple[np.ndarray, np.ndarray | None]]:
+            def part(i: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+                hist, hist2 = self._hists[i], (self._hists2[i] if prefix2 is not None else None)
                 hist.fill(0)
-                _kernels.abs_delta_histogram(x, code, base, base_code, start, stop, hist, prefix, compute)
-                return hist
+                if hist2 is not None:
+                    hist2.fill(0)
+                    _kernels.abs_delta_histogram(x, code, base, base_code, start, stop, hist, prefix, compute,
+                                                 hist2=hist2, prefix2=prefix2)
+                else:
+                    _kernels.abs_delta_histogram(x, code, base, base_code, start, stop, hist, prefix, compute)
+                return hist, hist2
             return list(self.workers.map(part, range(len(ranges)), *zip(*ranges)))
 
         def total(parts: list[np.ndarray]) -> np.ndarray:
@@ -263,25 +300,125 @@ class Executor:
                 out += h
             return out
 
-        hi, above = _select(total(histograms(-1)), k)
-        low = histograms(hi)
-        lo, above_lo = _select(total(low), k - above)
-        per_range = [int(h[lo]) for h in low]
-        threshold = float(np.array([(hi << 16) | lo], dtype=np.uint32).view(np.float32)[0])
-        need = k - above - above_lo  # ties kept
-        if need >= sum(per_range):
-            return threshold, None
-        quota, left = [], need
-        for ties in per_range:
-            quota.append(min(ties, left))
-            left -= quota[-1]
-        return threshold, quota
+        # the cuts as k-th largest: rank lo is the (n - lo)-th largest, rank hi - 1 the (n - hi + 1)-th
+        ks = [k for k in (n - lo if lo > 0 else None, n - hi + 1 if hi < n else None)]
+        high = total([h for h, _ in histograms(-1)])
+        bins = [None if k is None else _select(high, k) for k in ks]
+        prefixes = sorted({b for b, _ in filter(None, bins)})
+        parts = histograms(prefixes[0], prefixes[1] if len(prefixes) > 1 else None)
+        low = {prefixes[0]: [h.copy() for h, _ in parts]}
+        if len(prefixes) > 1:
+            low[prefixes[1]] = [h2.copy() for _, h2 in parts]
+        found = []  # per cut: (value, entries above it, ties per range)
+        for k, b in zip(ks, bins):
+            if k is None:
+                found.append(None)
+                continue
+            hb, above = b
+            lb, above_lo = _select(total(low[hb]), k - above)
+            value = float(np.array([(hb << 16) | lb], dtype=np.uint32).view(np.float32)[0])
+            found.append((value, above + above_lo, [int(h[lb]) for h in low[hb]]))
+        lower, upper = (f[0] if f is not None else v for f, v in zip(found, (-1.0, math.inf)))
+        # each cut's tied block: ascending ranks [n - above - ties, n - above); in index order the ranks
+        # descend, so the lower cut keeps the block's first ties, the upper cut its last
+        plan: list[tuple[int, int] | None] = [None, None]  # (skip, keep) of each cut's ties in index order
+        if found[0] is not None and found[1] is not None and found[0][0] == found[1][0]:
+            _, above, ties = found[0]
+            block = n - above - sum(ties)  # the block's lowest rank
+            plan[0] = (block + sum(ties) - hi, hi - lo)  # ranks [lo, hi) inside one block
+            found[1] = None
+        else:
+            if found[0] is not None:
+                _, above, ties = found[0]
+                plan[0] = (0, n - above - lo)  # ranks >= lo of the block
+            if found[1] is not None:
+                _, above, ties = found[1]
+                kept = hi - (n - above - sum(ties))  # ranks < hi of the block
+                plan[1] = (sum(ties) - kept, kept)
+        kept_ties = [(f[0], plan[c][1]) for c, f in enumerate(found) if f is not None]
+        if all(p is None or (p[0] == 0 and p[1] >= sum(f[2])) for p, f in zip(plan, found)):
+            return Cut(lower, upper, None, kept_ties)  # every tie kept: the plain comparisons do it
+        per_range = []
+        left = [list(p) if p is not None else [0, 0] for p in plan]
+        for r in range(len(ranges)):
+            quota = []
+            for c in range(2):
+                t = found[c][2][r] if found[c] is not None else 0
+                skip = min(t, left[c][0])
+                keep = min(t - skip, left[c][1])
+                left[c] = [left[c][0] - skip, left[c][1] - keep]
+                quota += [skip, keep]
+            per_range.append(tuple(quota))
+        return Cut(lower, upper, per_range, kept_ties)
+
+    def _trim_scale(self, x: np.ndarray, code: int, base, base_code: int, n: int, cut: Cut, cc: str) -> float:
+        """Breadcrumbs' rescale: sum|d| / sum|kept d| (steps.l1_scale): the sums strictly inside the cuts by
+        the kernel, plus the tied entries the window keeps."""
+        sums = self._parallel(lambda a, z: _kernels.dare_abs_sums(x, code, base, base_code, a, z, 0, 1 << 16,
+                                                                   KERNEL_DTYPES[cc], lower=cut.lower,
+                                                                   upper=cut.upper), n)
+        before, inside = sum(s[0] for s in sums), sum(s[1] for s in sums)
+        inside += sum(count * value for value, count in cut.kept_ties)
+        return l1_scale(before, inside, cc)
+
+    def _magprune(self, form: Form, xs: list[np.ndarray], codes: list[int], base, base_code: int,
+                  shape: tuple[int, ...], cc: str, keys: list[int]) -> tuple[list[np.ndarray], list[float]]:
+        """DELLA's drop (steps.magprune): per model, one pass that ranks each row's |d| (a radix sort in C),
+        draws the keep mask against the ramp's levels and sums |d| and the kept |d|; returns the masks and
+        the survivors' scales (the L1 rescale in mergekit's work dtype, or 1)."""
+        outer, m, inner = row_view(shape)
+        n, n_rows = outer * m * inner, outer * inner
+        work = random_dtype(cc)
+        while len(self._masks) < len(xs):
+            self._masks.append(np.empty(0, np.uint8))
+        masks, scales = [], []
+        for i, (x, code, p, e, key) in enumerate(zip(xs, codes, form.drop, form.ramp, keys)):
+            if self._masks[i].size < n:
+                self._masks[i] = np.empty(n, np.uint8)
+            mask = self._masks[i][:n]
+            if p >= 1.0:  # kept whole (steps.magprune)
+                mask.fill(1)
+                masks.append(mask)
+                scales.append(1.0)
+                continue
+            levels = ramp_levels(m, p, e, work)
+            sums = self._parallel_rows(functools.partial(
+                _prune_rows, x, code, base, base_code, m, inner, levels, key, mask, KERNEL_DTYPES[cc]), n_rows, m * inner)
+            masks.append(mask)
+            scales.append(l1_scale(sum(s[0] for s in sums), sum(s[1] for s in sums), work)
+                          if form.rescale == "l1" else 1.0)
+        return masks, scales
+
+    def _parallel_rows(self, fn, n_rows: int, row_size: int) -> list:
+        """fn(row_start, row_stop) over the rows split across the threads (no split below MIN_SPLIT entries)."""
+        parts = max(1, min(self.threads, n_rows, n_rows * row_size // MIN_SPLIT))
+        edges = [n_rows * i // parts for i in range(parts + 1)]
+        ranges = [(a, b) for a, b in itertools.pairwise(edges) if b > a]
+        if len(ranges) <= 1:
+            return [fn(*r) for r in ranges]
+        return list(self.workers.map(lambda r: fn(*r), ranges))
 
     def _l1_scale(self, x: np.ndarray, code: int, base, base_code: int, n: int, key, level, cc: str) -> float:
         """DARE's norm-keeping rescale of one model's task vector: sum|d| / sum|kept d| (steps.l1_scale)."""
         sums = self._parallel(lambda a, z: _kernels.dare_abs_sums(x, code, base, base_code, a, z, int(key), int(level),
                                                                    KERNEL_DTYPES[cc]), n)
         return l1_scale(sum(s[0] for s in sums), sum(s[1] for s in sums), cc)
+
+
+def _prune_rows(x, code, base, base_code, m, inner, levels, key, mask, cc, row_start, row_stop):
+    return _kernels.magprune_mask(x, code, base, base_code, m, inner, row_start, row_stop, levels, int(key), mask, cc)
+
+
+@dataclass
+class Cut:
+    """A magnitude trim's cuts for one model and tensor: kept where lower <= |d| <= upper; `quota`: per
+    executor range (skip, keep) counts of the ties at the lower cut, then at the upper (None: all ties
+    kept); `kept_ties`: (value, how many tied entries the window keeps) per cut."""
+
+    lower: float
+    upper: float
+    quota: list[tuple[int, int, int, int]] | None = None
+    kept_ties: list[tuple[float, int]] = dataclasses.field(default_factory=list)
 
 
 def _dare_args(form: Form, seed: int, canonical: str, n: int) -> tuple:

@@ -4,52 +4,22 @@ entries, keeping a `density` fraction; then task arithmetic (`breadcrumbs`) or T
 
 Per tensor (flattened, mergekit 0.1.5's ranking): with n entries, keep = int(density * n), top =
 int(gamma * n), the entries of ascending-magnitude rank [n - keep - top, n - top) survive (the outlier
-cut shrinks when keep + top > n). density >= 1 leaves the task vector whole (gamma is then not applied).
+cut shrinks when keep + top > n); of entries tied at a cut, a lower index ranks as the larger. density >= 1
+leaves the task vector whole (gamma is then not applied). `rescale` scales the survivors back to the task
+vector's L1 norm. Stated as a Form (methods/form.py: a trim with `outliers`), so both executors run it; the
+fused one finds both cuts by one radix select (two passes over the inputs) before its combining pass.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from .gta import combine, keep_positions, l1_rescaled, lam_of, values
+from .form import Form, as_weights
+from .gta import exact
 from .registry import ParamSpec, register
-from .task_arithmetic import task_vectors
-
-if TYPE_CHECKING:
-    import torch
 
 SPECS = {
     "gamma": ParamSpec(float, 0.0, 1.0),
     "rescale": ParamSpec(bool),
 }
-
-
-def outlier_window(n: int, density: float, gamma: float) -> tuple[int, int]:
-    """[lo, hi) in ascending-magnitude rank of the entries a breadcrumbs trim keeps, out of n."""
-    keep, top = int(density * n), int(gamma * n)
-    lo = max(0, n - keep - top)
-    return lo, lo + keep
-
-
-def breadcrumb(delta: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:
-    """Keep the entries of `delta` inside the outlier window, in place (L1-rescaled with `rescale`)."""
-    if density >= 1.0:
-        return delta
-    import torch
-
-    from ..io import pool
-
-    lo, hi = outlier_window(delta.numel(), density, gamma)
-    mag = torch.abs(delta, out=pool.empty_like(delta))
-    keep = keep_positions(mag, lo, hi).view(delta.shape)
-    pool.release(mag)
-    return l1_rescaled(delta, keep, rescale)
-
-
-def _trimmed(tensors, base, density, gamma, rescale):
-    return [breadcrumb(d, p, g, rescale)
-            for d, p, g in zip(task_vectors(tensors, base), values(density), values(gamma))]
-
 
 CONTRACT = {
     "specs": SPECS,
@@ -57,20 +27,30 @@ CONTRACT = {
     "min_models": 1,
     "max_models": None,
     "model_params": {"weight": 1.0, "density": 1.0, "gamma": 0.01},
+    "global_params": {"lambda": 1.0, "normalize": False, "rescale": False},
     "required": ("weight",),
+    "native_dtype": True,
     "reference": "https://arxiv.org/abs/2312.06795",
 }
 
 
-@register("breadcrumbs", global_params={"lambda": 1.0, "normalize": False, "rescale": False}, **CONTRACT)
-def breadcrumbs(tensors, base, weight, density, gamma, normalize=False, rescale=False, **g):
+def decimals(values) -> list[float]:
+    """Per-model values as the recipe's decimals (counts such as int(density * n) see mergekit's numbers)."""
+    return [exact(float(v)) for v in values]
+
+
+def _form(weight, density, gamma, normalize, lam, rescale, elect) -> Form:
+    return Form(as_weights(weight), use_base=True, elect=elect, normalize=normalize, lam=lam,
+                trim=decimals(density), outliers=decimals(gamma), rescale="l1" if rescale else None)
+
+
+@register("breadcrumbs", **CONTRACT)
+def breadcrumbs(weight, density, gamma, normalize=False, lam=1.0, rescale=False) -> Form:
     """base + lambda * sum_i w_i breadcrumb(theta_i - base; density_i, gamma_i)."""
-    deltas = _trimmed(tensors, base, density, gamma, rescale)
-    return combine(deltas, base, weight, False, normalize, lam_of(g))
+    return _form(weight, density, gamma, normalize, lam, rescale, elect=False)
 
 
-@register("breadcrumbs_ties", global_params={"lambda": 1.0, "normalize": False, "rescale": False}, **CONTRACT)
-def breadcrumbs_ties(tensors, base, weight, density, gamma, normalize=False, rescale=False, **g):
+@register("breadcrumbs_ties", **CONTRACT)
+def breadcrumbs_ties(weight, density, gamma, normalize=False, lam=1.0, rescale=False) -> Form:
     """base + lambda * disjoint_sum(elect_sign(w_i breadcrumb(theta_i - base; density_i, gamma_i)))."""
-    deltas = _trimmed(tensors, base, density, gamma, rescale)
-    return combine(deltas, base, weight, True, normalize, lam_of(g))
+    return _form(weight, density, gamma, normalize, lam, rescale, elect=True)

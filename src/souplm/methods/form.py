@@ -4,9 +4,13 @@ Most merge methods are one pipeline with different settings. For each model i, o
 
     d_i = x_i - base            (use_base; else d_i = x_i)
     d_i = trim(d_i, density_i)  (trim: keep the k = int(density_i * n) >= 1 entries of largest |d_i|, TIES;
-                                 of the entries tied with the k-th, the first in index order)
-    d_i = drop(d_i, density_i)  (drop: keep each entry with probability density_i, DARE, then rescale:
-                                 by sum|d_i| / sum|kept d_i|, or by 1/density_i, or not at all)
+                                 with outliers gamma_i, breadcrumbs: keep int(density_i n) entries below the
+                                 int(gamma_i n) largest; of entries tied at a cut, a lower index ranks larger)
+    d_i = drop(d_i, density_i)  (drop: keep each entry with probability density_i, DARE; with a ramp
+                                 epsilon_i, DELLA: with probability density_i - epsilon_i + 2 epsilon_i
+                                 r / (m - 1), r the rank of |d_ij| within its row of m)
+    d_i = rescale(d_i)          (the survivors of a trim or drop: by sum|d_i| / sum|kept d_i|, or by
+                                 1/density_i (drop only), or not at all)
     SUM:   m = sum_i w_i d_i, divided by sum_i w_i when normalizing
     ELECT: s = +1 if sum_i w_i d_i >= 0 else -1; m = sum over i with sign(w_i d_i) == s of w_i d_i,
            divided by the agreeing weight sum when normalizing (TIES's disjoint mean)
@@ -43,8 +47,11 @@ class Form:
     normalize: bool = False  # divide by the weights' sum (ELECT: the agreeing weights' sum)
     lam: float = 1.0
     trim: list[float] | None = None  # per-model densities of the magnitude trim (TIES)
+    outliers: list[float] | None = None  # per-model fractions of the largest entries the trim drops (breadcrumbs)
     drop: list[float] | None = None  # per-model keep probabilities of the random drop (DARE)
-    rescale: str | None = "l1"  # the survivors of a drop: "l1" (keep the tensor's L1 norm), "inverse" (1/q), None
+    ramp: list[float] | None = None  # per-model epsilons: the drop's probability ramps by rank in a row (DELLA)
+    # the survivors of a trim or drop: "l1" (keep the tensor's L1 norm), "inverse" (1/q, a drop without a ramp), None
+    rescale: str | None = None
     # The terms' Gram matrix G[i, j] = <d_i, d_j> (float64, over the whole tensor; d_i = x_i, or the task vector
     # x_i - base with use_base) -> the weights to use.
     reweigh: Callable[[np.ndarray], np.ndarray] | None = None
@@ -80,10 +87,13 @@ def run(form: Form, tensors: list[torch.Tensor], base: torch.Tensor | None, keys
         drop_and_rescale,
         elect_and_merge,
         gram,
+        magprune,
+        rescale_trimmed,
         round_to,
         rounder,
         task_vectors,
-        trim_all,
+        trim_window,
+        trim_windows,
         weighted_sum,
     )
 
@@ -95,8 +105,16 @@ def run(form: Form, tensors: list[torch.Tensor], base: torch.Tensor | None, keys
     if w.dim() == 2:
         w = w[:, : tensors[0].shape[0]]
     if form.trim is not None:
-        terms = trim_all(terms, form.trim)
-    if form.drop is not None:
+        outliers = form.outliers or [None] * len(terms)
+        before = [float(d.abs().sum(dtype=torch.float64)) for d in terms] if form.rescale == "l1" else None
+        terms = trim_windows(terms, [trim_window(d.numel(), p, g) for d, p, g in zip(terms, form.trim, outliers)])
+        if before is not None:
+            terms = [d if p >= 1.0 else rescale_trimmed(d, b, rnd, compute)
+                     for d, b, p in zip(terms, before, form.trim)]
+    if form.drop is not None and form.ramp is not None:
+        terms = [magprune(d, p, e, k, form.rescale == "l1", rnd, compute)
+                 for d, p, e, k in zip(terms, form.drop, form.ramp, keys)]
+    elif form.drop is not None:
         terms = [drop_and_rescale(d, p, k, form.rescale, rnd, compute) for d, p, k in zip(terms, form.drop, keys)]
     if form.elect:
         merged = elect_and_merge(terms, w, form.normalize, rnd)

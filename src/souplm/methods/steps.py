@@ -135,42 +135,96 @@ def trim_count(density: float, n: int) -> int:
     return 0 if density <= 0.0 or n == 0 else max(1, int(density * n))
 
 
+def trim_window(n: int, density: float, outliers: float | None = None) -> tuple[int, int]:
+    """[lo, hi): the ascending-magnitude ranks a magnitude trim keeps out of n entries.
+
+    outliers None (TIES): the k = trim_count(density, n) largest, [n - k, n). A fraction `outliers`
+    (breadcrumbs' gamma; mergekit's magnitude_outliers count): keep = int(density n) entries below the
+    top = int(outliers n) largest, [n - keep - top, n - top), the outlier cut shrinking where keep + top > n;
+    density >= 1 keeps everything (the outliers too)."""
+    if outliers is None:
+        return n - trim_count(density, n), n
+    if density >= 1.0:
+        return 0, n
+    keep, top = int(density * n), int(outliers * n)
+    lo = max(0, n - keep - top)
+    return lo, lo + keep
+
+
+def window_mask(mag: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Boolean mask (flat) of the entries whose ascending rank in `mag` (>= 0) lies in [lo, hi): exactly
+    hi - lo of them. The cuts are the values of ranks lo and hi - 1, each found by selection (`kth_largest`,
+    O(n)); of the entries tied at a cut, a lower index ranks as the larger (the top k of a tensor keep the
+    first ties in index order; mergekit's sorts order ties in no reproducible way)."""
+    import torch
+
+    n = mag.numel()
+    flat = mag.reshape(-1)
+    if hi <= lo:
+        return torch.zeros(n, dtype=torch.bool, device=mag.device)
+    if lo <= 0 and hi >= n:
+        return torch.ones(n, dtype=torch.bool, device=mag.device)
+    v_lo = kth_largest(flat, n - lo) if lo > 0 else None
+    v_hi = kth_largest(flat, n - hi + 1) if hi < n else None
+    keep = torch.ones(n, dtype=torch.bool, device=mag.device) if v_lo is None else torch.ge(flat, v_lo)
+    if v_hi is not None:
+        keep.logical_and_(torch.le(flat, v_hi))
+    if int(torch.count_nonzero(keep)) == hi - lo:  # no ties straddle a cut (the common case in fp32)
+        return keep
+    if v_lo is not None:
+        keep.logical_and_(torch.gt(flat, v_lo))
+    if v_hi is not None:
+        keep.logical_and_(torch.lt(flat, v_hi))
+    cuts = [v for v in (v_lo, v_hi) if v is not None]
+    if len(cuts) == 2 and bool(cuts[0] == cuts[1]):
+        cuts = cuts[:1]
+    for v in cuts:
+        tied = torch.nonzero(flat == v).reshape(-1).flip(0)  # in ascending rank: descending index
+        below = int(torch.count_nonzero(flat < v))
+        # the tied block holds ranks below .. below + len - 1; keep the part inside [lo, hi)
+        first, last = max(lo - below, 0), min(hi - below, tied.numel())
+        if last > first:
+            keep[tied[first:last]] = True
+    return keep
+
+
+def trim_to_window(delta: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Zero the entries of `delta` whose ascending-magnitude rank is outside [lo, hi), in place."""
+    import torch
+
+    n = delta.numel()
+    if lo <= 0 and hi >= n:
+        return delta
+    if hi <= lo:
+        return delta.zero_()
+    mag = torch.abs(delta, out=pool.empty_like(delta))
+    keep = window_mask(mag, lo, hi)
+    pool.release(mag)
+    return delta.mul_(keep.view(delta.shape))
+
+
 def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero all but the k = trim_count(density) entries of largest magnitude, in place.
+    """Zero all but the k = trim_count(density) entries of largest magnitude, in place (TIES).
 
     A k-th value threshold (selection, O(n)) replaces a full sort; of the entries tied with the threshold,
     the first in index order are kept, so exactly k survive (mergekit keeps k too, choosing among ties by
     its sort's order, which no one can reproduce).
     """
-    import torch
-
-    n = delta.numel()
-    k = trim_count(density, n)
-    if k >= n:
-        return delta
-    if k <= 0:
-        return delta.zero_()
-    mag = torch.abs(delta, out=pool.empty_like(delta))
-    flat = mag.reshape(-1)
-    threshold = kth_largest(mag, k)
-    keep = torch.ge(flat, threshold, out=pool.empty((n,), torch.bool))
-    excess = int(torch.count_nonzero(keep)) - k
-    if excess > 0:  # more entries tied with the k-th than room for them: drop the last ties
-        ties = torch.nonzero(flat == threshold).reshape(-1)
-        keep[ties[ties.numel() - excess:]] = False
-    delta.mul_(keep.view(delta.shape))
-    pool.release(mag)
-    pool.release(keep)
-    return delta
+    return trim_to_window(delta, *trim_window(delta.numel(), density))
 
 
-def trim_all(deltas: list[torch.Tensor], density: torch.Tensor) -> list[torch.Tensor]:
-    """Trim every task vector, one thread per model: `kthvalue` runs on one core and releases the
-    GIL, so on a multi-core machine the models' selections run side by side."""
-    if len(deltas) == 1 or all(float(p) >= 1.0 for p in density):
-        return [trim_to_density(d, float(p)) for d, p in zip(deltas, density)]
+def trim_windows(deltas: list[torch.Tensor], windows: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Trim every task vector to its window, one thread per model: `kthvalue` runs on one core and releases
+    the GIL, so on a multi-core machine the models' selections run side by side."""
+    if len(deltas) == 1 or all(lo <= 0 and hi >= d.numel() for d, (lo, hi) in zip(deltas, windows)):
+        return [trim_to_window(d, lo, hi) for d, (lo, hi) in zip(deltas, windows)]
     with ThreadPoolExecutor(max_workers=min(len(deltas), os.cpu_count() or 1)) as workers:
-        return list(workers.map(pool.in_this_scope(trim_to_density), deltas, [float(p) for p in density]))
+        return list(workers.map(pool.in_this_scope(lambda d, w: trim_to_window(d, *w)), deltas, windows))
+
+
+def trim_all(deltas: list[torch.Tensor], density) -> list[torch.Tensor]:
+    """TIES's trim of every task vector (per-model densities)."""
+    return trim_windows(deltas, [trim_window(d.numel(), float(p)) for d, p in zip(deltas, density)])
 
 
 def elect_and_merge(deltas: list[torch.Tensor], weight: torch.Tensor, normalize: bool, rnd=None) -> torch.Tensor:
@@ -296,6 +350,76 @@ def drop_and_rescale(delta: torch.Tensor, density: float, key: int, rescale: str
     elif rescale == "l1":
         delta.mul_(l1_scale(before, float(delta.abs().sum(dtype=torch.float64)), compute))
     return delta if rnd is None or rescale is None else rnd(delta)
+
+
+def random_dtype(compute: str) -> str:
+    """The dtype DELLA's ramp and rescale run in: mergekit's random sparsifications work in bfloat16 for
+    bfloat16 tensors and in float32 otherwise (float16 included) on the CPU, rounding to the tensor's dtype last."""
+    return "BF16" if compute == "BF16" else "F32"
+
+
+def ramp_levels(m: int, density: float, epsilon: float, work: str = "F32") -> np.ndarray:
+    """DELLA's keep levels by magnitude rank within a row of m entries (uint32 [m], x 2**-16 = probability).
+
+    Rank r (0 = smallest) gets p = (density - epsilon) + 2 epsilon (r / (m - 1)), computed as mergekit
+    computes it: ranks + 1, normalised by (rank - min) / (max - min), times 2, times epsilon, plus
+    (density - epsilon), each step rounded to the work dtype (`random_dtype`); then the level round(p 2**16),
+    so that a 16-bit draw below it keeps the entry. A row of one entry keeps it with p = density (mergekit
+    divides 0 by 0 there)."""
+    f32 = np.float32
+    if m == 1:
+        p = round_to(np.array([density], f32), work)
+    else:
+        ranks = round_to(round_to(np.arange(m, dtype=f32), work) + f32(1), work)
+        lo, hi = ranks.min(), ranks.max()
+        norm = round_to(round_to(ranks - lo, work) / round_to(np.array([hi - lo], f32), work), work).clip(0, 1)
+        p = round_to(round_to(norm * f32(2), work) * f32(epsilon), work)
+        p = round_to(f32(density - epsilon) + p, work)
+    return np.clip(np.rint(p.astype(np.float64) * LEVELS), 0, LEVELS).astype(np.uint32)
+
+
+def row_view(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """A tensor as [outer, m, inner] for DELLA's per-row ranks: mergekit ranks along dim 1 (a 1-D tensor is
+    one row)."""
+    if len(shape) < 2:
+        return 1, int(np.prod(shape, dtype=np.int64)), 1
+    return int(shape[0]), int(shape[1]), int(np.prod(shape[2:], dtype=np.int64))
+
+
+def magprune(delta: torch.Tensor, density: float, epsilon: float, key: int, rescale: bool, rnd=None,
+             compute: str = "F32") -> torch.Tensor:
+    """DELLA's drop, in place: keep entry j when its draw (`draws`, the DARE stream) is below
+    ramp_levels[rank of |delta_j| in its row] (ranks ascending, ties in index order); with `rescale` the
+    survivors are scaled to the tensor's L1 norm (`l1_scale`, in the work dtype), rounded to the compute dtype."""
+    if density >= 1.0:
+        return delta
+    if density <= 0.0:
+        return delta.zero_()
+    import torch
+
+    work = random_dtype(compute)
+    outer, m, inner = row_view(tuple(delta.shape))
+    rows = delta.abs().view(outer, m, inner).transpose(1, 2)  # [outer, inner, m]
+    order = torch.argsort(rows, dim=-1, stable=True)
+    levels = torch.from_numpy(ramp_levels(m, density, epsilon, work).astype(np.int32)).to(delta.device)
+    lev = torch.empty(order.shape, dtype=torch.int32, device=delta.device)
+    lev.scatter_(-1, order, levels.expand(order.shape))
+    lev = lev.transpose(1, 2).reshape(delta.shape)
+    keep = draws(key, delta.numel(), delta.device).view(delta.shape).lt_(lev)
+    before = float(delta.abs().sum(dtype=torch.float64)) if rescale else 0.0
+    delta.mul_(keep)
+    if not rescale:
+        return delta
+    delta.mul_(l1_scale(before, float(delta.abs().sum(dtype=torch.float64)), work))
+    return delta if rnd is None else rnd(delta)
+
+
+def rescale_trimmed(delta: torch.Tensor, before: float, rnd=None, compute: str = "F32") -> torch.Tensor:
+    """A trimmed task vector scaled back to its L1 norm `before` (breadcrumbs' `rescale`), in place."""
+    import torch
+
+    delta.mul_(l1_scale(before, float(delta.abs().sum(dtype=torch.float64)), compute))
+    return delta if rnd is None else rnd(delta)
 
 
 def l1_scale(before: float, after: float, compute: str = "F32") -> float:
