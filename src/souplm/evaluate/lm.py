@@ -44,6 +44,10 @@ class LanguageModel(Protocol):
         ...
 
 
+# Greedy generation runs this many times the scoring batch at once (HFModel.fast).
+GENERATE_BATCH_FACTOR = 4
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """Text up to the earliest stop string."""
     cut = len(text)
@@ -74,8 +78,19 @@ class HFModel:
         *,
         batch_size: int = 8,
         progress: bool = True,
+        fast: bool = True,
     ):
         self.model = model.eval()
+        # `fast`: the output head runs only on the positions that are scored (logits_to_keep), and continuations
+        # that share a context (multiple-choice options) read it once from the KV cache. False keeps the plain
+        # path (whole-sequence logits, one sequence per request): the benchmark compares the two.
+        self.fast = bool(fast)
+        params = _forward_params(model)
+        self._keep_ok = "logits_to_keep" in params
+        # transformers 5 names the KV cache argument `cache` (4.x: `past_key_values`)
+        self._cache_kw = next((k for k in ("cache", "past_key_values") if k in params), None)
+        self._use_cache = "use_cache" in params
+        self._prefix_ok = self._cache_kw is not None and "position_ids" in params
         self.processor = processor
         self.tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
         if self.tokenizer is None:
@@ -135,12 +150,18 @@ class HFModel:
                     ids[r, : len(toks)] = torch.tensor(toks)
                     mask[r, : len(toks)] = 1
                 self.calls += 1
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                # Only the last `keep` positions are scored (right padding: every scored position of every row
+                # lies in [width - keep, width)): the output head and its softmax run on those alone.
+                keep = width - min(len(seqs[i][0]) - 1 - seqs[i][1] for i in idx)
+                kwargs = {"logits_to_keep": keep} if self.fast and self._keep_ok else {}
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                    **kwargs).logits
+                shift = width - logits.shape[1]  # position p of the batch is row p - shift of the logits
                 for r, i in enumerate(idx):
                     toks, n = seqs[i]
                     L = len(toks) - 1
                     # Log-softmax one row at a time: a full batch of vocab-sized rows is large.
-                    lp = torch.log_softmax(logits[r, L - n : L].float(), dim=-1)
+                    lp = torch.log_softmax(logits[r, L - n - shift : L - shift].float(), dim=-1)
                     tgt = torch.tensor(toks[L - n + 1 : L + 1], device=lp.device)
                     out[i] = (float(lp.gather(1, tgt[:, None]).sum()), n)
                 bar.update(len(idx))
@@ -154,6 +175,7 @@ class HFModel:
     def conditional_nll(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, int]]:
         """(negative log-likelihood in nats, tokens scored) of each continuation given its context."""
         seqs: list[tuple[list[int], int]] = []
+        parts: list[tuple[list[int], list[int]]] = []
         for ctx, cont in requests:
             ctx_ids = self.encode(ctx)
             whole = self.encode(ctx + cont)
@@ -169,7 +191,64 @@ class HFModel:
                 ctx_ids = [self.prefix_token_id]
             toks = (ctx_ids + cont_ids)[-(self.max_length + 1) :]
             seqs.append((toks, min(len(cont_ids), len(toks) - 1)))
-        return [(-lp, n) for lp, n in self._score(seqs, "loglikelihood")]
+            parts.append((ctx_ids, cont_ids))
+        out: list[tuple[float, int] | None] = [None] * len(seqs)
+        if self.fast and self._prefix_ok:
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, (c, k) in enumerate(parts):
+                if len(c) + len(k) <= self.max_length + 1:  # not truncated: context and continuation as split
+                    groups.setdefault(tuple(c), []).append(i)
+            shared = {c: idx for c, idx in groups.items() if len(idx) > 1}
+            if shared:
+                for i, res in self._score_shared(shared, parts).items():
+                    out[i] = res
+        rest = [i for i in range(len(seqs)) if out[i] is None]
+        for i, (lp, n) in zip(rest, self._score([seqs[i] for i in rest], "loglikelihood"), strict=True):
+            out[i] = (lp, n)
+        return [(-lp, n) for lp, n in out]  # type: ignore[misc]
+
+    def _score_shared(self, groups: dict[tuple[int, ...], list[int]],
+                      parts: list[tuple[list[int], list[int]]]) -> dict[int, tuple[float, int]]:
+        """Log-probabilities of continuations that share a context: the context runs once (its KV cache is
+        repeated for the continuations, which are scored together, right-padded). Returns {request: (sum log p,
+        tokens)}; a group whose cache cannot be repeated is left out (the caller scores it the plain way)."""
+        import torch
+
+        out: dict[int, tuple[float, int]] = {}
+        bar = self._bar(sum(len(v) for v in groups.values()), "loglikelihood")
+        with torch.inference_mode():
+            for ctx_ids, idx in groups.items():
+                kw: dict[str, Any] = {"logits_to_keep": 1} if self._keep_ok else {}
+                if self._use_cache:
+                    kw["use_cache"] = True
+                self.calls += 1
+                first = self.model(input_ids=torch.tensor([list(ctx_ids)], device=self.device), **kw)
+                cache = getattr(first, "cache", None) or getattr(first, "past_key_values", None)
+                if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+                    continue
+                first_lp = torch.log_softmax(first.logits[0, -1].float(), dim=-1)
+                conts = [parts[i][1] for i in idx]
+                c, k, width = len(ctx_ids), len(conts), max(len(x) for x in conts)
+                cache.batch_repeat_interleave(k)
+                ids = torch.full((k, width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((k, c + width), dtype=torch.long)
+                mask[:, :c] = 1
+                for r, x in enumerate(conts):
+                    ids[r, : len(x)] = torch.tensor(x)
+                    mask[r, c : c + len(x)] = 1
+                pos = (c + torch.arange(width)).unsqueeze(0).expand(k, -1)
+                self.calls += 1
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                    position_ids=pos.to(self.device), **{self._cache_kw: cache}).logits
+                for r, (i, x) in enumerate(zip(idx, conts, strict=True)):
+                    total = float(first_lp[x[0]])
+                    if len(x) > 1:
+                        lp = torch.log_softmax(logits[r, : len(x) - 1].float(), dim=-1)
+                        total += float(lp.gather(1, torch.tensor(x[1:], device=lp.device)[:, None]).sum())
+                    out[i] = (total, len(x))
+                bar.update(len(idx))
+        bar.close()
+        return out
 
     def rolling_nll(self, texts: Sequence[str], context_length: int) -> list[tuple[float, int]]:
         # Disjoint windows: every token is scored exactly once, with up to `context_length` tokens of
@@ -214,9 +293,17 @@ class HFModel:
         tok = self.tokenizer
         old_side = tok.padding_side
         tok.padding_side = "left"  # decoder-only generation needs the prompts right-aligned
+        items = list(items)
+        size = self.batch_size
+        order = list(range(len(items)))
+        if self.fast:
+            # A decoding step reads every weight once for the whole batch, so on a CPU a wider batch costs little
+            # more per step than a narrow one; prompts of similar length go together, so little is padded.
+            size = GENERATE_BATCH_FACTOR * self.batch_size
+            order.sort(key=lambda i: len(items[i][0] if isinstance(items[i], tuple) else items[i]))
         try:
             with torch.inference_mode():
-                for chunk in batches(list(items), self.batch_size):
+                for chunk in batches([items[i] for i in order], size):
                     enc = {k: v.to(self.device) for k, v in encode(list(chunk)).items()}
                     kwargs: dict[str, Any] = {
                         "max_new_tokens": int(max_new_tokens), "do_sample": False, "pad_token_id": self.pad_id,
@@ -233,7 +320,10 @@ class HFModel:
         finally:
             tok.padding_side = old_side
             bar.close()
-        return outs
+        back = [""] * len(items)
+        for i, o in zip(order, outs, strict=True):
+            back[i] = o
+        return back
 
     def generate(
         self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str], chat_template: bool = False
@@ -260,6 +350,16 @@ class HFModel:
             return dict(self.processor(text=text, images=imgs, return_tensors="pt", padding=True))
 
         return self._generate(items, encode, max_new_tokens, stop, "vqa")
+
+
+def _forward_params(model: Any) -> set[str]:
+    """Names the model's forward accepts (which scoring shortcuts it supports)."""
+    import inspect
+
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
 def read_config(model_dir: str | Path) -> dict[str, Any]:
