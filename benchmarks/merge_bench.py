@@ -60,6 +60,8 @@ GEOMETRIC_INPUTS = {
     "nuslerp": ("ft_a", "ft_b"), "multislerp": ("base", "ft_a", "ft_b"), "karcher": ("ft_a", "ft_b"),
     "nearswap": ("base", "ft_a"), "arcee_fusion": ("base", "ft_a"), "ram": ("base", "ft_a", "ft_b"), "ramplus_tl": ("base", "ft_a", "ft_b"),
     "passthrough": ("ft_a",),
+    # nuslerp with nuslerp_flatten: false, nuslerp_row_wise: true (one SLERP per column): the torch executor's path
+    "nuslerp_rowwise": ("ft_a", "ft_b"),
 }
 OPTIONAL_METHODS += tuple(GEOMETRIC_INPUTS)
 TOOLS = ("souplm", "mergekit")
@@ -359,7 +361,7 @@ def write_recipe(method: str, dirs: dict[str, Path], path: Path, density: float 
 def geometric_recipe(method: str, dirs: dict[str, Path]) -> str:
     """The recipe of one of GEOMETRIC_INPUTS, in mergekit's YAML (each reads the models listed there)."""
     base = dirs["base"]
-    weights = {"nuslerp": (0.6, 0.4), "multislerp": (0.6, 0.4)}.get(method)
+    weights = {"nuslerp": (0.6, 0.4), "nuslerp_rowwise": (0.6, 0.4), "multislerp": (0.6, 0.4)}.get(method)
     models = [dirs[n] for n in GEOMETRIC_INPUTS[method] if n != "base"]
     lines = ["models:"]
     for k, m in enumerate(models):
@@ -368,7 +370,9 @@ def geometric_recipe(method: str, dirs: dict[str, Path]) -> str:
             lines.append(f"    parameters:\n      weight: {weights[k]}")
     if method == "passthrough":
         lines.append("    parameters:\n      scale:\n        - filter: o_proj\n          value: 0.5\n        - value: 1.0")
-    lines.append(f"merge_method: {method}")
+    lines.append(f"merge_method: {method.removesuffix('_rowwise')}")
+    if method == "nuslerp_rowwise":
+        lines.append("parameters:\n  nuslerp_flatten: false\n  nuslerp_row_wise: true")
     if "base" in GEOMETRIC_INPUTS[method]:
         lines.append(f"base_model: {base}")
     if method == "nearswap":

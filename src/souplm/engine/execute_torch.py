@@ -1,4 +1,8 @@
-"""Step 3, the torch executor: any method on fp32 copies of the inputs, on the host or a torch device.
+"""Step 3, the torch executor: any method on fresh copies of the inputs, on the host or a torch device.
+
+A Form gets float32 copies (its steps round to the compute dtype themselves); a tensor function flagged
+`native_dtype` gets them in the compute dtype (engine/precision.py), so that its torch ops round as
+mergekit's do; other tensor functions get float32.
 
 The plan's items are computed one at a time, the next item's inputs read in a thread meanwhile. Memory is
 bounded by the largest tensor times the number of inputs (plus one prefetched tensor), independent of
@@ -18,7 +22,7 @@ from ..io.pool import BufferPool
 from ..methods.form import run as run_form
 from ..methods.steps import draw_keys
 from .plan import Item, Plan
-from .precision import compute_dtype
+from .precision import TORCH_NAMES, compute_dtype, input_dtype
 from .recipe import Recipe
 from .sources import Sources, prepare
 
@@ -35,50 +39,60 @@ def _finite(t: torch.Tensor, name: str, where: Path) -> torch.Tensor:
     return t
 
 
+def _form_of(plan: Plan, item: Item):
+    """The Form the item runs (methods/form.py), or None: the method's tensor function runs instead."""
+    method = plan.method
+    if method.form is None:
+        return None
+    return method.form_for(len(item.inputs), {**item.model_params, **item.global_params}, has_base=item.base is not None)
+
+
 def _load_inputs(plan: Plan, sources: Sources, item: Item, pool: BufferPool | None = None):
+    """(tensors, base, form): the item's inputs as fresh copies, float32 for a Form, and in the compute
+    dtype for a tensor function that mergekit computes in it (engine/precision.py `input_dtype`)."""
+    import torch
+
     if item.copy_from is not None:
         return None
+    form = _form_of(plan, item)
+    dtype = getattr(torch, TORCH_NAMES[input_dtype(plan, item, form is not None)])
     ck = plan.checkpoints
-    tensors = [_finite(sources.get(k, n, pool), n, ck[k].path) for k, n in zip(item.sources, item.inputs)]
+    tensors = [_finite(sources.get(k, n, pool, dtype), n, ck[k].path) for k, n in zip(item.sources, item.inputs)]
     base = None
     if item.base is not None:
-        base = _finite(sources.get(item.base_from, item.base, pool), item.base, ck[item.base_from].path)
+        base = _finite(sources.get(item.base_from, item.base, pool, dtype), item.base, ck[item.base_from].path)
     if item.common_rows is not None:
         tensors = [t[: item.common_rows] for t in tensors]
         base = base[: item.common_rows] if base is not None else None
-    return tensors, base
+    return tensors, base, form
 
 
 def _compute(plan: Plan, sources: Sources, item: Item, loaded, device: torch.device | None = None) -> torch.Tensor:
     if item.copy_from is not None:  # copied unchanged: finite too
         k, name = item.copy_from
         return _finite(plan.checkpoints[k].get(name, dtype=None), name, plan.checkpoints[k].path)
-    tensors, base = loaded
+    tensors, base, form = loaded
     if device is not None:  # (on "cpu" the moves are no-ops, which is how CI runs this path)
         # The inputs stay on the host's pooled buffers; the method runs on the device and its result comes back.
         tensors = [t.to(device, non_blocking=True) for t in tensors]
         base = base.to(device, non_blocking=True) if base is not None else None
-        return _compute_on(plan, sources, item, tensors, base).to("cpu")
-    return _compute_on(plan, sources, item, tensors, base)
+        return _compute_on(plan, sources, item, tensors, base, form).to("cpu")
+    return _compute_on(plan, sources, item, tensors, base, form)
 
 
-def _compute_on(plan: Plan, sources: Sources, item: Item, tensors, base) -> torch.Tensor:
+def _compute_on(plan: Plan, sources: Sources, item: Item, tensors, base, form) -> torch.Tensor:
     import torch
 
     method = plan.method
     keys = draw_keys(plan.recipe.seed, item.canonical, len(item.inputs)) if method.random else None
-    form = None if method.form is None else method.form_for(
-        len(item.inputs), {**item.model_params, **item.global_params}, has_base=base is not None)
     if form is not None:  # the method's one statement, run by torch (methods/form.py)
         out = run_form(form, tensors, base, keys, compute_dtype(plan, item))
-    else:  # a method stated directly in torch
+    else:  # a tensor function, on inputs in the dtype its ops compute in (engine/precision.py)
         dev = tensors[0].device
         kwargs = {k: torch.tensor(v, device=dev) for k, v in item.model_params.items()}
         kwargs.update({k: v for k, v in item.global_params.items() if v is not None})
         if keys is not None:
             kwargs["keys"] = keys
-        if method.native_dtype:  # the dtype its steps round to, as mergekit's (engine/precision.py)
-            kwargs["compute"] = compute_dtype(plan, item)
         out = method.fn(tensors, base, **kwargs)
     if item.extra_from is not None:
         k, name = item.extra_from

@@ -43,19 +43,21 @@ class Sources:
         if in_memory:
             self._memory = {(k, n): c.get(n) for k, c in enumerate(self.checkpoints) for n in c.names}
 
-    def get(self, k: int, name: str, pool: BufferPool | None = None) -> torch.Tensor:
-        """A fresh fp32 copy (methods may work in place on it), on a pooled buffer when `pool` is given."""
+    def get(self, k: int, name: str, pool: BufferPool | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A fresh copy in `dtype` (default float32; methods may work in place on it), on a pooled buffer
+        when `pool` is given."""
         import torch
 
+        dtype = torch.float32 if dtype is None else dtype
         ck = self.checkpoints[k]
         if pool is not None and (self._memory is not None or isinstance(ck, Checkpoint)):
-            out = pool.empty(ck.shape(name), torch.float32)
+            out = pool.empty(ck.shape(name), dtype)
             if self._memory is not None:
                 return out.copy_(self._memory[(k, name)])
             return ck.read_into(name, out)
         if self._memory is not None:
-            return self._memory[(k, name)].clone()
-        return ck.get(name)
+            return self._memory[(k, name)].to(dtype, copy=True)
+        return ck.get(name, dtype)
 
     def index_for(self, recipe: Recipe) -> list[Checkpoint]:
         paths = recipe.all_paths()

@@ -77,13 +77,14 @@ class BufferPool:
             _active.frame = previous
 
 
-def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """`torch.empty(shape, dtype=dtype)` on the CPU, from the active pool when the engine is computing an item."""
+def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
+    """`torch.empty(shape, dtype=dtype, device=device)`, from the active pool when the engine is computing an
+    item and the device is the CPU (the default)."""
     frame = getattr(_active, "frame", None)
-    if frame is None:
+    if frame is None or (device is not None and str(device) != "cpu"):
         import torch
 
-        return torch.empty(tuple(shape), dtype=dtype)
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
     pool, taken = frame
     out = pool.empty(shape, dtype)
     taken.append(out)
@@ -92,11 +93,7 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
 
 def empty_like(t: torch.Tensor) -> torch.Tensor:
     """`torch.empty_like(t)` (contiguous), from the active pool when the engine is computing an item."""
-    if t.device.type != "cpu":
-        import torch
-
-        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
-    return empty(t.shape, t.dtype)
+    return empty(t.shape, t.dtype, t.device)
 
 
 def release(t: torch.Tensor) -> None:

@@ -11,8 +11,15 @@ With a the base, b the one model, and softmaxes over the last axis (each row; a 
 Quartiles: mergekit sorts the whole tensor up to 1e6 entries and, above that, a random sample of 1e6
 entries drawn with replacement from torch's unseeded generator. souplm takes the exact order statistics
 of every tensor (the same values up to 1e6 entries; deterministic above, where mergekit's threshold
-varies from run to run). Passes: two softmaxes per row block, the importance, three selections, the
-masked update; not a linear combination (the mask is per entry).
+varies from run to run). Not a linear combination (the mask is per entry).
+
+Computed in the tensors' dtype (the recipe's, engine/precision.py) with mergekit's operations, so a bf16
+recipe rounds where mergekit's does: both softmaxes, the + 1e-8, p / q, its log, the products and each
+row's sum, b - a, the importance and the threshold's arithmetic. mergekit then forms a + (b - a) mask in
+float32 (its mask is float32); the sum of two bf16 values in float32, once rounded to bf16, is the bf16
+sum souplm forms. Passes: per row block (in cache) two softmaxes, two additions, the quotient, its log,
+the product and the row sums; then b - a, |b - a|, the importance, three O(n) selections (a few sweeps
+each), the comparison, the masked update and the sum.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ def fusion_threshold(s: torch.Tensor) -> torch.Tensor:
     min_models=1,
     max_models=1,
     model_params={"weight": 1.0},  # accepted and ignored, as mergekit does (its recipes often set it)
+    native_dtype=True,  # mergekit computes it in the recipe's dtype (engine/precision.py)
     reference="https://arcee.ai (mergekit 0.1.5 merge_methods/arcee_fusion.py)",
 )
 def arcee_fusion(tensors, base, **_):
