@@ -82,15 +82,17 @@ def weighted_sum(tensors: list[torch.Tensor], weight: torch.Tensor, rnd=None) ->
         for t, wi in zip(tensors[1:], w[1:]):
             out.add_(rnd(t.mul_(wi)))
         return rnd(out)
+    # Each product rounded, then added (as the kernels do): torch's add with alpha and addcmul may fuse the
+    # multiply-add into one rounding, and the two executors would differ in the last bit.
     if weight.dim() == 1:  # the common case: scalars, no stacked copy of the inputs
         out = tensors[0].mul_(float(weight[0]))
         for t, w in zip(tensors[1:], weight[1:].tolist()):
-            out.add_(t, alpha=w)
+            out.add_(t.mul_(w))
         return out
     w = broadcast(weight, tensors[0])
     out = tensors[0].mul_(w[0])
     for t, wi in zip(tensors[1:], w[1:]):
-        out.addcmul_(t, wi)
+        out.add_(t.mul_(wi))
     return out
 
 
@@ -247,16 +249,19 @@ def elect_and_merge(deltas: list[torch.Tensor], weight: torch.Tensor, normalize:
             return merged
         mass = rnd(sum(torch.where(a, wi, 0.0) for a, wi in zip(agree, w)))
         return rnd(torch.where(mass != 0, merged / torch.where(mass != 0, mass, 1.0), 0.0))
-    sign = torch.mul(deltas[0], w[0], out=pool.empty_like(deltas[0]))
-    for d, wi in zip(deltas[1:], w[1:]):
-        sign.addcmul_(d, wi)
+    for d, wi in zip(deltas, w):  # the products w_i d_i, each rounded (then summed, as the kernels do)
+        d.mul_(wi)
+    sign = torch.add(deltas[0], deltas[1], out=pool.empty_like(deltas[0])) if len(deltas) > 1 else \
+        pool.empty_like(deltas[0]).copy_(deltas[0])
+    for d in deltas[2:]:
+        sign.add_(d)
     sign.ge_(0.0).mul_(2.0).sub_(1.0)  # +1 where the weighted sum is >= 0 (zero included), else -1: mergekit's rule
     mass = pool.empty_like(sign) if normalize else None
     merged = deltas[0]  # the running sum lives in the first task vector's storage: one buffer fewer
     for i, (d, wi) in enumerate(zip(deltas, w)):
         # |w_i d_i| where w_i d_i has the elected sign, else 0: "agrees" without a mask buffer. Times
         # sign it is w_i d_i again (exactly: sign is +-1) or 0; its sign() is the 0/1 agreement.
-        d.mul_(wi).mul_(sign).clamp_(min=0.0)
+        d.mul_(sign).clamp_(min=0.0)
         if i == 0:
             if mass is not None:
                 torch.sign(d, out=mass).mul_(wi)
@@ -368,7 +373,7 @@ def ramp_levels(m: int, density: float, epsilon: float, work: str = "F32") -> np
     divides 0 by 0 there)."""
     f32 = np.float32
     if m == 1:
-        p = round_to(np.array([density], f32), work)
+        p = np.array([density])
     else:
         ranks = round_to(round_to(np.arange(m, dtype=f32), work) + f32(1), work)
         lo, hi = ranks.min(), ranks.max()
