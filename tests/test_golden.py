@@ -36,21 +36,7 @@ GOLDEN = Path(__file__).parent / "golden"
 # -- what souplm does not do yet -----------------------------------------------------------------------
 # case (or "load_<case>") -> why it fails today. strict: the day souplm gets it right the test XPASSes and
 # fails; whoever fixed it removes the entry.
-_BF16 = ("{}: a bf16 recipe differs from mergekit (mergekit computes in the recipe's dtype; the fp32 recipe of "
-         "the same method agrees)")
-_FUSION = ("issue 14: arcee_fusion on a bf16 recipe: the fusion mask differs (lm_head: mergekit takes 10.0% of the "
-           "entries from model b, souplm 11.3%; max |diff| 0.074); mergekit writes that tensor in fp32; the fp32 "
-           "recipe m_arcee_fusion agrees")
-_ULPS = "rounding: souplm's {} is {} ulp from mergekit's at the tensor's magnitude (1 allowed), measured here"
-XFAIL: dict[str, str] = {
-    # issue 13 §1: the measured semantic differences still open
-    "mk_sce": _BF16.format("issue 14: sce"),
-    "mk_ramplus_tl": _BF16.format("issue 14: ramplus_tl"),
-    "ex_arcee_fusion": _FUSION,
-    "mk_arcee_fusion": _FUSION,
-    # rounding: a few steps apart where 1 is asked (geometric methods in fp32, model_stock in bf16)
-    "mk_model_stock_filterwise": _ULPS.format("model_stock filter_wise (bf16)", 1.5),
-}
+XFAIL: dict[str, str] = {}  # none left: every case agrees with mergekit or with its float64 statement
 
 # Cases where mergekit is no reference: it fails (its error is in the manifest) where souplm should merge, its
 # output is wrong, or (MoE TIES) its per-tensor statistics span another grouping than the inputs' tensors, an
