@@ -1,6 +1,6 @@
 """Evaluation throughput of the study's tasks, the plain scoring path against the fast one, side by side.
 
-    python benchmarks/eval_throughput.py MODEL_DIR [--rows N] [--out FILE.json]
+    python benchmarks/eval_throughput.py MODEL_DIR [--rows N] [--tasks T ...] [--out FILE.json] [--profile]
 
 MODEL_DIR: a LLaVA of the study's family (e.g. ~/.cache/souplm/family/quick/llava-*). The tasks are the
 study's own five, built by `souplm.experiment.data` with N rows each (perplexity tasks N // 4 documents).
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     a = ap.parse_args()
     n = a.rows
     s = replace(FULL, mode="bench", test_rows={"easy-vqa": n, "math": n, "shakespeare-ppl": max(1, n // 4),
@@ -45,7 +46,7 @@ def main() -> None:
            "fast": HFModel(model, tok, proc, batch_size=8, progress=False, fast=True)}
     report: dict = {"torch_threads": torch.get_num_threads(), "rows": n, "tasks": {}}
     prof = cProfile.Profile() if a.profile else None
-    for name in TASKS:
+    for name in a.tasks:
         task = data.tasks[name]
         rec = {}
         for mode, lm in lms.items():

@@ -218,12 +218,44 @@ def test_pipeline_on_a_tiny_stand_in_family(
     assert min(c["p_holm"] for c in st["comparisons"]) == pytest.approx(min(1.0, ps[0] * len(ps)), rel=1e-3)
     for c in st["comparisons"]:
         assert c["test"].startswith("mcnemar-exact" if stored_metric(stored, c["task"]) != "bpb"
-                                    and "mean" not in c["kind"] else "paired-bootstrap"), c
+                                    and "mean" not in c["kind"] and "rounds choice" not in c["kind"]
+                                    and c["kind"] != "per-mapping vs whole-model"
+                                    else "paired-bootstrap"), c
     assert set(stored["bases"]["models"]) == {"LLaVA", "Vicuna", "Math", "Shakespeare"}
     ss = stored["regularized"]["seed_study"]
     assert ss["seeds"] == list(TINY.reg_seeds) and [r["lambda"] for r in ss["lambdas"]] == list(TINY.lambdas)
     assert ss["baseline"]["pairs"] == len(TINY.reg_seeds) * (len(TINY.reg_seeds) - 1) // 2
     assert ss["verdict"] == stored["claims"]["stable_under_regularization"]["verdict"]
+
+    # The three ablation rounds and the generalization test (issue 16 §7): every grid point scored on the dev
+    # tasks, only the choices on the test tasks, the final setting at every seed; their comparisons in the Holm
+    # family, their claims with verdicts, their figures written.
+    for heading in ("## 8. The paper's three ablation rounds", "### Round 1", "### Round 2", "### Round 3",
+                    "## 9. Generalization"):
+        assert heading in md, heading
+    rd = stored["rounds"]
+    r1, r2, r3 = rd["round1"], rd["round2"], rd["round3"]
+    assert len(r1["points"]) == len(X.META_SETS) * len(TINY.round_lrs) * len(TINY.round_epochs)
+    assert len(r2["points"]) == len(TINY.round2_samples) * len(X.ACTIVATIONS) * len(TINY.round2_lrs) * len(
+        TINY.round_epochs)
+    assert [p["ratio"] for p in r3["points"]] == list(TINY.round3_ratios)
+    assert r2["pair"] == r1["pair"] == r1["order"][:2]
+    dev = {f"{n}-dev" for n in X.TASKS}
+    for p in r1["points"] + r2["points"] + r3["points"]:
+        assert set(p["dev"]) == dev and p["mean_rank"] >= 1.0
+    assert [x["seed"] for x in r3["seeds"]] == list(TINY.final_seeds)
+    assert len({x["id"] for x in r3["seeds"]}) == len(TINY.final_seeds)  # a soup per seed
+    chosen3 = next(p for p in r3["points"] if p["id"] == r3["chosen"])
+    assert chosen3["mean_rank"] == min(p["mean_rank"] for p in r3["points"])
+    for f in r1["figures"] + r2["figures"] + [r3["figure"]] + rd["paper_alpha_setting"]["figures"]:
+        assert (out / f).is_file(), f
+    assert r1["budget"]["grid_points"] == len(r1["points"])
+    ge = stored["general"]
+    assert ge["tasks"] == list(X.GENERAL_TASKS) and set(ge["models"]) == {"LLaVA", "Vicuna", "vanilla 0.5",
+                                                                          "rounds final (seed mean)"}
+    assert {"rounds choice vs vanilla 0.5", "generalization: rounds choice vs LLaVA"} <= kinds
+    for claim in ("rounds_choice_beats_vanilla", "generalizes"):
+        assert stored["claims"][claim]["verdict"] in ("holds", "does not hold", "inconclusive")
 
     # Every number in the document is a number of results.json (at the printed precision).
     values = _json_numbers(stored)
@@ -239,6 +271,7 @@ def test_pipeline_on_a_tiny_stand_in_family(
         (c, a) for c in [*X.META_SETS, "+".join(TINY.pair)] for a in X.ACTIVATIONS}
     assert [c["lambda"] for c in stored["regularized"]["comparisons"]] == list(TINY.lambdas)
     assert len(stored["robustness"]["runs"]) == len(TINY.seeds)
+    assert len(stored["robustness"]["whole_model_runs"]) == len(TINY.seeds)  # every granularity at every seed
     whole = stored["robustness"]["whole_model"]["alpha_llava"]
     assert whole["min"] == whole["max"]  # one alpha for the whole model
     assert stored["greedy"]["runs"][0]["chosen"]
@@ -268,7 +301,7 @@ def test_pipeline_on_a_tiny_stand_in_family(
 
 
 def stored_metric(doc: dict, task: str) -> str:
-    return next(t["metric"] for t in doc["tasks"] if t["name"] == task)
+    return next(t["metric"] for t in doc["tasks"] + doc["general_tasks"] if t["name"] == task)
 
 
 @pytest.mark.parametrize("module, command", [(m, c) for m, c, _ in X.REQUIRED_PACKAGES])

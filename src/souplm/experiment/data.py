@@ -10,7 +10,16 @@ from typing import Any
 
 from souplm.errors import SoupError
 from souplm.experiment.common import write_if_changed, write_jsonl
-from souplm.experiment.settings import META_SETS, MIN_MARGIN, TASK_SPECS, TASK_VERSION, TASKS, Settings
+from souplm.experiment.settings import (
+    GENERAL_MODULES,
+    GENERAL_SPECS,
+    META_SETS,
+    MIN_MARGIN,
+    TASK_SPECS,
+    TASK_VERSION,
+    TASKS,
+    Settings,
+)
 
 
 @dataclass
@@ -22,6 +31,7 @@ class Data:
     meta_sets: dict[str, Path]  # meta set name -> jsonl
     meta_rows: dict[str, int]
     info: dict[str, Any] = field(default_factory=dict)
+    general_tasks: dict[str, Any] = field(default_factory=dict)  # generalization test: name -> Task
 
 
 def _spread(items: list, n: int) -> list:
@@ -111,6 +121,64 @@ def collect_rows(s: Settings) -> dict[str, list[dict]]:
     return out
 
 
+def _first_sentence(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, on one line."""
+    para = " ".join(doc.strip().split("\n\n")[0].split())
+    cut = para.find(". ")
+    return para[: cut + 1] if cut != -1 else para
+
+
+def general_rows(s: Settings) -> dict[str, list[dict]]:
+    """Rows of the generalization tasks (issue 16 §7), from data no meta set, task or variant uses.
+
+    stdlib-ppl / stdlib-mc: docstrings of `GENERAL_MODULES` (standard-library modules outside the instruction
+    modules the instruct meta set and task come from), at least 200 characters, one half for perplexity, the
+    other for "which first sentence documents this name" with 3 other entries' first sentences as distractors.
+    compare-mc: "which of two decimal numbers is larger", generated with a named seed.
+    """
+    from souplm.data import sources
+
+    entries = []
+    for module in GENERAL_MODULES:
+        for qualname, _kind, doc in sources._doc_entries(module):
+            first = _first_sentence(doc)
+            if len(doc) >= 200 and 20 <= len(first) <= 200:
+                entries.append((qualname, doc, first))
+    entries = sorted(set(entries))
+    random.Random("souplm/experiment/stdlib").shuffle(entries)
+    half = len(entries) // 2
+    n = s.general_rows
+    out: dict[str, list[dict]] = {}
+    out["stdlib-ppl"] = [{"text": f"{q}\n\n{sources._trim_doc(d)}"} for q, d, _ in entries[:half][: n["stdlib-ppl"]]]
+    rng = random.Random("souplm/experiment/stdlib-mc")
+    pool = entries[half:]
+    firsts = sorted({f for _, _, f in pool})
+    mc = []
+    for q, _d, f in pool[: n["stdlib-mc"]]:
+        others = [x for x in firsts if x != f]
+        if len(others) < 3:
+            break
+        choices = rng.sample(others, 3)
+        gold = rng.randrange(4)
+        choices.insert(gold, f)
+        mc.append({"query": f"Python documentation of `{q}`:", "choices": choices, "gold": gold})
+    out["stdlib-mc"] = mc
+    rng = random.Random("souplm/experiment/compare")
+    rows = []
+    while len(rows) < n["compare-mc"]:
+        a, b = round(rng.uniform(0, 20), rng.choice([1, 2])), round(rng.uniform(0, 20), rng.choice([1, 2]))
+        if a == b:
+            continue
+        choices = [f"{a:g}", f"{b:g}"]
+        rows.append({"query": f"Question: Which number is larger, {a:g} or {b:g}?\nAnswer:", "choices": choices,
+                     "gold": 0 if a > b else 1})
+    out["compare-mc"] = rows
+    empty = sorted(k for k, v in out.items() if not v)
+    if empty:
+        raise SoupError(f"no rows for {', '.join(empty)}: the standard library gave too little text")
+    return out
+
+
 def prepare_data(work: Path, s: Settings) -> Data:
     """Write every task's jsonl and spec, and every meta set, under `work`; returns the loaded tasks."""
     from souplm.evaluate.tasks import task_from_dict
@@ -132,7 +200,18 @@ def prepare_data(work: Path, s: Settings) -> Data:
         path = work / "meta" / f"{name}.jsonl"
         write_jsonl(path, rows[f"meta:{name}"])
         meta_sets[name], meta_rows[name] = path, len(rows[f"meta:{name}"])
+    general = {}
+    for name, grows in general_rows(s).items():
+        folder = work / "tasks" / name
+        write_jsonl(folder / "data.jsonl", grows)
+        spec = {"name": name, "version": TASK_VERSION, "data": "data.jsonl", **GENERAL_SPECS[name]}
+        write_if_changed(folder / "task.json", json.dumps(spec, indent=1, sort_keys=True) + "\n")
+        general[name] = (task_from_dict(spec, folder, source=f"experiment task {name}"), len(grows))
     info = {
+        "general_tasks": [{"name": n, "kind": tk.kind, "metric": tk.primary, "higher_is_better": tk.higher_is_better,
+                           "min_margin": MIN_MARGIN[tk.primary], "rows": rows_n, "split": "generalization",
+                           "description": GENERAL_SPECS[n]["description"]}
+                          for n, (tk, rows_n) in general.items()],
         "tasks": [{"name": n, "kind": tk.kind, "metric": tk.primary, "higher_is_better": tk.higher_is_better,
                    "min_margin": MIN_MARGIN[tk.primary], "rows": len(rows[n]), "split": "test",
                    "description": TASK_SPECS[n]["description"]}
@@ -140,5 +219,5 @@ def prepare_data(work: Path, s: Settings) -> Data:
         "dev_tasks": [{"name": n, "rows": len(rows[n]), "split": "dev"} for n in dev_tasks],
         "meta_sets": [{"name": n, "rows": meta_rows[n], "format": META_SETS[n][1], "split": "dev"} for n in META_SETS],
     }
-    return Data(tasks, dev_tasks, meta_sets, meta_rows, info)
+    return Data(tasks, dev_tasks, meta_sets, meta_rows, info, {n: tk for n, (tk, _) in general.items()})
 

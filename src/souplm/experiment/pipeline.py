@@ -12,6 +12,7 @@ from typing import Any
 from souplm.experiment.common import log, rounded
 from souplm.experiment.data import prepare_data
 from souplm.experiment.report import render_markdown
+from souplm.experiment.rounds import step_general, step_rounds
 from souplm.experiment.settings import ROLES, Settings
 from souplm.experiment.steps import (
     Context,
@@ -93,6 +94,10 @@ def run_experiment(
     if "cogvlm" in family:
         with timed(ctx, timings, "adamms"):
             results["adamms"] = step_adamms(ctx, results["vanilla"]["per_task"]["easy-vqa"]["llava"])
+    with timed(ctx, timings, "rounds"):
+        results["rounds"] = step_rounds(ctx)
+    with timed(ctx, timings, "general"):
+        results["general"] = step_general(ctx, results["rounds"])
     with timed(ctx, timings, "statistics"):
         results["statistics"] = step_statistics(ctx, results)
     results["claims"] = step_claims(ctx, results)

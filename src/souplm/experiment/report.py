@@ -321,10 +321,21 @@ def render_markdown(doc: dict[str, Any]) -> str:
     add("")
     b = rob["budget"]
     add(f"Per-mapping soup against one learned whole-model alpha (granularity `model`, learned LLaVA share "
-        f"{fmt(rob['whole_model_alpha_llava'])}), same meta sets, seed and budget ({fmt(b['examples'])} "
-        f"examples, {fmt(b['steps'])} and {fmt(b['whole_model_steps'])} steps). Advantage > 0: per-mapping is "
-        "ahead; \"beyond noise\": by more than twice the seed standard deviation.")
+        f"{fmt(rob['whole_model_alpha_llava'])} at seed {rob['seeds'][0]}), same meta sets, seeds and budget "
+        f"({fmt(b['examples'])} examples, {fmt(b['steps'])} and {fmt(b['whole_model_steps'])} steps). Advantage > 0: "
+        "per-mapping is ahead; \"beyond noise\": by more than twice the larger seed standard deviation.")
     add("")
+    if "whole_model_scores" in rob:
+        labels = rob["labels"]
+        add("Both granularities over the seeds: the seeds' item-by-item average with its 95% interval over test "
+            "items, and the spread between seeds (mean ± standard deviation [min, max]):")
+        add("")
+        out.extend(_header(doc, "soup"))
+        for key, sc in (("per-mapping", rob["scores"]), ("whole-model", rob["whole_model_scores"])):
+            add(_row(f"{key}, seed mean", [_ci(doc, labels[key], n, sc[n]["mean"]) for n in names]))
+            add(_row(f"{key}, between seeds", [f"{fmt(sc[n]['mean'])} ± {fmt(sc[n]['std'])} "
+                                                f"[{fmt(sc[n]['min'])}, {fmt(sc[n]['max'])}]" for n in names]))
+        add("")
     add("| task | per-mapping | whole-model | advantage | per-mapping better | seed std | beyond noise |")
     add("|---|---:|---:|---:|:---:|---:|:---:|")
     for n in names:
@@ -382,6 +393,21 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"({_tally_text(fg)}); by the point scores per-mapping beats the whole-model alpha on {fg['wins']} of "
         f"{n_tasks} tasks, {fg['beyond_noise']} of them by more than twice the seed spread. Effects: "
         + _effects(stt, "per-mapping vs whole-model") + ".")
+    if "rounds_choice_beats_vanilla" in cl:
+        rc = cl["rounds_choice_beats_vanilla"]
+        add(f"- The learnable soup the three ablation rounds choose on the dev tasks (section 8; its "
+            f"{len(doc['rounds']['round3']['seeds'])} seeds averaged item by item) beats the vanilla soup at alpha "
+            f"0.5: {_verdict(rc['verdict'])} ({_tally_text(rc)}); against LLaVA: {_verdict(rc['vs_llava']['verdict'])} "
+            f"({_tally_text(rc['vs_llava'])}); against Vicuna: {_verdict(rc['vs_vicuna']['verdict'])} "
+            f"({_tally_text(rc['vs_vicuna'])}). Unlike the best-of-all comparison above, nothing here was chosen "
+            "on a test score. Effects: " + _effects(stt, "rounds choice vs vanilla 0.5") + ".")
+    if "generalizes" in cl:
+        g = cl["generalizes"]
+        add(f"- The chosen soup generalizes to tasks no meta set and no variant was built from (section 9), "
+            f"against the vanilla soup at 0.5: {_verdict(g['verdict'])} ({_tally_text(g)}); against LLaVA: "
+            f"{_verdict(g['vs_llava']['verdict'])} ({_tally_text(g['vs_llava'])}); against Vicuna: "
+            f"{_verdict(g['vs_vicuna']['verdict'])} ({_tally_text(g['vs_vicuna'])}). Effects: "
+            + _effects(stt, "generalization: rounds choice vs vanilla 0.5") + ".")
     add("")
     if stt:
         add(f"All {stt['n_comparisons']} paired comparisons (advantage of a over b with its 95% interval; p "
@@ -407,6 +433,10 @@ def render_markdown(doc: dict[str, Any]) -> str:
 
     if "adamms" in doc:
         out.extend(_render_adamms(doc))
+    if "rounds" in doc:
+        out.extend(_render_rounds(doc))
+    if "general" in doc:
+        out.extend(_render_general(doc))
 
     # timings
     tm = doc["timings"]
@@ -481,5 +511,154 @@ def _render_adamms(doc: dict[str, Any]) -> list[str]:
         f"{ad['paper']['agreement_percent']:g}% of its settings ({ad['paper']['reference']}). The paired tests of "
         "each choice against the labelled best are in section 6's table (rows \"AdaMMS ... choice vs labelled "
         "best\").")
+    out.append("")
+    return out
+
+
+def _setting(p: dict[str, Any]) -> str:
+    """A grid point's setting in words."""
+    rows = "+".join(str(n) for n in p["samples"])
+    return f"{p['meta']}, {p['activation']}, {p['epochs']} epochs, lr {p['lr']:g}, {rows} rows"
+
+
+def _budget(b: dict[str, Any]) -> str:
+    """How a round spent its time."""
+    return (f"{b['grid_points']} grid points; {b['learn_runs']} learning runs computed ({fmt(b['learn_s'] / 60, 1)} "
+            f"min) and {b['learn_cached']} found learned; {b['dev_soups']} soups scored on the dev tasks "
+            f"({fmt(b['dev_s'] / 60, 1)} min) and {b['test_soups']} on the test tasks ({fmt(b['test_s'] / 60, 1)} "
+            "min) in this run (cached scores cost nothing and are not counted)")
+
+
+def _dev_header(tasks: list[str], infos: dict[str, Any], first: str) -> list[str]:
+    cells = [f"{t} ({infos[t[:-4]]['metric']} {_arrow(infos[t[:-4]])})" for t in tasks]
+    return [f"| {first} | " + " | ".join(cells) + " |", "|---|" + "---:|" * len(cells)]
+
+
+def _render_rounds(doc: dict[str, Any]) -> list[str]:
+    """Section 8: the paper's three ablation rounds (its section 3.3), Figs. 2-4 and Table 3."""
+    rd = doc["rounds"]
+    r1, r2, r3 = rd["round1"], rd["round2"], rd["round3"]
+    infos = {t["name"]: t for t in doc["tasks"]}
+    names = [t["name"] for t in doc["tasks"]]
+    dev = r1["dev_tasks"]
+    out = ["## 8. The paper's three ablation rounds (its section 3.3)", ""]
+    out.append(
+        "Every grid point is a `layer_mapping` soup of (LLaVA, Vicuna) scored on the dev tasks ("
+        + ", ".join(f"{d['name']} {d['rows']} rows" for d in doc["dev_tasks"])
+        + "; dev splits, disjoint from the meta sets), and a grid's points are compared by their mean rank over "
+        "the dev tasks (rank 1 = best on a task; ties share their mean rank). Only the chosen settings are "
+        "scored on the test tasks. The epochs of one grid cell are snapshots of one learning run (the learner "
+        "resumes from its epoch checkpoint: the alphas of a fresh run of that many epochs).")
+    out.append("")
+    out += ["### Round 1: each meta set over epochs x learning rates (Fig. 2, Table 3)", ""]
+    out.append(f"Softmax soups, {r1['samples']} rows per meta set, epochs {', '.join(str(e) for e in r1['epochs'])} "
+               f"x learning rates {', '.join(f'{lr:g}' for lr in r1['lrs'])}. Budget: {_budget(r1['budget'])}.")
+    out.append("")
+    for p in r1["figures"]:
+        out += [f"![{Path(p).stem}]({p})", ""]
+    out.append("Mean / best dev score over each meta set's grid (the paper's Table 3):")
+    out.append("")
+    out += _dev_header(dev, infos, "meta set")
+    for m, pm in r1["per_meta"].items():
+        out.append(_row(m, [f"{fmt(pm['table3'][t]['mean'])} / {fmt(pm['table3'][t]['best'])}" for t in dev]))
+    out.append("")
+    pts = {p["id"]: p for p in r1["points"]}
+    out.append("Each meta set's chosen point on the test tasks (95% interval over test items):")
+    out.append("")
+    out += _header(doc, "meta set: chosen setting (mean dev rank)")
+    for m, pm in r1["per_meta"].items():
+        p = pts[pm["chosen"]]
+        out.append(_row(f"{m}: {p['epochs']} epochs, lr {p['lr']:g} ({fmt(p['mean_rank'], 2)})",
+                        [_ci(doc, p["id"], n, pm["test"][n]) for n in names]))
+    out.append("")
+    out.append(f"Meta sets by their best point's mean dev rank: {', '.join(r1['order'])}; the pair for rounds 2 "
+               f"and 3: `{'+'.join(r1['pair'])}`.")
+    out.append("")
+    out += [(f"### Round 2: the pair `{'+'.join(r2['pair'])}` over rows x activation x learning rate x epochs "
+             "(Fig. 3)"), ""]
+    out.append(f"Rows per meta set {', '.join(str(n) for n in r2['samples'])}, activations "
+               f"{', '.join(ACTIVATIONS)}, learning rates {', '.join(f'{lr:g}' for lr in r2['lrs'])}, epochs "
+               f"{', '.join(str(e) for e in r2['epochs'])}. Budget: {_budget(r2['budget'])}.")
+    out.append("")
+    for p in r2["figures"]:
+        out += [f"![{Path(p).stem}]({p})", ""]
+    out.append("Mean dev score per activation and per row count:")
+    out.append("")
+    out += _dev_header(dev, infos, "activation / rows per meta set")
+    for a, vals in r2["by_activation"].items():
+        out.append(_row(a, [fmt(vals[t]) for t in dev]))
+    for n, vals in r2["by_samples"].items():
+        out.append(_row(f"{n} rows", [fmt(vals[t]) for t in dev]))
+    out.append("")
+    best2 = next(p for p in r2["points"] if p["id"] == r2["chosen"])
+    out.append(f"Chosen: {_setting(best2)} (mean dev rank {fmt(best2['mean_rank'], 2)} of "
+               f"{len(r2['points'])} points). On the test tasks:")
+    out.append("")
+    out += _header(doc, "soup")
+    out.append(_row("round 2 choice", [_ci(doc, best2["id"], n, r2["test"][n]) for n in names]))
+    out.append("")
+    out += ["### Round 3: the mixing ratio of the pair (Fig. 4)", ""]
+    out.append(f"Round 2's setting with {r3['total_samples']} rows in all, the share of `{r3['pair'][0]}` from "
+               f"{r3['points'][0]['ratio']:g} to {r3['points'][-1]['ratio']:g}. Budget: {_budget(r3['budget'])}.")
+    out.append("")
+    out += [f"![round3]({r3['figure']})", ""]
+    out += _dev_header(dev, infos, "share of first meta set (rows) [mean dev rank]")
+    for p in r3["points"]:
+        out.append(_row(f"{p['ratio']:g} ({'+'.join(str(n) for n in p['samples'])}) [{fmt(p['mean_rank'], 2)}]",
+                        [fmt(p["dev"][t]) for t in dev]))
+    out.append("")
+    st = r3["setting"]
+    out.append(f"The rounds' choice: {st['activation']}, {st['epochs']} epochs, lr {st['lr']:g}, rows "
+               f"{'+'.join(str(n) for n in st['samples'])} (share {st['ratio']:g}) of `{'+'.join(st['metas'])}`, "
+               f"at seeds {', '.join(str(x['seed']) for x in r3['seeds'])} (a seed draws the rows and their order). "
+               "On the test tasks, each seed with its 95% interval over test items, then the seeds' item-by-item "
+               "average and the spread between seeds (standard deviation [min, max]):")
+    out.append("")
+    out += _header(doc, "soup")
+    for x in r3["seeds"]:
+        out.append(_row(f"seed {x['seed']}", [_ci(doc, x["id"], n, x["test"][n]) for n in names]))
+    sp = r3["seed_spread"]
+    out.append(_row("seed mean", [_ci(doc, r3["label"], n, sp[n]["mean"]) for n in names]))
+    out.append(_row("between seeds: std [min, max]",
+                    [f"{fmt(sp[n]['std'])} [{fmt(sp[n]['min'])}, {fmt(sp[n]['max'])}]" for n in names]))
+    out.append("")
+    pa = rd["paper_alpha_setting"]
+    out.append(f"LLaVA's share per layer and mapping at the paper's setting for alpha plots (its section 4: the "
+               f"longest training, the largest learning rate and sample count): single meta sets at {pa['epochs']} "
+               f"epochs, lr {pa['lr']:g}, {pa['single_samples']} rows; the pair at lr {pa['pair_lr']:g}, "
+               f"{pa['pair_samples']} rows per meta set (softmax):")
+    out.append("")
+    for p in pa["figures"]:
+        out.append(f"![{Path(p).stem}]({p})")
+    out.append("")
+    return out
+
+
+def _render_general(doc: dict[str, Any]) -> list[str]:
+    """Section 9: the generalization test (the paper's section 3.4)."""
+    ge = doc["general"]
+    infos = {t["name"]: t for t in doc["general_tasks"]}
+    names = ge["tasks"]
+    out = ["## 9. Generalization to tasks no meta set and no variant was built from (the paper's section 3.4)", ""]
+    out.append("| task | kind | metric | rows | description |")
+    out.append("|---|---|---|---:|---|")
+    for n in names:
+        t = infos[n]
+        out.append(f"| {n} | {t['kind']} | {t['metric']} {_arrow(t)} | {t['rows']} | {t['description']} |")
+    out.append("")
+    out.append("Scores with 95% intervals over the items; the rounds' choice is its seeds' item-by-item average, "
+               "with the spread between seeds below (paired tests in section 6):")
+    out.append("")
+    cells = [f"{n} ({infos[n]['metric']} {_arrow(infos[n])})" for n in names]
+    out += ["| model | " + " | ".join(cells) + " |", "|---|" + "---:|" * len(cells)]
+    for m in ge["models"]:
+        out.append(_row(m, [_ci(doc, ge["labels"][m], n, ge["scores"][m][n]) for n in names]))
+    sp = ge["seed_spread"]
+    out.append(_row("rounds choice, between seeds: std [min, max]",
+                    [f"{fmt(sp[n]['std'])} [{fmt(sp[n]['min'])}, {fmt(sp[n]['max'])}]" for n in names]))
+    out.append("")
+    b = ge["budget"]
+    out.append(f"Budget: {b['test_soups']} learned soups scored ({fmt(b['test_s'] / 60, 1)} min), the vanilla "
+               f"soups and bases in {fmt(b['vanilla_s'] / 60, 1)} min (this run; cached scores cost nothing).")
     out.append("")
     return out

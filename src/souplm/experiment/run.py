@@ -15,6 +15,10 @@ math and Shakespeare fine-tunes are the extra homologous variants for the N > 2 
 6. `bases`       every variant alone on every test task, and the gap each opens on its speciality.
 7. `adamms`      AdaMMS searches in several settings (target <- source on a task), alpha chosen without labels
                  by the authors' criterion and by souplm's older one, each checked against the labels.
+   `rounds`      the paper's three ablation rounds (its section 3.3): each meta set over epochs x learning
+                 rates, the best pair over rows x activation x learning rate x epochs, the pair's mixing ratio,
+                 every grid point scored on the dev tasks; the chosen setting on the test tasks at 3 seeds.
+   `general`     the chosen setting, the bases and the vanilla soup on tasks no meta set or variant was built from.
 8. `statistics`  a 95% bootstrap interval over test items on every score, a paired test on every comparison
                  (McNemar or paired bootstrap), Holm's correction over all of them.
 9. `claims`      a verdict (holds / does not hold / inconclusive) on each of the paper's claims.
@@ -46,6 +50,7 @@ from souplm.experiment.settings import (
     ACTIVATIONS,
     ADAMMS_SETTINGS,
     FULL,
+    GENERAL_TASKS,
     LARGE,
     META_SETS,
     QUICK,
@@ -56,7 +61,7 @@ from souplm.experiment.settings import (
     Settings,
 )
 
-__all__ = ["ACTIVATIONS", "ADAMMS_SETTINGS", "FULL", "LARGE", "META_SETS", "QUICK", "REQUIRED_PACKAGES", "ROLES", "ROLES_EXTRA", "TASKS", "Settings",
+__all__ = ["ACTIVATIONS", "ADAMMS_SETTINGS", "FULL", "GENERAL_TASKS", "LARGE", "META_SETS", "QUICK", "REQUIRED_PACKAGES", "ROLES", "ROLES_EXTRA", "TASKS", "Settings",
            "check_packages", "main", "missing_packages", "render_markdown", "run_experiment"]
 
 

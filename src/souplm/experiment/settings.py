@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 # ------------------------------------------------------------------------------------------ constants
@@ -58,6 +58,32 @@ TASK_SPECS: dict[str, dict[str, Any]] = {
 }
 TASK_VERSION = "experiment-1"
 
+# The generalization test (issue 16 §7, the paper's section 3.4): tasks that were never meta sets and that no
+# variant was trained on, built from offline data. Docstrings of standard-library modules outside
+# `souplm.data.sources.INSTRUCTION_MODULES` (the instruct meta set and task come from those), and number
+# comparisons (the math variant was trained on arithmetic only).
+GENERAL_TASKS: tuple[str, ...] = ("stdlib-ppl", "stdlib-mc", "compare-mc")
+GENERAL_SPECS: dict[str, dict[str, Any]] = {
+    "stdlib-ppl": {"kind": "perplexity", "context_length": 512,
+                   "description": "docstrings of standard-library modules no task or meta set uses: bits per byte"},
+    "stdlib-mc": {"kind": "multiple_choice", "prompt": "{query}", "target_delimiter": " ",
+                  "description": "which of 4 first sentences documents this standard-library name (unseen modules)"},
+    "compare-mc": {"kind": "multiple_choice", "prompt": "{query}", "target_delimiter": " ",
+                   "description": "which of two decimal numbers is larger (no variant was trained on comparisons)"},
+}
+GENERAL_MODULES: tuple[str, ...] = (
+    "abc", "ast", "cmd", "code", "codecs", "codeop", "dis", "doctest", "email.message", "email.utils", "ftplib",
+    "graphlib", "http.client", "http.cookies", "imaplib", "locale", "mailbox", "netrc", "pdb", "pkgutil",
+    "plistlib", "poplib", "pydoc", "quopri", "reprlib", "selectors", "shelve", "socketserver", "symtable",
+    "tabnanny", "trace", "tracemalloc", "unittest.case", "unittest.mock", "wsgiref.handlers", "xml.dom.minidom",
+    "zipapp", "zipimport", "platform", "sysconfig", "webbrowser", "asyncio.queues", "asyncio.locks",
+    "email.parser", "email.header", "email.feedparser", "http.server", "http.cookiejar", "urllib.request",
+    "urllib.robotparser", "xml.etree.ElementTree", "xml.sax.handler", "xml.dom.pulldom", "logging.handlers",
+    "concurrent.futures.thread", "multiprocessing.pool", "multiprocessing.managers", "asyncio.streams",
+    "asyncio.tasks", "asyncio.events", "asyncio.base_events", "importlib.abc", "unittest.loader",
+    "unittest.result", "unittest.suite", "pickletools", "pyclbr", "compileall", "ctypes", "sqlite3.dump",
+)
+
 # Meta sets (the tiny dev sets alphas are learned on): name -> (dev task whose split it comes from, format).
 META_SETS: dict[str, tuple[str, str]] = {
     "vqa": ("easy-vqa", "image_chat"),
@@ -105,6 +131,22 @@ class Settings:
     # Seeds of every regularized soup (and of the unregularized baseline): is a lambda's alpha pattern further
     # from the unregularized one than two unregularized seeds are from each other? (issue 16 §5)
     reg_seeds: tuple[int, ...] = (0, 1, 2)
+    # The paper's three ablation rounds (its section 3.3; issue 16 §7). Every grid point is scored on the dev
+    # tasks (dev-size subsets) and chosen by its mean rank over them; only the chosen settings are scored on the
+    # test tasks. Epochs come from one trajectory per grid cell (the learner resumes from its epoch checkpoints,
+    # which gives the same alphas as a fresh run of that many epochs), so the epoch axis costs its longest run.
+    # Sizes: round 1 is 4 meta sets x 2 learning rates = 8 trajectories of 9 epochs (24 points); round 2 is
+    # 2 row counts x 4 activations x 2 learning rates = 16 trajectories (48 points); round 3 is 5 ratios, and
+    # 2 more seeds of its choice. At ~3-4 s per learning step on the 2-core machine that is ~2 h of learning
+    # (estimated, not run), plus ~25 s per dev-scored point and one test-set scoring per chosen setting.
+    round_epochs: tuple[int, ...] = (1, 3, 9)
+    round_lrs: tuple[float, ...] = (0.03, 0.3)
+    round2_samples: tuple[int, ...] = (6, 24)  # rows per meta set of the pair
+    round2_lrs: tuple[float, ...] = (0.03, 0.3)
+    round3_ratios: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)  # share of the pair's first meta set
+    final_seeds: tuple[int, ...] = (0, 1, 2)  # seeds of the setting the rounds choose (scored on the test tasks)
+    general_rows: dict[str, int] = field(default_factory=lambda: {"stdlib-ppl": 40, "stdlib-mc": 200,
+                                                                   "compare-mc": 200})
 
     def to_json(self) -> dict[str, Any]:
         """The settings as plain data (results.json records them)."""
@@ -142,6 +184,7 @@ LARGE = replace(
     FULL,
     mode="large",
     test_rows={"easy-vqa": 1000, "math": 500, "shakespeare-ppl": 130, "shakespeare-mc": 500, "instruct-ppl": 120},
+    general_rows={"stdlib-ppl": 239, "stdlib-mc": 239, "compare-mc": 500},  # stdlib: every entry there is (~118 kB)
 )
 
 QUICK = replace(
@@ -161,5 +204,11 @@ QUICK = replace(
     adamms_inputs=3,
     lambdas=(0.001, 0.1),
     reg_seeds=(0, 1),
+    round_epochs=(1, 2),
+    round_lrs=(0.3,),
+    round2_samples=(2,),
+    round2_lrs=(0.3,),
+    round3_ratios=(0.25, 0.5, 0.75),
+    general_rows={"stdlib-ppl": 3, "stdlib-mc": 6, "compare-mc": 6},
 )
 

@@ -255,3 +255,40 @@ def verdict(effect: float, p_adjusted: float, alpha: float = ALPHA) -> str:
     if math.isnan(effect) or math.isnan(p_adjusted) or p_adjusted >= alpha:
         return "inconclusive"
     return "holds" if effect > 0 else "does not hold"
+
+
+# ------------------------------------------------------------------------------ choosing a grid point
+
+
+def ranks(values: Sequence[float], higher_is_better: bool) -> list[float]:
+    """Rank of each value among `values` (1 = best), ties sharing the mean of their ranks; NaN ranks last
+    (all NaNs tied)."""
+    n = len(values)
+    sign = 1.0 if higher_is_better else -1.0
+    key = [(math.inf if math.isnan(v) else -sign * v) for v in values]
+    order = sorted(range(n), key=lambda i: key[i])
+    out = [0.0] * n
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and key[order[j + 1]] == key[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def mean_ranks(scores: Sequence[dict[str, float]], higher_is_better: dict[str, bool]) -> list[float]:
+    """Per grid point, the mean over tasks of its rank among all points on that task (`ranks`): the rounds'
+    selection rule, free of the tasks' different metrics and scales."""
+    if not scores:
+        return []
+    per_task = [ranks([s[t] for s in scores], hib) for t, hib in higher_is_better.items()]
+    return [mean([r[i] for r in per_task]) for i in range(len(scores))]
+
+
+def choose(scores: Sequence[dict[str, float]], higher_is_better: dict[str, bool]) -> int:
+    """Index of the grid point with the lowest mean rank (the first one in grid order on a tie)."""
+    mr = mean_ranks(scores, higher_is_better)
+    return min(range(len(mr)), key=lambda i: (mr[i], i))

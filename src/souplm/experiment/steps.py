@@ -118,6 +118,11 @@ class LearnSpec:
     granularity: str = "layer_mapping"
     seed: int = 0
     lam: float = 0.0
+    # Overrides of the settings' training budget (None: the settings' own; the learn config, and so the soup's
+    # folder and digest, are then exactly what they were before these fields existed).
+    epochs: int | None = None
+    lr: float | None = None
+    samples: tuple[int, ...] | None = None  # rows per meta set, in the order of `metas`
 
     @property
     def meta_label(self) -> str:
@@ -136,11 +141,13 @@ def learn_config(ctx: Context, spec: LearnSpec, output: Path) -> dict[str, Any]:
         "granularity": spec.granularity,
         "activation": spec.activation,
         "regularization": {"kind": "l1", "lambda": spec.lam} if spec.lam > 0 else {"kind": "none"},
-        "optimizer": {"name": "adam", "lr": s.lr},
-        "training": {"epochs": s.epochs, "batch_size": s.learn_batch, "max_length": s.max_length,
-                     "evaluate": False},
+        "optimizer": {"name": "adam", "lr": s.lr if spec.lr is None else spec.lr},
+        "training": {"epochs": s.epochs if spec.epochs is None else spec.epochs, "batch_size": s.learn_batch,
+                     "max_length": s.max_length, "evaluate": False},
         "meta_sets": [{"path": str(ctx.data.meta_sets[m]), "format": META_SETS[m][1],
-                       "samples": min(s.meta_samples, ctx.data.meta_rows[m])} for m in spec.metas],
+                       "samples": max(1, min(s.meta_samples if spec.samples is None else spec.samples[i],
+                                             ctx.data.meta_rows[m]))}
+                      for i, m in enumerate(spec.metas)],
         "output": str(output),
         "seed": spec.seed,
         "merge": False,
@@ -189,8 +196,9 @@ def run_learn(ctx: Context, spec: LearnSpec, *, score: bool = True) -> dict[str,
     }
 
 
-def evaluate_table(ctx: Context, table: Any, table_path: Path) -> dict[str, dict[str, Any]]:
-    """Task results of the (LLaVA, Vicuna) soup a coefficient table describes, in memory, through the cache."""
+def evaluate_table(ctx: Context, table: Any, table_path: Path, tasks: list[Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Task results of the (LLaVA, Vicuna) soup a coefficient table describes, in memory, through the cache
+    (on the test tasks unless `tasks` are given)."""
     from souplm.engine.recipe import Recipe
     from souplm.evaluate.cache import soup_key
     from souplm.search.sweep import METHOD, SoupModel, evaluate_candidate
@@ -202,7 +210,8 @@ def evaluate_table(ctx: Context, table: Any, table_path: Path) -> dict[str, dict
                                 vocab_policy="extend", coefficients=str(table_path))
     coeffs = stable_digest(table.coefficients, 32)
     key = soup_key(ctx.hashes, METHOD, {"coefficients": coeffs, "normalize": False, "vocab_policy": "extend"})
-    return evaluate_candidate(ctx.soup, recipe, key, ctx.test_tasks, limit=None, cache=ctx.store)
+    return evaluate_candidate(ctx.soup, recipe, key, ctx.test_tasks if tasks is None else tasks, limit=None,
+                              cache=ctx.store)
 
 
 def unit_alphas(ctx: Context, run: dict[str, Any]) -> dict[str, float]:
@@ -485,26 +494,52 @@ def step_robustness(ctx: Context, learnable: dict[str, Any]) -> dict[str, Any]:
               "mean_alpha": mean(unit_mean),
               "mean_sign_agreement": mean([p["sign_agreement"] for p in pairs]),
               "mean_correlation": mean([p["correlation"] for p in pairs])}
-    whole = run_learn(ctx, LearnSpec(metas=pair, granularity="model", seed=s.seeds[0]))
+    # The whole-model soup at every seed too (issue 16 §1): the granularity claim compares the seeds'
+    # item-by-item averages, and the spread of both sides is reported beside the item-level intervals.
+    wholes = [run_learn(ctx, LearnSpec(metas=pair, granularity="model", seed=sd)) for sd in s.seeds]
+    whole = wholes[0]
+    average_items(ctx, [r["id"] for r in runs], PER_MAPPING_MEAN, TASKS)
+    average_items(ctx, [r["id"] for r in wholes], WHOLE_MODEL_MEAN, TASKS)
+    whole_scores = {}
+    for info in ctx.data.info["tasks"]:
+        vals = [r["scores"][info["name"]] for r in wholes]
+        whole_scores[info["name"]] = {"mean": mean(vals), "std": stdev(vals), "min": min(vals), "max": max(vals)}
     per_mapping = runs[0]
     granularity = {}
     for info in ctx.data.info["tasks"]:
         n, hib, margin = info["name"], info["higher_is_better"], info["min_margin"]
-        pm, wm = per_mapping["scores"][n], whole["scores"][n]
+        pm, wm = scores[n]["mean"], whole_scores[n]["mean"]
         diff = (pm - wm) if hib else (wm - pm)  # > 0: per-mapping is better
+        spread = max(scores[n]["std"], whole_scores[n]["std"])
         granularity[n] = {"per_mapping": pm, "whole_model": wm, "advantage": diff,
-                          "per_mapping_wins": better(pm, wm, hib, margin), "seed_std": scores[n]["std"],
-                          "beyond_seed_noise": abs(diff) > max(2 * scores[n]["std"], margin)}
+                          "per_mapping_wins": better(pm, wm, hib, margin), "seed_std": spread,
+                          "beyond_seed_noise": abs(diff) > max(2 * spread, margin)}
     return {"pair": "+".join(pair), "seeds": list(s.seeds), "runs": [r["id"] for r in runs],
-            "scores": scores, "alphas": alphas, "whole_model": whole,
+            "scores": scores, "alphas": alphas, "whole_model": whole, "whole_model_runs": [r["id"] for r in wholes],
+            "whole_model_scores": whole_scores, "labels": {"per-mapping": PER_MAPPING_MEAN,
+                                                           "whole-model": WHOLE_MODEL_MEAN},
             "whole_model_alpha_llava": whole["alpha_llava"]["mean"], "granularity": granularity,
             "per_mapping_wins": sum(1 for g in granularity.values() if g["per_mapping_wins"]),
             "budget": {"examples": per_mapping["examples"], "steps": per_mapping["steps"],
                        "whole_model_steps": whole["steps"]}}
 
 
+PER_MAPPING_MEAN = "per-mapping (seed mean)"
+WHOLE_MODEL_MEAN = "whole-model (seed mean)"
+
+
+def average_items(ctx: Context, labels: list[str], label: str, tasks: tuple[str, ...] | list[str]) -> None:
+    """Item-by-item average of several soups' values (e.g. one configuration's seeds), kept under `label`:
+    only where every soup has the task, on the same items."""
+    for task in tasks:
+        cols = [ctx.items[lb][task] for lb in labels if task in ctx.items.get(lb, {})]
+        if cols and len(cols) == len(labels) and len({len(c[0]) for c in cols}) == 1:
+            num = [mean([c[0][i] for c in cols]) for i in range(len(cols[0][0]))]
+            ctx.items.setdefault(label, {})[task] = (num, list(cols[0][1]))
+
+
 def _info(ctx: Context, task: str) -> dict[str, Any]:
-    return next(t for t in ctx.data.info["tasks"] if t["name"] == task)
+    return next(t for t in [*ctx.data.info["tasks"], *ctx.data.info.get("general_tasks", [])] if t["name"] == task)
 
 
 def compare(ctx: Context, kind: str, task: str, a: str, b: str, a_name: str | None = None,
@@ -565,9 +600,8 @@ def step_statistics(ctx: Context, results: dict[str, Any]) -> dict[str, Any]:
         for run in reg["runs"]:
             comps.append(compare(ctx, "regularized vs unregularized", n, run["id"], reg["reference"],
                                  f"lambda {run['lambda']:g}", "lambda 0"))
-        rob = results["robustness"]
-        comps.append(compare(ctx, "per-mapping vs whole-model", n, rob["runs"][0], rob["whole_model"]["id"],
-                             "per-mapping", "whole-model"))
+        comps.append(compare(ctx, "per-mapping vs whole-model", n, PER_MAPPING_MEAN, WHOLE_MODEL_MEAN,
+                             "per-mapping (seed mean)", "whole-model (seed mean)", averaged=True))
         for g in results["greedy"]["runs"]:
             lb = g["labels"]
             if "greedy" in lb:
@@ -584,6 +618,7 @@ def step_statistics(ctx: Context, results: dict[str, Any]) -> dict[str, Any]:
                 comps.append(compare(ctx, f"AdaMMS {crit} choice vs labelled best", r["task"],
                                      adamms_label(r["setting"], ch["alpha"]), adamms_label(r["setting"], best),
                                      f"{r['name']}: alpha {ch['alpha']:g}", f"alpha {best:g}"))
+    comps += rounds_comparisons(ctx, results)
     found = [c for c in comps if c is not None]
     for c, p in zip(found, holm([c["p"] for c in found]), strict=True):
         c["p_holm"] = p
@@ -592,6 +627,28 @@ def step_statistics(ctx: Context, results: dict[str, Any]) -> dict[str, Any]:
             "min_items": MIN_ITEMS,
             "correction": "holm",
             "n_comparisons": len(found), "intervals": intervals, "comparisons": found}
+
+
+# The references the rounds' choice is compared with (issue 16 §7): the vanilla soup at alpha 0.5 and both bases.
+ROUNDS_REFERENCES: tuple[tuple[float, str], ...] = ((0.5, "vanilla 0.5"), (1.0, "LLaVA"), (0.0, "Vicuna"))
+
+
+def rounds_comparisons(ctx: Context, results: dict[str, Any]) -> list[dict[str, Any] | None]:
+    """Paired tests of the setting the three rounds chose (its seeds' item-by-item average) against the vanilla
+    soup at 0.5 and the bases, on every test task and every generalization task."""
+    comps: list[dict[str, Any] | None] = []
+    rd = results.get("rounds")
+    if not rd:
+        return comps
+    label = rd["round3"]["label"]
+    tasks = [("rounds choice vs", n) for n in TASKS]
+    if results.get("general"):
+        tasks += [("generalization: rounds choice vs", n) for n in results["general"]["tasks"]]
+    for prefix, n in tasks:
+        for alpha, name in ROUNDS_REFERENCES:
+            comps.append(compare(ctx, f"{prefix} {name}", n, label, vanilla_label(alpha),
+                                 "rounds choice (seed mean)", name, averaged=True))
+    return comps
 
 
 def _tally(comps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -659,7 +716,17 @@ def step_claims(ctx: Context, results: dict[str, Any]) -> dict[str, Any]:
         s_verdict = "does not hold"
     else:
         s_verdict = "inconclusive"
+    extra = {}
+    if results.get("rounds"):
+        extra["rounds_choice_beats_vanilla"] = {**_tally(of("rounds choice vs vanilla 0.5")),
+                                                "vs_llava": _tally(of("rounds choice vs LLaVA")),
+                                                "vs_vicuna": _tally(of("rounds choice vs Vicuna"))}
+    if results.get("general"):
+        extra["generalizes"] = {**_tally(of("generalization: rounds choice vs vanilla 0.5")),
+                                "vs_llava": _tally(of("generalization: rounds choice vs LLaVA")),
+                                "vs_vicuna": _tally(of("generalization: rounds choice vs Vicuna"))}
     return {
+        **extra,
         "n_tasks": n_tasks,
         "level": results["statistics"]["alpha"],
         "n_comparisons": results["statistics"]["n_comparisons"],
