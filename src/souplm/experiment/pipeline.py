@@ -61,9 +61,11 @@ def merge_timings(path: Path, now: dict[str, Any]) -> dict[str, Any]:
 
 def run_experiment(
     family: dict[str, Path], work: Path, out: Path, settings: Settings, *, progress: bool = True,
-    family_info: dict[str, Any] | None = None,
+    family_info: dict[str, Any] | None = None, second_family: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
-    """Run every step (resuming from the caches), write results.json, the figures and RESULTS.md."""
+    """Run every step (resuming from the caches), write results.json, the figures and RESULTS.md.
+
+    `second_family`: the built Gemma 3 family's folders (issue 16 §6, `second_family.py`), run after the rest."""
     from souplm import __version__
     from souplm.evaluate.cache import ResultCache, model_hash
 
@@ -98,6 +100,11 @@ def run_experiment(
         results["rounds"] = step_rounds(ctx)
     with timed(ctx, timings, "general"):
         results["general"] = step_general(ctx, results["rounds"])
+    if second_family:
+        from souplm.experiment.second_family import run_second_family
+
+        with timed(ctx, timings, "second_family"):
+            results["second_family"] = run_second_family(second_family, work / "gemma3", out, settings, progress=progress)
     with timed(ctx, timings, "statistics"):
         results["statistics"] = step_statistics(ctx, results)
     results["claims"] = step_claims(ctx, results)

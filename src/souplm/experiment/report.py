@@ -437,6 +437,10 @@ def render_markdown(doc: dict[str, Any]) -> str:
         out.extend(_render_rounds(doc))
     if "general" in doc:
         out.extend(_render_general(doc))
+    if "second_family" in doc:  # issue 16 §6, rendered by its own module
+        from souplm.experiment.second_family import render_second_family
+
+        add(render_second_family(doc["second_family"]))
 
     # timings
     tm = doc["timings"]

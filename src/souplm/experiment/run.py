@@ -125,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
                 for name, rec in manifest.get("stages", {}).items()}
         out = Path(args.out) if args.out else Path("scratch/experiment-large") if args.large else default_out(args.quick)
         settings = QUICK if args.quick else LARGE if args.large else FULL
+        from souplm.experiment.second_family import built_second_family
+
         run_experiment({k: paths[k] for k in (*ROLES, *ROLES_EXTRA)}, folder / "experiment", out, settings,
-                       family_info=info)
+                       family_info=info, second_family=built_second_family(args.cache, args.quick))
     except SoupError as exc:
         print(f"souplm: error: {exc}", file=sys.stderr)
         return 2
