@@ -33,7 +33,9 @@ from .tasks import Task, task_from_dict
 
 # Bump a task's version when its construction changes: the version is part of the cache key and of
 # the folder its data is materialised in.
-VERSIONS = {"easy-vqa": 1, "shakespeare-ppl": 1, "shakespeare-mc": 1, "math": 2, "instruct-ppl": 1}
+# math 3: the generator's modules changed (sources.MATH_CONFIG: place value and rounding in place of products
+# and quotients), so a folder materialised from the old problems is not reused.
+VERSIONS = {"easy-vqa": 1, "shakespeare-ppl": 1, "shakespeare-mc": 1, "math": 3, "instruct-ppl": 1}
 # Each task on the test split under its own name, and on the dev split as `<name>-dev`: choose soups
 # (greedy, best alpha) on `-dev`, report on the test name.
 BUILTIN_TASKS = tuple(VERSIONS) + tuple(f"{n}-dev" for n in VERSIONS)
