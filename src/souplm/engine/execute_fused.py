@@ -6,7 +6,10 @@ trimmed or randomly dropped) task vectors, with TIES's sign election or without,
 from the tensors' Gram matrix (SLERP). It reads the stored bytes (bf16, fp16 or fp32) and computes each
 output element in a single pass that converts, subtracts the base, masks, weighs, elects the sign,
 divides, adds the base, rounds to the output dtype and checks the inputs for NaN/Inf, split across the
-CPU's cores. Merging with it never imports torch.
+CPU's cores. What a step needs from the whole tensor comes from passes before it: the trim's cuts (a radix
+select over the float bits, two passes for one or two cuts: TIES, breadcrumbs), DARE's L1 norms, DELLA's
+keep masks (a pass per task vector that radix-sorts each row's magnitudes), the Gram matrix. Merging with it
+never imports torch.
 
 The kernels state the Form's steps in fp32 with the same operation order as the torch statement
 (methods/steps.py); tests hold them to each other and to NumPy references. DARE draws its random bits
