@@ -85,14 +85,16 @@ GEMMA3_CHAT_TEMPLATE = (
 
 # Step counts for the full build (issue 16 §3: every variant must win its own speciality clearly and lose
 # something elsewhere, as LLaVA does against Vicuna). A full AdamW step of the 135M model on ~1000 tokens
-# takes ~4-6 s on the idle 2-core machine; these settings total about 1.5 hours there (several times that
-# while other jobs share the cores). The changes from the first family (stage 2 80 steps at 3e-5, math 150
+# takes ~4-6 s on the idle 2-core machine; these settings total about 1.5 hours there (estimated from the
+# first build's per-step times; several times that while other jobs share the cores: 10-77 s per math step). The changes from the first family (stage 2 80 steps at 3e-5, math 150
 # at 5e-5, Shakespeare 100 at 5e-5), and why:
 # - LLaVA stage 2: 80 -> 250 steps at 1e-4. Stage 1 aligns the projector to the frozen chat model, so the
 #   chat model answers through LLaVA's tower almost as well as LLaVA (0.725 vs 0.8125 on 80 test questions in
 #   the first study): only stage 2 opens the gap, and tuning the LM on visual chats is what costs it text.
 # - Math: 500 steps at 3e-4 (8,000 problems of the 20,000) on modules it can learn (sources.MATH_CONFIG):
-#   the first variant reached 0.125 exact match on math-dev; the study needs >= 0.3.
+#   the first variant reached 0.125 exact match on math-dev; the study needs >= 0.3. Measured on this
+#   build's checkpoints (100 dev problems, the study's exact match; SmolLM2 itself: 0.0 on 200): 0.27 at
+#   step 106 and 0.29 at step 146, both at peak learning rate (place value and rounding first).
 # - Shakespeare: 250 steps at 1e-4.
 FULL: dict = {
     "llava": {
