@@ -38,6 +38,8 @@ TINY = replace(
     learn_batch=2,
     max_length=96,
     eval_batch=4,
+    round3_ratios=(0.25, 0.75),  # fewer soups than QUICK's: the rounds' code paths, not their sizes
+    final_seeds=(0, 1),
 )
 
 LINES = [

@@ -545,7 +545,8 @@ def _render_rounds(doc: dict[str, Any]) -> list[str]:
     infos = {t["name"]: t for t in doc["tasks"]}
     names = [t["name"] for t in doc["tasks"]]
     dev = r1["dev_tasks"]
-    out = ["## 8. The paper's three ablation rounds (its section 3.3)", ""]
+    # (section numbers of the paper stay out of the text: every number RESULTS.md prints comes from results.json)
+    out = ["## 8. The paper's three ablation rounds (its learnable-soup search)", ""]
     out.append(
         "Every grid point is a `layer_mapping` soup of (LLaVA, Vicuna) scored on the dev tasks ("
         + ", ".join(f"{d['name']} {d['rows']} rows" for d in doc["dev_tasks"])
@@ -627,7 +628,7 @@ def _render_rounds(doc: dict[str, Any]) -> list[str]:
                     [f"{fmt(sp[n]['std'])} [{fmt(sp[n]['min'])}, {fmt(sp[n]['max'])}]" for n in names]))
     out.append("")
     pa = rd["paper_alpha_setting"]
-    out.append(f"LLaVA's share per layer and mapping at the paper's setting for alpha plots (its section 4: the "
+    out.append(f"LLaVA's share per layer and mapping at the paper's setting for alpha plots (its alpha-distribution section: the "
                f"longest training, the largest learning rate and sample count): single meta sets at {pa['epochs']} "
                f"epochs, lr {pa['lr']:g}, {pa['single_samples']} rows; the pair at lr {pa['pair_lr']:g}, "
                f"{pa['pair_samples']} rows per meta set (softmax):")
@@ -643,7 +644,7 @@ def _render_general(doc: dict[str, Any]) -> list[str]:
     ge = doc["general"]
     infos = {t["name"]: t for t in doc["general_tasks"]}
     names = ge["tasks"]
-    out = ["## 9. Generalization to tasks no meta set and no variant was built from (the paper's section 3.4)", ""]
+    out = ["## 9. Generalization to tasks no meta set and no variant was built from (the paper's last test)", ""]
     out.append("| task | kind | metric | rows | description |")
     out.append("|---|---|---|---:|---|")
     for n in names:
