@@ -588,3 +588,35 @@ def test_a_corrupt_or_deeply_nested_hash_memo_is_ignored_not_fatal(tmp_path, mon
     for bad in ("[" * 200_000, "{not json", "[1, 2]", '{"x": {"y": 1}}'):
         memo.write_text(bad)
         assert content_hash(d) == expected
+
+
+def test_the_hash_memo_is_parsed_once_and_forgets_files_that_are_gone(tmp_path, monkeypatch):
+    """A merge asks the memo once per input file: it is parsed once while it stays the same, and an entry
+    that can never hit again (its file removed or rewritten) is dropped when the memo is next written."""
+    import hashlib as _hl
+
+    import souplm.io.checkpoint as ck
+
+    monkeypatch.setenv("SOUPLM_CACHE", str(tmp_path / "cache"))
+    files = []
+    for i in range(3):
+        f = tmp_path / f"w{i}.safetensors"
+        f.write_bytes(b"weights %d" % i)
+        files.append(f)
+    for f in files[:2]:
+        assert ck.file_sha256(f) == _hl.sha256(f.read_bytes()).hexdigest()
+    memo = tmp_path / "cache" / "content_hashes.json"
+    assert len(json.loads(memo.read_text())) == 2
+    parses = []
+    real = ck.load_json
+    monkeypatch.setattr(ck, "load_json", lambda *a, **k: parses.append(1) or real(*a, **k))
+    for _ in range(5):  # hits: no re-parse while the memo file is unchanged
+        ck.file_sha256(files[0])
+        ck.file_sha256(files[1])
+    assert len(parses) <= 1
+    files[0].unlink()
+    files[1].write_bytes(b"rewritten")  # a new identity: the old entry can never hit
+    assert ck.file_sha256(files[2]) == _hl.sha256(b"weights 2").hexdigest()
+    kept = json.loads(memo.read_text())
+    assert [k.split("|")[0] for k in kept] == [f"file:{files[2].resolve()}"]
+    assert ck.file_sha256(files[1]) == _hl.sha256(b"rewritten").hexdigest()  # re-read, not the stale digest

@@ -248,17 +248,42 @@ def _hash_cache_path() -> Path:
     return root / "content_hashes.json"
 
 
+_MEMO_READ: tuple[tuple, dict] | None = None  # (the memo file's identity when parsed, its entries)
+
+
 def _memo() -> dict:
+    """The memo's entries, parsed once per process while the file stays the same (a merge asks once per input
+    file; parsing a memo of thousands of entries each time cost a few tenths of a second)."""
+    global _MEMO_READ
+    path = _hash_cache_path()
     try:  # a memo only: anything unreadable, too deep or of the wrong shape is ignored and rewritten
-        cache = load_json(_hash_cache_path().read_bytes(), str(_hash_cache_path()), max_depth=2)
+        st = path.stat()
+        ident = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        if _MEMO_READ is not None and _MEMO_READ[0] == ident:
+            return _MEMO_READ[1]
+        cache = load_json(path.read_bytes(), str(path), max_depth=2)
     except (OSError, SoupError):
         return {}
-    return cache if isinstance(cache, dict) else {}
+    cache = cache if isinstance(cache, dict) else {}
+    _MEMO_READ = (ident, cache)
+    return cache
+
+
+def _live(key: str) -> bool:
+    """Whether a memo entry can still hit: its file exists with the identity the key records."""
+    where, _, ident = key.removeprefix("file:").rpartition("|")
+    try:
+        st = os.stat(where)
+    except OSError:
+        return False
+    return ident == f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
 
 
 def _memo_store(key: str, digest: str) -> None:
+    """Add an entry, dropping those that can never hit again (files removed or rewritten), so the memo holds
+    about one entry per live weight file instead of growing with every file ever hashed."""
     cache_file = _hash_cache_path()
-    cache = _memo()
+    cache = {k: v for k, v in _memo().items() if k != key and _live(k)}
     cache[key] = digest
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
