@@ -119,6 +119,16 @@ def test_ties_keeps_exactly_k_entries_when_magnitudes_tie(density):
     assert np.count_nonzero(one != base) == int(density * base.size)
 
 
+@pytest.mark.parametrize("density", [0.01, 0.07, 0.29])
+def test_ties_counts_on_the_recipes_decimal(density):
+    """k = int(density * n) on the decimal the recipe wrote, as mergekit computes it in float64: 0.01 of 1000
+    entries keeps 10 (its float32 copy, 0.0099999998, would keep 9)."""
+    base = rand(40, 25)
+    model = base + rand(40, 25)
+    one = run("ties", [model], base, weight=[1.0], density=[density])  # held as float32, as the plan holds it
+    assert np.count_nonzero(one != base) == int(density * base.size)
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 300_000), frac=st.floats(0.0, 1.0), distinct=st.integers(1, 1000), seed=st.integers(0, 99))
 def test_kth_largest_is_exact(n, frac, distinct, seed):

@@ -9,14 +9,7 @@ mass; normalize by the weight sum, scale by lambda, add the base. breadcrumbs an
 
 from __future__ import annotations
 
-import numpy as np
-
+from .steps import recipe_decimal as exact
 from .steps import window_mask as keep_positions
 
 __all__ = ["exact", "keep_positions"]
-
-
-def exact(value: float) -> float:
-    """The decimal a recipe wrote, from the float32 copy the plan holds (0.01 stays 0.01, not 0.0099999998):
-    counts such as int(density * n) must see the recipe's number, as mergekit (float64) does."""
-    return float(str(np.float32(value)))

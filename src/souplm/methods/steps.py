@@ -130,8 +130,16 @@ def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
     return band.kthvalue(band.numel() - need + 1).values
 
 
+def recipe_decimal(value: float) -> float:
+    """The decimal a recipe wrote, from the float32 copy the plan holds (0.01 stays 0.01, not 0.0099999998):
+    counts such as int(density * n) must see the recipe's number, as mergekit (float64) does."""
+    return float(str(np.float32(value)))
+
+
 def trim_count(density: float, n: int) -> int:
-    """How many entries TIES's trim keeps: k = int(density * n), at least one (mergekit's count)."""
+    """How many entries TIES's trim keeps: k = int(density * n), at least one (mergekit's count, on the
+    recipe's decimal: density 0.01 of 1000 entries keeps 10, where its float32 copy would keep 9)."""
+    density = recipe_decimal(density)
     if density >= 1.0:
         return n
     return 0 if density <= 0.0 or n == 0 else max(1, int(density * n))
@@ -148,7 +156,7 @@ def trim_window(n: int, density: float, outliers: float | None = None) -> tuple[
         return n - trim_count(density, n), n
     if density >= 1.0:
         return 0, n
-    keep, top = int(density * n), int(outliers * n)
+    keep, top = int(recipe_decimal(density) * n), int(recipe_decimal(outliers) * n)
     lo = max(0, n - keep - top)
     return lo, lo + keep
 
