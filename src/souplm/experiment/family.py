@@ -94,7 +94,8 @@ GEMMA3_CHAT_TEMPLATE = (
 # - Math: 500 steps at 3e-4 (8,000 problems of the 20,000) on modules it can learn (sources.MATH_CONFIG):
 #   the first variant reached 0.125 exact match on math-dev; the study needs >= 0.3. Measured on this
 #   build's checkpoints (100 dev problems, the study's exact match; SmolLM2 itself: 0.0 on 200): 0.27 at
-#   step 106 and 0.29 at step 146, both at peak learning rate (place value and rounding first).
+#   step 106, 0.29 at 146, 0.25 at 221, all near peak learning rate; place value ~0.6 and rounding ~0.35-0.5
+#   carry it, sums stay under 0.1. Whether it ends >= 0.3 is the finished stage's `dev_tuned` to show.
 # - Shakespeare: 250 steps at 1e-4.
 FULL: dict = {
     "llava": {
