@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import SoupError, input_not_finite, output_not_finite
+from ..io.dtypes import BY_CODE
 from ..io.pool import BufferPool
 from ..methods.form import run as run_form
 from ..methods.steps import draw_keys
 from .plan import Item, Plan
-from .precision import TORCH_NAMES, compute_dtype, input_dtype
+from .precision import compute_dtype, input_dtype
 from .recipe import Recipe
 from .sources import Sources, prepare
 
@@ -50,12 +51,10 @@ def _form_of(plan: Plan, item: Item):
 def _load_inputs(plan: Plan, sources: Sources, item: Item, pool: BufferPool | None = None):
     """(tensors, base, form): the item's inputs as fresh copies, float32 for a Form, and in the compute
     dtype for a tensor function that mergekit computes in it (engine/precision.py `input_dtype`)."""
-    import torch
-
     if item.copy_from is not None:
         return None
     form = _form_of(plan, item)
-    dtype = getattr(torch, TORCH_NAMES[input_dtype(plan, item, form is not None)])
+    dtype = BY_CODE[input_dtype(plan, item, form is not None)].torch
     ck = plan.checkpoints
     tensors = [_finite(sources.get(k, n, pool, dtype), n, ck[k].path) for k, n in zip(item.sources, item.inputs)]
     base = None

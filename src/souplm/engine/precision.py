@@ -23,7 +23,6 @@ from __future__ import annotations
 from .plan import Item, Plan
 
 CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def compute_dtype(plan: Plan, item: Item) -> str:
