@@ -396,3 +396,11 @@ def test_slerp_t_comes_from_a_coefficient_table_where_it_has_entries(family, tmp
     d, v = "model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.v_proj.weight"
     torch.testing.assert_close(ws[d], wo[d], rtol=0, atol=1e-6)  # the table's share 1: the second model
     torch.testing.assert_close(ws[v], wa[v], rtol=0, atol=1e-6)  # the recipe's t = 0: the base
+
+
+def test_quick_form_slerp_takes_t_from_the_weights_or_refuses_a_zero_sum():
+    r = Recipe.from_models(["a", "b"], "slerp", weights=[1.0, 3.0])
+    assert r.parameters["t"] == 0.75  # the second model's share
+    assert Recipe.from_models(["a", "b"], "slerp").parameters["t"] == 0.5
+    with pytest.raises(SoupError, match="sum to 0"):
+        Recipe.from_models(["a", "b"], "slerp", weights=[1.0, -1.0])

@@ -165,7 +165,10 @@ class Recipe(BaseModel):
         if weights is None and "weight" not in params and "weight" in get_method(method).required:
             params["weight"] = 1.0
         if method == "slerp" and "t" not in params:  # the quick form's t: the second model's share of the weights
-            params["t"] = 0.5 if weights is None else float(weights[1]) / float(sum(weights))
+            total = None if weights is None else float(sum(weights))
+            if total == 0.0:
+                raise SoupError(f"slerp weights {list(weights)} sum to 0: no share of the second model to take t from")
+            params["t"] = 0.5 if total is None else float(weights[1]) / total
         specs = [
             {"model": str(p), "parameters": {} if weights is None else {"weight": float(w)}}
             for p, w in zip(paths, weights or [None] * len(paths))
