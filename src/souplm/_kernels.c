@@ -310,6 +310,28 @@ SOUP_INLINE const uint16_t *gen_draws(uint64_t key, uint64_t j0, int n, uint16_t
     return buf + off;
 }
 
+/* |x - base| of elements j .. j+n-1 into xs (|x| when base is NULL; bs: n floats of scratch), each input,
+ * the difference and so the magnitude rounded to the compute dtype as combine rounds them. */
+SOUP_INLINE void load_abs_delta(int x_code, const unsigned char *x, int base_code, const unsigned char *base,
+                                Py_ssize_t j, int n, float *SOUP_RESTRICT xs, float *SOUP_RESTRICT bs, int f16c,
+                                const int cc)
+{
+    load_block(x_code, x + (size_t)j * dtype_size(x_code), xs, n, f16c);
+    if (cc != DT_F32 && x_code != cc) /* (values stored in the compute dtype are already rounded) */
+        for (int k = 0; k < n; k++)
+            xs[k] = round_to(cc, xs[k]);
+    if (base) {
+        load_block(base_code, base + (size_t)j * dtype_size(base_code), bs, n, f16c);
+        if (cc != DT_F32 && base_code != cc)
+            for (int k = 0; k < n; k++)
+                bs[k] = round_to(cc, bs[k]);
+        for (int k = 0; k < n; k++)
+            xs[k] = fabsf(round_to(cc, xs[k] - bs[k]));
+    } else
+        for (int k = 0; k < n; k++)
+            xs[k] = fabsf(xs[k]);
+}
+
 /* ------------------------------------------------------------------------------------------------ */
 /* combine                                                                                          */
 /* ------------------------------------------------------------------------------------------------ */
@@ -1366,24 +1388,10 @@ SOUP_INLINE void sums_impl(sums_args *a, int f16c, const int cc)
     const int B = 1024;
     float *SOUP_RESTRICT xs = a->scratch;
     float *SOUP_RESTRICT bs = xs + B;
-    const int xsz = dtype_size(a->x_code), bsz = dtype_size(a->base_code);
     double all = 0.0, kept = 0.0;
     for (Py_ssize_t j0 = a->start; j0 < a->stop; j0 += B) {
         const int n = (int)(a->stop - j0 < B ? a->stop - j0 : B);
-        load_block(a->x_code, a->x + (size_t)j0 * xsz, xs, n, f16c);
-        if (cc != DT_F32 && a->x_code != cc)
-            for (int k = 0; k < n; k++)
-                xs[k] = round_to(cc, xs[k]);
-        if (a->base) {
-            load_block(a->base_code, a->base + (size_t)j0 * bsz, bs, n, f16c);
-            if (cc != DT_F32 && a->base_code != cc)
-                for (int k = 0; k < n; k++)
-                    bs[k] = round_to(cc, bs[k]);
-            for (int k = 0; k < n; k++)
-                xs[k] = fabsf(round_to(cc, xs[k] - bs[k]));
-        } else
-            for (int k = 0; k < n; k++)
-                xs[k] = fabsf(xs[k]);
+        load_abs_delta(a->x_code, a->x, a->base_code, a->base, j0, n, xs, bs, f16c, cc);
         const float lower = a->lower, upper = a->upper;
         if (a->level >= N_LEVELS) /* no draws: every entry inside the window */
             for (int k = 0; k < n; k++) {
@@ -1504,22 +1512,9 @@ typedef struct {
     double all, kept;
 } prune_args;
 
-/* |x - base| of one element, in the compute dtype (as combine computes it). */
-SOUP_INLINE float abs_delta_at(const prune_args *a, Py_ssize_t j, int f16c, const int cc)
-{
-    float x, b = 0.0f;
-    load_block(a->x_code, a->x + (size_t)j * dtype_size(a->x_code), &x, 1, f16c);
-    x = round_to(cc, x);
-    if (!a->base)
-        return fabsf(x);
-    load_block(a->base_code, a->base + (size_t)j * dtype_size(a->base_code), &b, 1, f16c);
-    return fabsf(round_to(cc, x - round_to(cc, b)));
-}
-
 SOUP_INLINE void prune_impl(prune_args *a, int f16c, const int cc)
 {
     const Py_ssize_t m = a->m, inner = a->inner;
-    const int xsz = dtype_size(a->x_code), bsz = dtype_size(a->base_code);
     float *SOUP_RESTRICT mag = a->mag;
     uint32_t *SOUP_RESTRICT lev = a->lev;
     double all = 0.0, kept = 0.0;
@@ -1528,26 +1523,11 @@ SOUP_INLINE void prune_impl(prune_args *a, int f16c, const int cc)
         if (inner == 1)
             for (Py_ssize_t k0 = 0; k0 < m; k0 += 1024) {
                 const int n = (int)(m - k0 < 1024 ? m - k0 : 1024);
-                float *SOUP_RESTRICT xs = mag + k0;
-                float *SOUP_RESTRICT bs = a->bs;
-                load_block(a->x_code, a->x + (size_t)(j0 + k0) * xsz, xs, n, f16c);
-                if (cc != DT_F32 && a->x_code != cc)
-                    for (int k = 0; k < n; k++)
-                        xs[k] = round_to(cc, xs[k]);
-                if (a->base) {
-                    load_block(a->base_code, a->base + (size_t)(j0 + k0) * bsz, bs, n, f16c);
-                    if (cc != DT_F32 && a->base_code != cc)
-                        for (int k = 0; k < n; k++)
-                            bs[k] = round_to(cc, bs[k]);
-                    for (int k = 0; k < n; k++)
-                        xs[k] = fabsf(round_to(cc, xs[k] - bs[k]));
-                } else
-                    for (int k = 0; k < n; k++)
-                        xs[k] = fabsf(xs[k]);
+                load_abs_delta(a->x_code, a->x, a->base_code, a->base, j0 + k0, n, mag + k0, a->bs, f16c, cc);
             }
         else
             for (Py_ssize_t r = 0; r < m; r++)
-                mag[r] = abs_delta_at(a, j0 + r * inner, f16c, cc);
+                load_abs_delta(a->x_code, a->x, a->base_code, a->base, j0 + r * inner, 1, mag + r, a->bs, f16c, cc);
 
         /* ranks: a stable LSD radix sort of the magnitudes' bits (non-negative floats order as their
            bits), a byte at a time; a byte every entry shares is skipped (bf16 values' low two bytes) */
@@ -1602,8 +1582,7 @@ SOUP_INLINE void prune_impl(prune_args *a, int f16c, const int cc)
         else
             for (Py_ssize_t r = 0; r < m; r++) {
                 const uint64_t j = (uint64_t)(j0 + r * inner);
-                const uint16_t draw = (uint16_t)(sm_mix(a->key + ((j >> 2) + 1u) * SM_GAMMA) >> (16 * (j & 3u)));
-                const int keep = (uint32_t)draw < lev[r];
+                const int keep = (uint32_t)gen_draws(a->key, j, 1, a->draws)[0] < lev[r];
                 a->mask[j] = (unsigned char)keep;
                 all += (double)mag[r];
                 kept += (double)keep_if(keep, mag[r]);
