@@ -13,8 +13,8 @@ fused one finds both cuts by one radix select (two passes over the inputs) befor
 from __future__ import annotations
 
 from .form import Form, as_weights
-from .gta import exact
 from .registry import ParamSpec, register
+from .steps import recipe_decimal
 
 SPECS = {
     "gamma": ParamSpec(float, 0.0, 1.0),
@@ -36,7 +36,7 @@ CONTRACT = {
 
 def decimals(values) -> list[float]:
     """Per-model values as the recipe's decimals (counts such as int(density * n) see mergekit's numbers)."""
-    return [exact(float(v)) for v in values]
+    return [recipe_decimal(float(v)) for v in values]
 
 
 def _form(weight, density, gamma, normalize, lam, rescale, elect) -> Form:

@@ -35,7 +35,7 @@ SPECS = {
 def check_window(params: dict[str, np.ndarray], where: str) -> str | None:
     """Why density +/- epsilon leaves (0, 1) for some model (None when it does not): mergekit refuses it
     the same way, except for density >= 1 (no pruning, epsilon unused)."""
-    from .gta import exact
+    from .steps import recipe_decimal as exact
 
     for i, (d, e) in enumerate(zip(params["density"].reshape(-1), params["epsilon"].reshape(-1))):
         d, e = exact(float(d)), exact(float(e))
