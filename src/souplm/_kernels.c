@@ -628,24 +628,11 @@ SOUP_INLINE void hist_impl(const hist_args *a, int f16c, const int cc)
     float *SOUP_RESTRICT bs = xs + B;
     uint32_t *SOUP_RESTRICT keys = a->keys;
     uint32_t *SOUP_RESTRICT hist = a->hist;
-    const int xsz = dtype_size(a->x_code), bsz = dtype_size(a->base_code);
     for (Py_ssize_t j0 = a->start; j0 < a->stop; j0 += B) {
         const int n = (int)(a->stop - j0 < B ? a->stop - j0 : B);
-        load_block(a->x_code, a->x + (size_t)j0 * xsz, xs, n, f16c);
-        if (cc != DT_F32 && a->x_code != cc) /* (values stored in the compute dtype are already rounded) */
-            for (int k = 0; k < n; k++)
-                xs[k] = round_to(cc, xs[k]);
-        if (a->base) {
-            load_block(a->base_code, a->base + (size_t)j0 * bsz, bs, n, f16c);
-            if (cc != DT_F32 && a->base_code != cc)
-                for (int k = 0; k < n; k++)
-                    bs[k] = round_to(cc, bs[k]);
-            for (int k = 0; k < n; k++)
-                keys[k] = f32_to_bits(fabsf(round_to(cc, xs[k] - bs[k])));
-        } else {
-            for (int k = 0; k < n; k++)
-                keys[k] = f32_to_bits(fabsf(xs[k]));
-        }
+        load_abs_delta(a->x_code, a->x, a->base_code, a->base, j0, n, xs, bs, f16c, cc);
+        for (int k = 0; k < n; k++)
+            keys[k] = f32_to_bits(xs[k]);
         if (a->prefix < 0) {
             for (int k = 0; k < n; k++)
                 hist[keys[k] >> 16]++;
