@@ -147,10 +147,12 @@ def _load(plan: Plan, buffers: Buffers, item: Item) -> list[Tensor] | None:
 
 
 # -- one item -------------------------------------------------------------------------------------------
-def _ranges(n: int, parts: int) -> list[tuple[int, int]]:
+def _ranges(n: int, parts: int, unit: int = 1) -> list[tuple[int, int]]:
+    """[0, n) in up to `parts` ranges of n's units (elements, or rows of `unit` elements), none below
+    MIN_SPLIT elements unless there is only one."""
     if n <= 0:
         return []
-    parts = max(1, min(parts, n // MIN_SPLIT))
+    parts = max(1, min(parts, n, n * unit // MIN_SPLIT))
     edges = [n * i // parts for i in range(parts + 1)]
     return [(a, b) for a, b in itertools.pairwise(edges) if b > a]
 
@@ -179,8 +181,9 @@ class Executor:
     def close(self) -> None:
         self.workers.shutdown()
 
-    def _parallel(self, fn, n: int) -> list:
-        ranges = _ranges(n, self.threads)
+    def _parallel(self, fn, n: int, unit: int = 1) -> list:
+        """fn(start, stop) over [0, n) split across the threads (`_ranges`)."""
+        ranges = _ranges(n, self.threads, unit)
         if len(ranges) <= 1:
             return [fn(*r) for r in ranges]
         return list(self.workers.map(lambda r: fn(*r), ranges))
@@ -304,7 +307,7 @@ class Executor:
             return out
 
         # the cuts as k-th largest: rank lo is the (n - lo)-th largest, rank hi - 1 the (n - hi + 1)-th
-        ks = [k for k in (n - lo if lo > 0 else None, n - hi + 1 if hi < n else None)]
+        ks = [n - lo if lo > 0 else None, n - hi + 1 if hi < n else None]
         high = total([h for h, _ in histograms(-1)])
         bins = [None if k is None else _select(high, k) for k in ks]
         prefixes = sorted({b for b, _ in filter(None, bins)})
@@ -385,21 +388,12 @@ class Executor:
                 scales.append(1.0)
                 continue
             levels = ramp_levels(m, p, e, work)
-            sums = self._parallel_rows(functools.partial(
+            sums = self._parallel(functools.partial(
                 _prune_rows, x, code, base, base_code, m, inner, levels, key, mask, KERNEL_DTYPES[cc]), n_rows, m * inner)
             masks.append(mask)
             scales.append(l1_scale(sum(s[0] for s in sums), sum(s[1] for s in sums), work)
                           if form.rescale == "l1" else 1.0)
         return masks, scales
-
-    def _parallel_rows(self, fn, n_rows: int, row_size: int) -> list:
-        """fn(row_start, row_stop) over the rows split across the threads (no split below MIN_SPLIT entries)."""
-        parts = max(1, min(self.threads, n_rows, n_rows * row_size // MIN_SPLIT))
-        edges = [n_rows * i // parts for i in range(parts + 1)]
-        ranges = [(a, b) for a, b in itertools.pairwise(edges) if b > a]
-        if len(ranges) <= 1:
-            return [fn(*r) for r in ranges]
-        return list(self.workers.map(lambda r: fn(*r), ranges))
 
     def _l1_scale(self, x: np.ndarray, code: int, base, base_code: int, n: int, key, level, cc: str) -> float:
         """DARE's norm-keeping rescale of one model's task vector: sum|d| / sum|kept d| (steps.l1_scale)."""
