@@ -23,7 +23,7 @@ from typing import Any
 
 from souplm.experiment.common import log, stable_digest
 from souplm.experiment.settings import ACTIVATIONS, GENERAL_TASKS, META_SETS, TASKS
-from souplm.experiment.stats import choose, mean, mean_ranks, stdev
+from souplm.experiment.stats import choose, mean, mean_ranks, run_spread, stdev
 from souplm.experiment.steps import (
     Context,
     LearnSpec,
@@ -269,14 +269,13 @@ def step_round3(ctx: Context, r2: dict[str, Any]) -> dict[str, Any]:
     for sd in s.final_seeds:
         p = best if sd == best["seed"] else single(ctx, _spec_of(best, seed=sd), budget)
         seeds.append({"seed": sd, "id": p["id"], "test": score_test(ctx, p, budget), "point": p})
-    spread = {n: {"mean": mean([x["test"][n] for x in seeds]), "std": stdev([x["test"][n] for x in seeds]),
-                  "min": min(x["test"][n] for x in seeds), "max": max(x["test"][n] for x in seeds)} for n in TASKS}
+    seed_spread = {n: run_spread([x["test"][n] for x in seeds]) for n in TASKS}
     label = "rounds final (seed mean)"
     average_items(ctx, [x["id"] for x in seeds], label, TASKS)
     figure = plot_round3(ctx, points)
     return {"pair": r2["pair"], "total_samples": total, "points": points, "chosen": best["id"],
             "setting": {k: best[k] for k in ("metas", "activation", "epochs", "lr", "samples", "ratio")},
-            "seeds": seeds, "seed_spread": spread, "label": label, "figure": figure, "budget": budget.to_json()}
+            "seeds": seeds, "seed_spread": seed_spread, "label": label, "figure": figure, "budget": budget.to_json()}
 
 
 def paper_alpha_tables(ctx: Context, r1: dict[str, Any], r2: dict[str, Any]) -> dict[str, Any]:
@@ -338,10 +337,10 @@ def step_general(ctx: Context, rounds: dict[str, Any]) -> dict[str, Any]:
     average_items(ctx, [x["id"] for x in r3["seeds"]], r3["label"], GENERAL_TASKS)
     scores["rounds final (seed mean)"] = {n: mean([v[n] for v in per_seed.values()]) for n in GENERAL_TASKS}
     labels["rounds final (seed mean)"] = r3["label"]
-    spread = {n: {"std": stdev([v[n] for v in per_seed.values()]), "min": min(v[n] for v in per_seed.values()),
-                  "max": max(v[n] for v in per_seed.values())} for n in GENERAL_TASKS}
+    seed_spread = {n: {"std": stdev([v[n] for v in per_seed.values()]), "min": min(v[n] for v in per_seed.values()),
+                       "max": max(v[n] for v in per_seed.values())} for n in GENERAL_TASKS}
     return {"tasks": list(GENERAL_TASKS), "models": list(scores), "scores": scores, "labels": labels,
-            "per_seed": per_seed, "seed_spread": spread, "budget": budget.to_json()}
+            "per_seed": per_seed, "seed_spread": seed_spread, "budget": budget.to_json()}
 
 
 # ------------------------------------------------------------------------------------------- figures

@@ -57,6 +57,11 @@ def stdev(values: Sequence[float]) -> float:
     return float(statistics.stdev(vals)) if len(vals) > 1 else 0.0
 
 
+def run_spread(values: Sequence[float]) -> dict[str, float]:
+    """{mean, std, min, max} of one score over several runs (e.g. a configuration's seeds)."""
+    return {"mean": mean(values), "std": stdev(values), "min": min(values), "max": max(values)}
+
+
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
     """Pearson correlation (NaN when either side is constant or too short)."""
     if len(xs) < 2:

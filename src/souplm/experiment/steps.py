@@ -45,6 +45,7 @@ from souplm.experiment.stats import (
     mean,
     paired_bootstrap,
     pearson,
+    run_spread,
     stdev,
 )
 
@@ -484,7 +485,7 @@ def step_robustness(ctx: Context, learnable: dict[str, Any]) -> dict[str, Any]:
     scores = {}
     for info in ctx.data.info["tasks"]:
         vals = [r["scores"][info["name"]] for r in runs]
-        scores[info["name"]] = {"mean": mean(vals), "std": stdev(vals), "min": min(vals), "max": max(vals)}
+        scores[info["name"]] = run_spread(vals)
     per_seed = [unit_alphas(ctx, r) for r in runs]
     keys = sorted(set.intersection(*(set(a) for a in per_seed)))
     unit_std = [stdev([a[k] for a in per_seed]) for k in keys]
@@ -503,7 +504,7 @@ def step_robustness(ctx: Context, learnable: dict[str, Any]) -> dict[str, Any]:
     whole_scores = {}
     for info in ctx.data.info["tasks"]:
         vals = [r["scores"][info["name"]] for r in wholes]
-        whole_scores[info["name"]] = {"mean": mean(vals), "std": stdev(vals), "min": min(vals), "max": max(vals)}
+        whole_scores[info["name"]] = run_spread(vals)
     per_mapping = runs[0]
     granularity = {}
     for info in ctx.data.info["tasks"]:
@@ -564,15 +565,6 @@ def compare(ctx: Context, kind: str, task: str, a: str, b: str, a_name: str | No
     return {"kind": kind, "task": task, "a": a_name or a, "b": b_name or b, **t.to_json(), "advantage": adv}
 
 
-def _average_items(ctx: Context, labels: list[str], label: str) -> None:
-    """The item-by-item average of several soups' values (the "mean learnable soup"), kept under `label`."""
-    for task in TASKS:
-        cols = [ctx.items[lb][task] for lb in labels if task in ctx.items.get(lb, {})]
-        if cols and len({len(c[0]) for c in cols}) == 1:
-            num = [mean([c[0][i] for c in cols]) for i in range(len(cols[0][0]))]
-            ctx.items.setdefault(label, {})[task] = (num, list(cols[0][1]))
-
-
 def step_statistics(ctx: Context, results: dict[str, Any]) -> dict[str, Any]:
     """Step 6: a 95% interval on every score (bootstrap over test items) and a paired test for every comparison
     the document makes, with Holm's correction over all of them."""
@@ -581,7 +573,7 @@ def step_statistics(ctx: Context, results: dict[str, Any]) -> dict[str, Any]:
     van = results["vanilla"]
     comps: list[dict[str, Any] | None] = []
     runs = results["learnable"]["runs"]
-    _average_items(ctx, [r["id"] for r in runs], "learnable mean")
+    average_items(ctx, [r["id"] for r in runs], "learnable mean", TASKS)  # every learnable soup is scored on every task
     for n in TASKS:
         hib = _info(ctx, n)["higher_is_better"]
         pt = van["per_task"][n]
