@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers_eval import make_tokenizer
 from safetensors.torch import load_file
-from test_experiment import TINY, _fake_sources
+from test_experiment import TINY, _fake_sources, one_thread  # noqa: F401  (autouse: one torch thread here too)
 
 from souplm.data import sources
 from souplm.errors import SoupError
@@ -54,14 +54,6 @@ def _fake_math_data(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
         return folder
 
     monkeypatch.setattr(sources, "ensure_math_data", ensure)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_second_family_builds_and_runs_the_study_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
