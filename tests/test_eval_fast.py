@@ -50,6 +50,9 @@ def test_fast_conditional_nll_matches_a_full_forward(kind: str, tmp_path: Path) 
         assert nll_p == pytest.approx(want, abs=1e-4, rel=1e-5)
     # the shared context ran once for its four continuations: fewer forward calls than the plain path's batches
     assert fast.calls < plain.calls + 2
+    # and the shared path was taken: its context, then its 4 continuations together, then 1 batch for the other 2
+    # (without the KV-cache path it would be the plain path's 2 batches)
+    assert fast.calls == 3
 
 
 def test_fast_rolling_nll_matches_the_plain_path(tmp_path: Path) -> None:
