@@ -273,8 +273,12 @@ SOUP_INLINE float keep_if(int cond, float x)
  * float16 does after each operation (mergekit computes task-vector methods in the tensors' dtype). */
 SOUP_INLINE float round_to(int code, float x)
 {
-    if (code == DT_BF16)
-        return bits_to_f32((uint32_t)f32_bits_to_bf16(f32_to_bits(x)) << 16);
+    if (code == DT_BF16) { /* f32_bits_to_bf16, kept in the high half: fewer vector ops */
+        uint32_t u = f32_to_bits(x);
+        uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+        uint32_t is_nan = mask_if((int32_t)(u & 0x7FFFFFFFu) > 0x7F800000);
+        return bits_to_f32((r & ~is_nan) | (0x7FC00000u & is_nan));
+    }
     if (code == DT_F16)
         return bits_to_f32(f16_to_f32_bits(f32_bits_to_f16(f32_to_bits(x))));
     return x;
@@ -1831,6 +1835,390 @@ done:
     return result;
 }
 
+/* ------------------------------------------------------------------------------------------------ */
+/* Programs: a method stated as a short list of entrywise operations (methods/program.py)          */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* Each instruction is six int32 words: op, dst, a, b, c, round. Registers are float32 rows of one block;
+ * an operation computes in float32 and, where `round` is set, rounds its result to the compute dtype (the
+ * rounding a torch op in that dtype does). The opcodes and their meaning are stated in methods/program.py. */
+enum {
+    OP_LOAD = 0,  /* dst = inputs[a] (converted; NaN/Inf flagged) */
+    OP_FILL,      /* dst = table[a] (b == 0), or table[a + row] per row (b == 1) */
+    OP_ADD,       /* dst = a + b */
+    OP_SUB,       /* dst = a - b */
+    OP_MUL,       /* dst = a * b */
+    OP_DIV,       /* dst = a / b */
+    OP_ABS,       /* dst = |a| */
+    OP_NEG,       /* dst = -a */
+    OP_RECIP,     /* dst = 1 / a */
+    OP_MAX,       /* dst = a > b ? a : b */
+    OP_MIN,       /* dst = a < b ? a : b */
+    OP_GT,        /* dst = a > b ? 1 : 0 */
+    OP_EQ,        /* dst = a == b ? 1 : 0 */
+    OP_WHERE,     /* dst = a != 0 ? b : c */
+    OP_SUM,       /* sums[b] += a over the range (float64; per row when row sums are asked for) */
+    OP_STORE,     /* out = a (converted to the output dtype; overflow flagged) */
+    N_OPS
+};
+#define PROGRAM_WORDS 6
+#define PROGRAM_MAX_REGS 64
+
+typedef struct {
+    unsigned char *out; /* NULL: nothing stored */
+    int out_code;
+    int n_in;
+    const unsigned char **in;
+    const int *in_code;
+    const int32_t *code;
+    int n_code;
+    const float *table;
+    int n_regs;
+    Py_ssize_t row_len;
+    Py_ssize_t start, stop;
+    int compute_code;
+    int rowwise;      /* sums per row: sums[slot][row - start / row_len] */
+    Py_ssize_t n_rows; /* rows in [start, stop) when rowwise */
+    double *sums;
+    int block;
+    float *scratch;   /* n_regs * block */
+    unsigned char *bad; /* n_in + 1 flags: which inputs held a NaN/Inf; [n_in]: a stored value is not finite */
+} program_args;
+
+/* One elementwise loop; with `rnd` each result rounded to the compute dtype in the same loop. */
+#define PROGRAM_EW(expr)                                                                               \
+    do {                                                                                               \
+        if (rnd && cc != DT_F32) {                                                                     \
+            for (int k = 0; k < n; k++)                                                                \
+                d[k] = round_to(cc, (expr));                                                           \
+        } else {                                                                                       \
+            for (int k = 0; k < n; k++)                                                                \
+                d[k] = (expr);                                                                         \
+        }                                                                                              \
+    } while (0)
+
+/* A register of one row constant per row, for the elements of block [j0, j0 + n). */
+SOUP_INLINE void program_fill_rows(const program_args *a, const int32_t *ins, float *SOUP_RESTRICT d, Py_ssize_t j0,
+                                   int n)
+{
+    Py_ssize_t row = j0 / a->row_len, left = a->row_len - j0 % a->row_len;
+    int k = 0;
+    while (k < n) {
+        const int len = (int)(left < n - k ? left : n - k);
+        const float v = a->table[ins[2] + row];
+        for (int q = 0; q < len; q++)
+            d[k + q] = v;
+        k += len;
+        row++;
+        left = a->row_len;
+    }
+}
+
+/* The float64 sum of n values in eight interleaved partial sums added in a fixed order (so that it
+ * vectorizes, and gives the same bits however a tensor is split into blocks of the same size). */
+#if defined(__GNUC__) || defined(__clang__)
+typedef double soup_v4d __attribute__((vector_size(32)));
+#endif
+
+SOUP_INLINE double program_sum(const float *SOUP_RESTRICT x, int n)
+{
+    int k = 0;
+#if defined(__GNUC__) || defined(__clang__)
+    soup_v4d lo = {0.0, 0.0, 0.0, 0.0}, hi = {0.0, 0.0, 0.0, 0.0}; /* lanes 0-3 and 4-7 */
+    for (; k + 8 <= n; k += 8) {
+        soup_v4d a = {x[k], x[k + 1], x[k + 2], x[k + 3]}, b = {x[k + 4], x[k + 5], x[k + 6], x[k + 7]};
+        lo += a;
+        hi += b;
+    }
+    double lane[8] = {lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]};
+#else
+    double lane[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    for (; k + 8 <= n; k += 8)
+        for (int l = 0; l < 8; l++)
+            lane[l] += (double)x[k + l];
+#endif
+    double s = ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+    for (; k < n; k++)
+        s += (double)x[k];
+    return s;
+}
+
+SOUP_INLINE void program_impl(const program_args *a, int f16c, const int cc)
+{
+    const int B = a->block;
+    const int osz = a->out ? dtype_size(a->out_code) : 0;
+    const uint32_t out_lim = a->out_code == 1 ? 0x477FF000u : (a->out_code == 2 ? 0x7F7F8000u : 0x7F800000u);
+    const Py_ssize_t row0 = a->start / a->row_len;
+    /* the numbers are the same in every block: filled once */
+    for (int pc = 0; pc < a->n_code; pc++) {
+        const int32_t *ins = a->code + (size_t)pc * PROGRAM_WORDS;
+        if (ins[0] == OP_FILL && !ins[3]) {
+            float *SOUP_RESTRICT d = a->scratch + (size_t)ins[1] * B;
+            const float v = a->table[ins[2]];
+            for (int k = 0; k < B; k++)
+                d[k] = v;
+        }
+    }
+    for (Py_ssize_t j0 = a->start; j0 < a->stop; j0 += B) {
+        const int n = (int)(a->stop - j0 < B ? a->stop - j0 : B);
+        for (int pc = 0; pc < a->n_code; pc++) {
+            const int32_t *ins = a->code + (size_t)pc * PROGRAM_WORDS;
+            float *SOUP_RESTRICT d = a->scratch + (size_t)ins[1] * B;
+            const float *SOUP_RESTRICT x = a->scratch + (size_t)ins[2] * B;
+            const float *SOUP_RESTRICT y = a->scratch + (size_t)ins[3] * B;
+            const float *SOUP_RESTRICT z = a->scratch + (size_t)ins[4] * B;
+            const int rnd = ins[5];
+            switch (ins[0]) {
+            case OP_LOAD: {
+                const int k0 = ins[2], code = a->in_code[k0];
+                a->bad[k0] |= (unsigned char)(load_block(code, a->in[k0] + (size_t)j0 * dtype_size(code), d, n, f16c) != 0);
+                if (rnd && cc != DT_F32 && code != cc) /* (values stored in the compute dtype are already rounded) */
+                    for (int k = 0; k < n; k++)
+                        d[k] = round_to(cc, d[k]);
+                break;
+            }
+            case OP_FILL:
+                if (ins[3])
+                    program_fill_rows(a, ins, d, j0, n);
+                break;
+            case OP_ADD:
+                PROGRAM_EW(x[k] + y[k]);
+                break;
+            case OP_SUB:
+                PROGRAM_EW(x[k] - y[k]);
+                break;
+            case OP_MUL:
+                PROGRAM_EW(x[k] * y[k]);
+                break;
+            case OP_DIV:
+                PROGRAM_EW(x[k] / y[k]);
+                break;
+            case OP_ABS:
+                PROGRAM_EW(fabsf(x[k]));
+                break;
+            case OP_NEG:
+                PROGRAM_EW(-x[k]);
+                break;
+            case OP_RECIP:
+                PROGRAM_EW(1.0f / x[k]);
+                break;
+            case OP_MAX:
+                PROGRAM_EW(x[k] > y[k] ? x[k] : y[k]);
+                break;
+            case OP_MIN:
+                PROGRAM_EW(x[k] < y[k] ? x[k] : y[k]);
+                break;
+            case OP_GT:
+                PROGRAM_EW(x[k] > y[k] ? 1.0f : 0.0f);
+                break;
+            case OP_EQ:
+                PROGRAM_EW(x[k] == y[k] ? 1.0f : 0.0f);
+                break;
+            case OP_WHERE:
+                PROGRAM_EW(x[k] != 0.0f ? y[k] : z[k]);
+                break;
+            case OP_SUM:
+                if (!a->rowwise) {
+                    a->sums[ins[3]] += program_sum(x, n);
+                } else {
+                    Py_ssize_t row = j0 / a->row_len, left = a->row_len - j0 % a->row_len;
+                    int k = 0;
+                    while (k < n) {
+                        const int len = (int)(left < n - k ? left : n - k);
+                        a->sums[(size_t)ins[3] * a->n_rows + (row - row0)] += program_sum(x + k, len);
+                        k += len;
+                        row++;
+                        left = a->row_len;
+                    }
+                }
+                break;
+            case OP_STORE: {
+                uint32_t over = 0;
+                for (int k = 0; k < n; k++)
+                    over |= (uint32_t)((f32_to_bits(x[k]) & 0x7FFFFFFFu) >= out_lim);
+                a->bad[a->n_in] |= (unsigned char)(over != 0);
+                store_block(a->out_code, x, a->out + (size_t)j0 * osz, n, f16c);
+                break;
+            }
+            }
+        }
+    }
+}
+
+SOUP_BY_COMPUTE(program, const program_args, program_impl)
+
+PyDoc_STRVAR(program_doc,
+"program(out, out_dtype, inputs, in_dtypes, code, table, n_regs, row_len, start, stop, compute_dtype=0,\n"
+"        sums=None, rowwise=False) -> int\n"
+"\n"
+"Run a program (methods/program.py) over elements [start, stop) of the inputs: `code` holds int32\n"
+"instructions of six words (op, dst, a, b, c, round), `table` the float32 constants FILL reads (per row:\n"
+"element j reads table[a + j // row_len]). Each operation computes in float32; with `round` set its result\n"
+"is rounded to compute_dtype (1 float16, 2 bfloat16; 0 float32: no rounding). SUM adds a register's values\n"
+"into sums[b] (float64, a writable buffer), or with rowwise into sums[b][row - start // row_len] (start and\n"
+"stop then on row boundaries); STORE converts a register to out_dtype into `out` (None when no STORE).\n"
+"Returns -1 when every value read was finite, else the lowest index of an input holding a NaN/Inf in the\n"
+"range, or len(inputs) when a stored value is not finite (overflow); `out` is then unspecified.");
+
+static PyObject *py_program(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"out", "out_dtype", "inputs", "in_dtypes", "code", "table", "n_regs", "row_len",
+                             "start", "stop", "compute_dtype", "sums", "rowwise", NULL};
+    static const char *fn = "program";
+    PyObject *out_obj, *inputs_obj, *codes_obj, *code_obj, *table_obj, *sums_obj = Py_None;
+    int out_code, n_regs, compute_code = 0, rowwise = 0;
+    Py_ssize_t row_len, start, stop;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOOOOinnn|iOp:program", kwlist, &out_obj, &out_code,
+                                     &inputs_obj, &codes_obj, &code_obj, &table_obj, &n_regs, &row_len, &start,
+                                     &stop, &compute_code, &sums_obj, &rowwise))
+        return NULL;
+    if (check_range(start, stop, fn) < 0 || check_dtype(compute_code, fn, "compute_dtype") < 0)
+        return NULL;
+    if (n_regs < 1 || n_regs > PROGRAM_MAX_REGS || row_len < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: need 1 <= n_regs <= %d and row_len >= 1", fn, PROGRAM_MAX_REGS);
+        return NULL;
+    }
+    if (rowwise && (start % row_len || stop % row_len)) {
+        PyErr_Format(PyExc_ValueError, "%s: rowwise sums need start and stop on row boundaries", fn);
+        return NULL;
+    }
+    PyObject *result = NULL, *inputs_fast = NULL, *codes_fast = NULL;
+    Py_buffer *views = NULL, out_view, code_view, table_view, sums_view;
+    int have_out = 0, have_code = 0, have_table = 0, have_sums = 0;
+    Py_ssize_t n_views = 0;
+    const unsigned char **ptrs = NULL;
+    int *codes = NULL;
+    float *scratch = NULL;
+    unsigned char *bad = NULL;
+    inputs_fast = PySequence_Fast(inputs_obj, "program: inputs must be a sequence of buffers");
+    if (!inputs_fast)
+        goto done;
+    codes_fast = PySequence_Fast(codes_obj, "program: in_dtypes must be a sequence of ints");
+    if (!codes_fast)
+        goto done;
+    const Py_ssize_t N = PySequence_Fast_GET_SIZE(inputs_fast);
+    if (N < 1 || N > 4096 || PySequence_Fast_GET_SIZE(codes_fast) != N) {
+        PyErr_SetString(PyExc_ValueError, "program: need 1 to 4096 inputs and one dtype code each");
+        goto done;
+    }
+    views = PyMem_Calloc((size_t)N, sizeof(Py_buffer));
+    ptrs = PyMem_Calloc((size_t)N, sizeof(*ptrs));
+    codes = PyMem_Calloc((size_t)N, sizeof(int));
+    bad = PyMem_Calloc((size_t)N + 1, 1);
+    if (!views || !ptrs || !codes || !bad) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (get_inputs(inputs_fast, codes_fast, N, stop, fn, views, ptrs, codes, &n_views) < 0)
+        goto done;
+    if (get_buffer(code_obj, &code_view, fn, "code", 0) < 0)
+        goto done;
+    have_code = 1;
+    if (get_buffer(table_obj, &table_view, fn, "table", 0) < 0)
+        goto done;
+    have_table = 1;
+    const Py_ssize_t n_code = code_view.len / (Py_ssize_t)(PROGRAM_WORDS * sizeof(int32_t));
+    const Py_ssize_t n_table = table_view.len / (Py_ssize_t)sizeof(float);
+    if (code_view.len != n_code * (Py_ssize_t)(PROGRAM_WORDS * sizeof(int32_t))) {
+        PyErr_Format(PyExc_ValueError, "%s: code must hold whole instructions of %d int32 words", fn, PROGRAM_WORDS);
+        goto done;
+    }
+    const Py_ssize_t n_rows = rowwise ? (stop - start) / row_len : 1;
+    Py_ssize_t n_sums = 0;
+    if (sums_obj != Py_None) {
+        if (get_buffer(sums_obj, &sums_view, fn, "sums", 1) < 0)
+            goto done;
+        have_sums = 1;
+        n_sums = n_rows > 0 ? sums_view.len / (Py_ssize_t)sizeof(double) / n_rows : 0;
+    }
+    const int32_t *code = code_view.buf;
+    for (Py_ssize_t pc = 0; pc < n_code; pc++) { /* every index checked before the loop runs unchecked */
+        const int32_t *ins = code + pc * PROGRAM_WORDS;
+        const int op = ins[0];
+        int ok = op >= 0 && op < N_OPS && ins[1] >= 0 && ins[1] < n_regs && ins[2] >= 0 && ins[3] >= 0 &&
+                 ins[4] >= 0 && ins[4] < n_regs;
+        if (ok && op == OP_LOAD)
+            ok = ins[2] < N;
+        else if (ok && op == OP_FILL)
+            ok = ins[3] ? (stop == start || ins[2] + (stop - 1) / row_len < n_table) : ins[2] < n_table;
+        else if (ok && op == OP_SUM)
+            ok = ins[2] < n_regs && ins[3] < n_sums;
+        else if (ok)
+            ok = ins[2] < n_regs && ins[3] < n_regs;
+        if (ok && op == OP_STORE)
+            ok = out_obj != Py_None;
+        if (!ok) {
+            PyErr_Format(PyExc_ValueError, "%s: instruction %zd (%d %d %d %d %d) is out of range (n_regs=%d, "
+                         "%zd inputs, %zd table values, %zd sums, out %s)", fn, pc, op, ins[1], ins[2], ins[3], ins[4],
+                         n_regs, N, n_table, n_sums, out_obj == Py_None ? "None" : "given");
+            goto done;
+        }
+    }
+    if (out_obj != Py_None) {
+        if (check_dtype(out_code, fn, "out_dtype") < 0 || get_buffer(out_obj, &out_view, fn, "out", 1) < 0)
+            goto done;
+        have_out = 1;
+        if (check_length(&out_view, out_code, stop, fn, "out") < 0)
+            goto done;
+    }
+    int block = 8192 / n_regs;
+    block &= ~63;
+    block = block < 64 ? 64 : (block > 1024 ? 1024 : block);
+    scratch = PyMem_RawMalloc(sizeof(float) * (size_t)block * (size_t)n_regs);
+    if (!scratch) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    program_args a;
+    a.out = have_out ? out_view.buf : NULL;
+    a.out_code = out_code;
+    a.n_in = (int)N;
+    a.in = ptrs;
+    a.in_code = codes;
+    a.code = code;
+    a.n_code = (int)n_code;
+    a.table = table_view.buf;
+    a.n_regs = n_regs;
+    a.row_len = row_len;
+    a.start = start;
+    a.stop = stop;
+    a.compute_code = compute_code;
+    a.rowwise = rowwise;
+    a.n_rows = n_rows;
+    a.sums = have_sums ? sums_view.buf : NULL;
+    a.block = block;
+    a.scratch = scratch;
+    a.bad = bad;
+    Py_BEGIN_ALLOW_THREADS
+    program_run(&a);
+    Py_END_ALLOW_THREADS
+    long first = -1;
+    for (Py_ssize_t i = 0; i <= N && first < 0; i++)
+        if (bad[i])
+            first = (long)i;
+    result = PyLong_FromLong(first);
+done:
+    for (Py_ssize_t i = 0; i < n_views; i++)
+        PyBuffer_Release(&views[i]);
+    if (have_out)
+        PyBuffer_Release(&out_view);
+    if (have_code)
+        PyBuffer_Release(&code_view);
+    if (have_table)
+        PyBuffer_Release(&table_view);
+    if (have_sums)
+        PyBuffer_Release(&sums_view);
+    PyMem_Free(views);
+    PyMem_Free(ptrs);
+    PyMem_Free(codes);
+    PyMem_Free(bad);
+    PyMem_RawFree(scratch);
+    Py_XDECREF(inputs_fast);
+    Py_XDECREF(codes_fast);
+    return result;
+}
+
 /* Private, for the tests: which copy of the kernels runs ("avx2" or "generic"); _set_isa("generic")
  * forces the portable copy, _set_isa("auto") returns to the choice made at import. */
 static int detect_avx2(void)
@@ -1873,6 +2261,7 @@ static PyMethodDef kernel_methods[] = {
     {"dare_abs_sums", (PyCFunction)(void (*)(void))py_dare_abs_sums, METH_VARARGS | METH_KEYWORDS, sums_doc},
     {"magprune_mask", (PyCFunction)(void (*)(void))py_magprune_mask, METH_VARARGS | METH_KEYWORDS, prune_doc},
     {"gram", (PyCFunction)(void (*)(void))py_gram, METH_VARARGS | METH_KEYWORDS, gram_doc},
+    {"program", (PyCFunction)(void (*)(void))py_program, METH_VARARGS | METH_KEYWORDS, program_doc},
     {"isa", py_isa, METH_NOARGS, "isa() -> str: which copy of the kernels runs, 'avx2' or 'generic'."},
     {"_set_isa", py_set_isa, METH_O, "_set_isa(name): 'generic' forces the portable kernels, 'auto' re-detects."},
     {NULL, NULL, 0, NULL},

@@ -1,7 +1,8 @@
 """The fused CPU executor: a plan's tensors computed by one-pass C kernels (`souplm._kernels`), without torch.
 
 The engine has two executors for the same plan, and both run each method's one statement, its `Form`
-(methods/form.py). This one runs every method stated as a Form: a weighted combination of (optionally
+(methods/form.py) or its `Program` (methods/program.py: passes of entrywise operations, interpreted by one
+C kernel over blocks that stay in L1). This one runs every method stated as either: a weighted combination of (optionally
 trimmed or randomly dropped) task vectors, with TIES's sign election or without, and weights that may come
 from the tensors' Gram matrix (SLERP). It reads the stored bytes (bf16, fp16 or fp32) and computes each
 output element in a single pass that converts, subtracts the base, masks, weighs, elects the sign,
@@ -36,6 +37,7 @@ from ..errors import output_not_finite as _output_not_finite
 from ..io.checkpoint import Checkpoint
 from ..io.dtypes import DType
 from ..methods.form import Form
+from ..methods.program import Program
 from ..methods.steps import (
     draw_keys,
     gram_kernel,
@@ -68,7 +70,7 @@ def fused_blocker(plan: Plan) -> str | None:
     if os.environ.get("SOUPLM_EXECUTOR", "").lower() == "torch":
         return "SOUPLM_EXECUTOR=torch"
     if plan.method.form is None:
-        return f"method {plan.method.name} is stated in torch, not as a one-pass Form"
+        return f"method {plan.method.name} is stated in torch, not as a Form or a Program"
     if not all(isinstance(c, Checkpoint) and c.is_safetensors for c in plan.checkpoints):
         return "an input is not a plain safetensors checkpoint (pickled, mapped, or re-indexed to a merged vocabulary)"
     for item in plan.items:
@@ -205,6 +207,12 @@ class Executor:
         b = _head(base, merged) if base is not None else None
 
         form = method.form_for(n_models, {**item.model_params, **item.global_params}, has_base=base is not None)
+        if isinstance(form, Program):
+            self._program(item, form, [*xs, *([b] if b is not None else [])],
+                          [t.code for t in (*models, *([base] if base is not None else []))], out_view, out_code,
+                          row_len, merged)
+            self._extra_rows(item, inputs, out, merged, numel)
+            return
         weight = form.weight
         if form.reweigh is not None:  # the Form's terms' Gram matrix: x_i, or x_i - base
             gb, gc = (b, base.code) if form.use_base else (None, 0)
@@ -260,7 +268,13 @@ class Executor:
             where = plan.checkpoints[item.sources[k] if k < n_models else item.base_from]
             tensor = item.inputs[k] if k < n_models else item.base
             raise input_not_finite(tensor, where.path)
-        if item.extra_from is not None:  # rows only the larger vocabulary has: converted, not merged
+        self._extra_rows(item, inputs, out, merged, numel)
+
+    def _extra_rows(self, item: Item, inputs: list[Tensor], out: np.ndarray, merged: int, numel: int) -> None:
+        """The rows only the larger vocabulary has (after the first `merged` elements): converted, not merged."""
+        plan = self.plan
+        out_code = KERNEL_DTYPES[item.dtype.code]
+        if item.extra_from is not None:
             extra = inputs[-1]
             isz, osz = extra.dtype.itemsize, item.dtype.itemsize
             src, dst = extra.data[merged * isz:], out[merged * osz: numel * osz]
@@ -273,6 +287,41 @@ class Executor:
                 if min(r for r in results if r >= 0) == 2:
                     raise output_not_finite(item)
                 raise input_not_finite(nm, ck.path)
+
+    def _program(self, item: Item, program: Program, inputs: list[np.ndarray], codes: list[int], out: np.ndarray,
+                 out_code: int, row_len: int, n: int) -> None:
+        """A Program's passes (methods/program.py) over the inputs' stored bytes, split across the threads by
+        whole rows of the last dimension (so that row sums and row constants need no seams)."""
+        cols = (item.shape[-1] if program.rowwise and item.shape else row_len) or 1
+        rows = n // cols
+        cc = KERNEL_DTYPES[compute_dtype(self.plan, item)]
+
+        def sweep(ops) -> np.ndarray:
+            code, table = ops.tables()
+            code, table = code.tobytes(), table.tobytes()
+            store = out if ops.stored is not None else None
+
+            def part(r0: int, r1: int) -> tuple[int, np.ndarray | None]:
+                sums = np.zeros((ops.n_sums, (r1 - r0) if program.rowwise else 1)) if ops.n_sums else None
+                bad = _kernels.program(store, out_code, inputs, codes, code, table, ops.n_regs, cols, r0 * cols,
+                                       r1 * cols, cc, sums=sums, rowwise=program.rowwise)
+                return bad, sums
+
+            results = self._parallel(part, rows, cols) if rows else []
+            bad = [r for r, _ in results if r >= 0]
+            if bad:
+                k = min(bad)
+                if k == len(inputs):
+                    raise output_not_finite(item)
+                n_models = len(item.inputs)
+                where = self.plan.checkpoints[item.sources[k] if k < n_models else item.base_from]
+                raise input_not_finite(item.inputs[k] if k < n_models else item.base, where.path)
+            if not ops.n_sums:
+                return np.zeros((0, 1))
+            parts = [s for _, s in results]
+            return np.concatenate(parts, axis=1) if program.rowwise else np.sum(parts, axis=0)
+
+        program.body(sweep, compute_dtype(self.plan, item))
 
     def _window(self, x: np.ndarray, code: int, base: np.ndarray, base_code: int, n: int, lo: int, hi: int,
                 compute: int = 0) -> Cut:

@@ -9,9 +9,9 @@ float32 instead (more accurate: the result is rounded once, at the end).
 A method opts in with `native_dtype=True` (methods/registry.py). How the rule is carried out depends on how
 the method is stated, but the rule is this one function:
 
-- a Form (both executors): its steps' results are rounded to the compute dtype (methods/steps.py, the C
-  kernels), the inputs staying float32 in between;
-- a tensor function (torch executor only: sce, model_stock, nearswap, arcee_fusion, ram, ramplus_tl): the
+- a Form or a Program (both executors): its steps' results are rounded to the compute dtype
+  (methods/steps.py and methods/program.py, the C kernels), the inputs staying float32 in between;
+- a tensor function (torch executor only: sce, arcee_fusion): the
   executor hands it its inputs *in* the compute dtype (`input_dtype`), and the function's torch ops run in
   it, in mergekit's order, so each op rounds as mergekit's does (torch computes a bf16 op in float32 and
   rounds its result once). Where mergekit's own ops leave that dtype (arcee_fusion's float32 mask), the

@@ -38,6 +38,8 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+    from .program import Program
+
 
 @dataclass
 class Form:
@@ -75,12 +77,18 @@ def as_numpy(value):
     return value
 
 
-def run(form: Form, tensors: list[torch.Tensor], base: torch.Tensor | None, keys: list[int] | None = None,
+def run(form: Form | Program, tensors: list[torch.Tensor], base: torch.Tensor | None, keys: list[int] | None = None,
         compute: str = "F32") -> torch.Tensor:
     """The torch statement of a Form: the steps in the order the kernels take them, in fp32, each rounded to
     the compute dtype ("BF16"/"F16", engine/precision.py) where mergekit computes in it. `tensors` (and
-    `base`) are fresh copies, overwritten in place."""
+    `base`) are fresh copies, overwritten in place. A `Program` (methods/program.py) runs its passes."""
     import torch
+
+    from .program import Program
+    from .program import run as run_program
+
+    if isinstance(form, Program):
+        return run_program(form, tensors, base, compute)
 
     from .steps import (
         add_to_base,

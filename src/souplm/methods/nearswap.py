@@ -9,14 +9,14 @@ Entry by entry, with a the base, b the one model and t the distance scale (requi
 Entries closer than t are the model's (w = 1); farther ones move towards the base in proportion to
 t / |a - b|. Not a linear combination with per-tensor coefficients: the weight is per entry.
 
-Computed in the tensors' dtype (the recipe's, engine/precision.py) with mergekit's operations: |a - b|,
-the clamp, t / x as torch's reciprocal times t, the clamp, then w b and (1 - w) a each rounded before
-their sum. Passes: 10 elementwise ops over the tensor, each in place (one pooled temporary).
+Stated as a Program (methods/program.py), one pass, in the tensors' dtype (the recipe's,
+engine/precision.py) with mergekit's operations: |a - b|, the clamp, t / x as torch's reciprocal times t,
+the clamp, then w b and (1 - w) a each rounded before their sum.
 """
 
 from __future__ import annotations
 
-from ..io import pool
+from .program import Ops, Program, scalar
 from .registry import ParamSpec, register
 
 MIN_DISTANCE = 1e-6  # |a - b| is clamped to this before dividing
@@ -34,15 +34,17 @@ MIN_DISTANCE = 1e-6  # |a - b| is clamped to this before dividing
     native_dtype=True,  # mergekit computes it in the recipe's dtype (engine/precision.py)
     reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001 (mergekit 0.1.5)",
 )
-def nearswap(tensors, base, t, weight=None):
+def nearswap(t, weight=None) -> Program:
     """w b + (1 - w) a with w = clamp(t / |a - b|, 0, 1) per entry (a the base, b the model)."""
-    import torch
 
-    b = tensors[0]
-    w = torch.sub(base, b, out=pool.empty_like(b)).abs_().clamp_(min=MIN_DISTANCE)
-    w.reciprocal_().mul_(float(t)).clamp_(0.0, 1.0)  # t / x: torch's scalar division is reciprocal() * t
-    b.mul_(w)  # w b
-    w.neg_().add_(1.0).mul_(base)  # (1 - w) a
-    b.add_(w)
-    pool.release(w)
-    return b
+    def body(sweep, compute):
+        ops = Ops(2)  # the model, then the base
+        b, a = ops.input(0), ops.input(1)
+        w = ops.max(ops.abs(ops.sub(a, b)), ops.const(scalar(compute)(MIN_DISTANCE)))  # a clamp bound: the dtype's
+        w = ops.mul(ops.recip(w), ops.const(float(t)))  # t / x: torch's scalar division is reciprocal() * t
+        w = ops.min(ops.max(w, ops.const(0.0)), ops.const(1.0))
+        one_minus = ops.add(ops.neg(w), ops.const(1.0))
+        ops.store(ops.add(ops.mul(b, w), ops.mul(one_minus, a)))
+        sweep(ops)
+
+    return Program(body)

@@ -3,7 +3,8 @@
 The statement is one of two kinds:
 
 - a *form builder* (`methods/form.py`): a function of the method's parameters that returns the `Form`
-  every executor runs (the fused C kernels in one pass, or torch). Its per-model parameters arrive as
+  every executor runs (the fused C kernels in one pass, or torch), or a `Program` (`methods/program.py`:
+  passes of entrywise operations, for methods such as nearswap whose weight is per entry). Its per-model parameters arrive as
   float32 NumPy arrays [N] (the `weight` may be [N, rows] when a coefficient table sets one weight per
   output row), its global parameters by name (`lambda` as `lam`), and `n_models` if it asks for it;
 - a *tensor function* `fn(tensors, base, **params)`, recognised by its first parameter `tensors`: the
@@ -183,11 +184,16 @@ def _torch_statement(name: str) -> Callable:
     """A form method as a tensor function: its Form, run by torch (`form.run`)."""
     def fn(tensors, base, keys=None, **params):
         from .form import as_numpy, run
+        from .program import Program
 
         method = METHODS[name]
         form = method.form_for(len(tensors), {k: as_numpy(v) for k, v in params.items()}, has_base=base is not None)
         if form is None:
             return method.torch(tensors, base, **params, **({} if keys is None else {"keys": keys}))
+        if isinstance(form, Program):  # in the tensors' dtype where mergekit computes in it (engine/precision.py)
+            codes = {str(t.dtype) for t in tensors} | ({str(base.dtype)} if base is not None else set())
+            low = {"torch.bfloat16": "BF16", "torch.float16": "F16"}.get(codes.pop()) if len(codes) == 1 else None
+            return run(form, tensors, base, compute=low if method.native_dtype and low else "F32")
         return run(form, tensors, base, keys)
 
     fn.__name__ = f"{name}_in_torch"

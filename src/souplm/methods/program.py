@@ -1,0 +1,259 @@
+"""A merge method's one statement as a `Program`: entrywise operations in a stated order, for methods that
+are not a weighted combination of task vectors (nearswap, RAM, Model Stock).
+
+A program's body is a function `body(sweep, compute)` of two things the executor hands it: `sweep`, which
+runs one pass of entrywise operations over the whole tensor and returns the sums it asked for, and the
+compute dtype ("F32", "BF16", "F16"). Between passes the body works on those sums as numbers (the scalar
+arithmetic of a method, in NumPy, rounded as torch rounds in the compute dtype: `steps.round_to`). A pass is
+written with an `Ops` builder:
+
+    ops = Ops(n_inputs)                 # registers 0 .. n_inputs - 1 are the inputs (the models, then the base)
+    w = ops.abs(ops.sub(ops.input(1), ops.input(0)))
+    w = ops.max(w, ops.const(1e-6))     # a number, or one per row (`ops.row_const`)
+    ops.sum(w)                          # sum slot 0: returned by sweep, float64, per row with rowwise sums
+    ops.store(w)                        # the result (the last pass only)
+    sums = sweep(ops)
+
+Every operation computes in float32 and rounds its result to the compute dtype (`exact=True`: it does not,
+as an operation on a float32 tensor in mergekit's formula does not). That is torch's arithmetic on a tensor
+of that dtype, operation by operation, which is how mergekit computes these methods (engine/precision.py).
+The inputs arrive rounded to the compute dtype.
+
+The operations (each op is one opcode of the C kernels, `_kernels.program`):
+
+    input k            the k-th input               const v / row_const [v per row]
+    add sub mul div    a + b, a - b, a * b, a / b   abs neg recip      |a|, -a, 1 / a
+    max min            a > b ? a : b, a < b ? a : b gt eq              1.0 where a > b (a == b), else 0.0
+    where c a b        a where c != 0, else b       sum a              sum of a (float64), slot in call order
+    round a            a rounded (a * 1.0)
+    store a            the output, converted to the output dtype (overflow is an error)
+
+Two executors run programs: the fused one with the C kernels (`engine/execute_fused.py`, one pass of blocks
+that stay in L1 per `sweep`, no torch), and `run` below with torch, a whole-tensor float32 op per operation
+(pickled or mapped inputs, in-memory sweeps, the GPU). tests/test_program.py holds the two to the same bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+# opcodes, in the C kernels' order (_kernels.c, OP_LOAD ...)
+OPCODES = ("input", "fill", "add", "sub", "mul", "div", "abs", "neg", "recip", "max", "min", "gt", "eq", "where",
+           "sum", "store")
+OP = {name: code for code, name in enumerate(OPCODES)}
+MAX_REGISTERS = 64  # the kernels' limit (PROGRAM_MAX_REGS)
+
+
+@dataclass
+class Program:
+    """body(sweep, compute): the method's passes (see the module docstring). `rowwise`: the sums are per
+    row of the tensor's last dimension (a 1-D tensor is one row), as Model Stock's `filter_wise`."""
+
+    body: Callable[[Callable, str], None]
+    rowwise: bool = False
+
+
+@dataclass
+class Ops:
+    """One pass: registers 0 .. n_inputs - 1 hold the inputs; every operation writes a new register."""
+
+    n_inputs: int
+    code: list[tuple[int, int, int, int, int, int]] = field(default_factory=list)
+    table: list[float] = field(default_factory=list)
+    rows: list[np.ndarray] = field(default_factory=list)  # the row constants, in table order after the numbers
+    n_sums: int = 0
+    stored: int | None = None
+    wide: bool = False
+    n_regs: int = 0
+
+    def __post_init__(self) -> None:
+        self.n_regs = self.n_inputs
+        self.code = [(OP["input"], k, k, 0, 0, 1) for k in range(self.n_inputs)]
+
+    def _new(self, op: str, a: int = 0, b: int = 0, c: int = 0, exact: bool = False) -> int:
+        from ..errors import SoupError
+
+        if self.n_regs >= MAX_REGISTERS:
+            raise SoupError(f"a program pass needs more than {MAX_REGISTERS} registers")
+        d = self.n_regs
+        self.n_regs += 1
+        self.code.append((OP[op], d, a, b, c, 0 if exact else 1))
+        return d
+
+    def input(self, k: int) -> int:
+        return k
+
+    def const(self, value: float) -> int:
+        """A number (float32), the same in every entry: rounded to the compute dtype by the caller where the
+        formula has it in that dtype (a torch scalar operand stays float32)."""
+        self.table.append(float(np.float32(value)))
+        return self._new("fill", len(self.table) - 1, 0, exact=True)
+
+    def row_const(self, values) -> int:
+        """One float32 number per row."""
+        self.rows.append(np.asarray(values, dtype=np.float32).reshape(-1))
+        return self._new("fill", -len(self.rows), 1, exact=True)  # offset fixed in `tables`
+
+    def add(self, a, b, exact=False):
+        return self._new("add", a, b, exact=exact)
+
+    def sub(self, a, b, exact=False):
+        return self._new("sub", a, b, exact=exact)
+
+    def mul(self, a, b, exact=False):
+        return self._new("mul", a, b, exact=exact)
+
+    def div(self, a, b, exact=False):
+        return self._new("div", a, b, exact=exact)
+
+    def abs(self, a, exact=False):
+        return self._new("abs", a, exact=exact)
+
+    def neg(self, a, exact=False):
+        return self._new("neg", a, exact=exact)
+
+    def recip(self, a, exact=False):
+        return self._new("recip", a, exact=exact)
+
+    def max(self, a, b):
+        return self._new("max", a, b, exact=True)  # one of its operands: nothing to round
+
+    def min(self, a, b):
+        return self._new("min", a, b, exact=True)
+
+    def gt(self, a, b):
+        return self._new("gt", a, b, exact=True)
+
+    def eq(self, a, b):
+        return self._new("eq", a, b, exact=True)
+
+    def where(self, c, a, b):
+        return self._new("where", c, a, b, exact=True)
+
+    def round(self, a: int) -> int:
+        """a rounded to the compute dtype (a float32 value a torch op writes into a tensor of that dtype)."""
+        return self.mul(a, self.const(1.0))
+
+    def sum(self, a: int) -> int:
+        """Ask for the sum of register a; returns its slot in what `sweep` returns."""
+        self.code.append((OP["sum"], 0, a, self.n_sums, 0, 0))
+        self.n_sums += 1
+        return self.n_sums - 1
+
+    def store(self, a: int, wide: bool = False) -> None:
+        """The result: register a, in the compute dtype (`wide`: in float32, where mergekit's formula promotes
+        it, as RAM+'s float32 lambda does)."""
+        self.code.append((OP["store"], 0, a, 0, 0, 0))
+        self.stored = a
+        self.wide = wide
+
+    def tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """(code int32 [n, 6], table float32): the row constants' offsets resolved."""
+        offsets, at = [], len(self.table)
+        for r in self.rows:
+            offsets.append(at)
+            at += r.size
+        code = np.array([(op, d, offsets[-a - 1] if op == OP["fill"] and b == 1 else a, b, c, rnd)
+                         for op, d, a, b, c, rnd in self.code], dtype=np.int32).reshape(-1, 6)
+        table = np.concatenate([np.asarray(self.table, np.float32), *self.rows]) if (self.table or self.rows) \
+            else np.zeros(1, np.float32)
+        return code, table
+
+
+def scalar(compute: str):
+    """The rounding of a number to the compute dtype (float32 -> the dtype -> float32), for the scalar
+    arithmetic between passes."""
+    from .steps import round_to
+
+    def rnd(x):
+        v = np.asarray(x, dtype=np.float32)
+        out = round_to(v, compute).reshape(v.shape)
+        return out if out.ndim else np.float32(out)
+
+    return rnd
+
+
+def run(program: Program, tensors: list[torch.Tensor], base: torch.Tensor | None, compute: str = "F32"
+        ) -> torch.Tensor:
+    """The torch executor of a program: each operation a float32 op over the whole tensor, rounded to the
+    compute dtype as the kernels round it. Returns the stored register, in the compute dtype (float32 where
+    the program stores it `wide`)."""
+    import torch
+
+    from .steps import rounder
+
+    inputs = [*tensors, *([base] if base is not None else [])]
+    shape = inputs[0].shape
+    cols = shape[-1] if program.rowwise and len(shape) >= 1 else inputs[0].numel()
+    rnd = rounder(compute) or (lambda t: t)
+    flat = [rnd(t.reshape(-1, cols).to(torch.float32)) for t in inputs]
+    result: list[torch.Tensor] = []
+
+    def sweep(ops: Ops) -> np.ndarray:
+        regs: list[torch.Tensor | None] = [*flat, *([None] * (ops.n_regs - len(flat)))]
+        sums: list[torch.Tensor] = []
+        code, table = ops.tables()
+        for op, d, a, b, c, r in code.tolist():
+            name = OPCODES[op]
+            if name == "input":
+                continue
+            if name == "sum":
+                sums.append(regs[a].to(torch.float64).sum(dim=-1))
+                continue
+            if name == "store":
+                low = {"BF16": torch.bfloat16, "F16": torch.float16}.get(compute)
+                result.append(regs[a] if ops.wide or low is None else regs[a].to(low))
+                continue
+            if name == "fill":
+                like = flat[0]
+                if b:
+                    vals = torch.as_tensor(table[a: a + like.shape[0]], device=like.device)
+                    v = vals.reshape(-1, 1).expand_as(like)
+                else:
+                    v = torch.full_like(like, float(table[a]))
+                regs[d] = v
+                continue
+            x, y, z = regs[a], regs[b], regs[c]
+            v = _TORCH_OPS[name](x, y, z)
+            regs[d] = rnd(v) if r else v
+        if not sums:
+            return np.zeros((0, flat[0].shape[0] if program.rowwise else 1))
+        return torch.stack(sums).cpu().numpy().reshape(len(sums), -1)
+
+    program.body(sweep, compute)
+    return result[-1].reshape(shape)
+
+
+def _torch_ops() -> dict[str, Callable]:
+    import torch
+
+    return {
+        "add": lambda x, y, z: x + y,
+        "sub": lambda x, y, z: x - y,
+        "mul": lambda x, y, z: x * y,
+        "div": lambda x, y, z: x / y,
+        "abs": lambda x, y, z: x.abs(),
+        "neg": lambda x, y, z: -x,
+        "recip": lambda x, y, z: 1.0 / x,
+        "max": lambda x, y, z: torch.where(x > y, x, y),
+        "min": lambda x, y, z: torch.where(x < y, x, y),
+        "gt": lambda x, y, z: (x > y).to(x.dtype),
+        "eq": lambda x, y, z: (x == y).to(x.dtype),
+        "where": lambda x, y, z: torch.where(x != 0, y, z),
+    }
+
+
+class _LazyOps(dict):
+    def __missing__(self, key):
+        self.update(_torch_ops())
+        return self[key]
+
+
+_TORCH_OPS: dict[str, Callable] = _LazyOps()
