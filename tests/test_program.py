@@ -38,7 +38,7 @@ def kernel_run(program: Program, tensors: list[torch.Tensor], compute: str, out_
     tensor, the sums of every pass)."""
     shape = tensors[0].shape
     n = tensors[0].numel()
-    cols = shape[-1] if program.rowwise else n
+    axis, cols = program.vectors(tuple(shape))
     rows = n // cols
     bufs, codes = [raw(t) for t in tensors], [CODES[t.dtype] for t in tensors]
     out = np.zeros(n * torch.finfo(out_dtype).bits // 8, np.uint8)
@@ -49,15 +49,16 @@ def kernel_run(program: Program, tensors: list[torch.Tensor], compute: str, out_
         edges = [rows * i // splits for i in range(splits + 1)]
         parts = []
         for r0, r1 in itertools.pairwise(edges):
-            sums = np.zeros((ops.n_sums, (r1 - r0) if program.rowwise else 1)) if ops.n_sums else None
+            width = (r1 - r0) if axis == 1 else (cols if axis == 2 else 1)
+            sums = np.zeros((ops.n_sums, width)) if ops.n_sums else None
             bad = K.program(out if ops.stored is not None else None, CODES[out_dtype], bufs, codes, code.tobytes(),
                             table.tobytes(), ops.n_regs, cols, r0 * cols, r1 * cols, COMPUTE[compute], sums=sums,
-                            rowwise=program.rowwise)
+                            axis=axis)
             assert bad == -1
             parts.append(sums)
         if not ops.n_sums:
             return np.zeros((0, 1))
-        s = np.concatenate(parts, axis=1) if program.rowwise else np.sum(parts, axis=0)
+        s = np.concatenate(parts, axis=1) if axis == 1 else np.sum(parts, axis=0)
         all_sums.append(s)
         return s
 
@@ -66,7 +67,7 @@ def kernel_run(program: Program, tensors: list[torch.Tensor], compute: str, out_
     return torch.from_numpy(out.view(dt).copy()).view(out_dtype).reshape(shape), all_sums
 
 
-def every_op(rowwise: bool, row_values: np.ndarray, seen: list) -> Program:
+def every_op(axis: int | None, vector_values: np.ndarray | None, seen: list) -> Program:
     """A two-pass program that uses every operation: the first pass's sums feed the second's constants."""
 
     def body(sweep, compute):
@@ -79,7 +80,7 @@ def every_op(rowwise: bool, row_values: np.ndarray, seen: list) -> Program:
         seen.append(sums)
         ops = Ops(3)
         x, y, z = ops.input(0), ops.input(1), ops.input(2)
-        c = ops.row_const(row_values) if rowwise else ops.const(0.37)
+        c = ops.vector_const(vector_values) if axis is not None else ops.const(0.37)
         s = ops.const(float(np.float32(sums[1].sum() / (1 + sums[0].sum()))))
         a = ops.add(ops.mul(x, c), ops.div(y, ops.max(ops.abs(z), ops.const(0.25))))
         b = ops.sub(ops.neg(a), ops.recip(ops.add(ops.abs(x), ops.const(1.5)), exact=True))
@@ -90,13 +91,14 @@ def every_op(rowwise: bool, row_values: np.ndarray, seen: list) -> Program:
         ops.store(ops.round(e))
         sweep(ops)
 
-    return Program(body, rowwise=rowwise)
+    return Program(body, axis=axis)
 
 
 def numpy_every_op(x, y, z, c, compute):
     """The second pass of `every_op` in NumPy float32, each rounded result as the compute dtype rounds it."""
-    r = (lambda v: v.astype(np.float32)) if compute == "F32" else \
-        (lambda v: torch.from_numpy(np.asarray(v, np.float32)).to(TORCH[compute]).float().numpy())
+    def r(v):
+        return numpy_round(v, compute)
+
     x, y, z = (r(v) for v in (x, y, z))
     d = r(x - y)
     sums = [(d * d).astype(np.float64).sum(), np.abs(d).astype(np.float64).sum()]
@@ -111,31 +113,44 @@ def numpy_every_op(x, y, z, c, compute):
 
 @pytest.mark.parametrize("compute", ["F32", "BF16", "F16"])
 @pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rowwise", [False, True])
-def test_kernels_and_torch_run_a_program_to_the_same_bits(compute, stored, rowwise):
+@pytest.mark.parametrize("axis", [None, -1, 0])
+def test_kernels_and_torch_run_a_program_to_the_same_bits(compute, stored, axis):
     g = torch.Generator().manual_seed(5)
     shape = (37, 300)
     xs = [torch.randn(shape, generator=g).to(stored) for _ in range(3)]
-    row_values = np.linspace(-1.5, 2.0, shape[0]).astype(np.float32)
+    per_vector = np.linspace(-1.5, 2.0, shape[1] if axis == 0 else shape[0]).astype(np.float32)
     seen_k, seen_t = [], []
-    got, _ = kernel_run(every_op(rowwise, row_values, seen_k), xs, compute, splits=3)
-    want = run(every_op(rowwise, row_values, seen_t), [x.clone() for x in xs[:2]], xs[2].clone(), compute)
+    got, _ = kernel_run(every_op(axis, per_vector, seen_k), xs, compute, splits=3)
+    want = run(every_op(axis, per_vector, seen_t), [x.clone() for x in xs[:2]], xs[2].clone(), compute)
     assert torch.equal(got.view(torch.int32), want.float().view(torch.int32))
     for a, b in zip(seen_k, seen_t):
         np.testing.assert_allclose(a, b, rtol=1e-12)
-    if not rowwise:  # and the operations mean what the docstring says (NumPy, float32)
-        c = np.float32(0.37)
-        ref = numpy_every_op(*(x.float().numpy() for x in xs), c, compute)
-        assert np.array_equal(got.numpy().view(np.int32), ref.view(np.int32))
+    # and the operations mean what the docstring says (NumPy, float32): a constant per row or column
+    c = {None: np.float32(0.37), -1: per_vector[:, None], 0: per_vector[None, :]}[axis]
+    ref = numpy_every_op(*(x.float().numpy() for x in xs), c, compute)
+    assert np.array_equal(got.numpy().view(np.int32), ref.view(np.int32))
+    # the first pass's sums: whole, per row, per column
+    x0, x1 = (numpy_round(x.float().numpy(), compute) for x in xs[:2])  # the inputs as the compute dtype holds them
+    d = numpy_round(x0 - x1, compute)
+    dims = {None: None, -1: 1, 0: 0}[axis]
+    np.testing.assert_allclose(seen_k[0][1].reshape(-1), np.abs(d).astype(np.float64).sum(axis=dims).reshape(-1),
+                               rtol=1e-12)
+
+
+def numpy_round(v, compute):
+    if compute == "F32":
+        return v.astype(np.float32)
+    return torch.from_numpy(np.asarray(v, np.float32)).to(TORCH[compute]).float().numpy()
 
 
 def test_ranges_do_not_change_the_bits():
     g = torch.Generator().manual_seed(6)
     xs = [torch.randn(64, 129, generator=g).to(torch.bfloat16) for _ in range(3)]
-    rows = np.arange(64, dtype=np.float32) / 7
-    one, _ = kernel_run(every_op(True, rows, []), xs, "BF16", splits=1)
-    many, _ = kernel_run(every_op(True, rows, []), xs, "BF16", splits=5)
-    assert torch.equal(one.view(torch.int32), many.view(torch.int32))
+    for axis, count in ((-1, 64), (0, 129)):
+        per_vector = np.arange(count, dtype=np.float32) / 7
+        one, _ = kernel_run(every_op(axis, per_vector, []), xs, "BF16", splits=1)
+        many, _ = kernel_run(every_op(axis, per_vector, []), xs, "BF16", splits=5)
+        assert torch.equal(one.view(torch.int32), many.view(torch.int32))
 
 
 def test_a_nan_input_and_an_overflow_are_reported():
@@ -171,6 +186,8 @@ PROGRAMS = [
     ("model_stock", {}),
     ("model_stock", {"filter_wise": True}),
     ("nearswap", {"t": 0.01}),
+    ("nuslerp", {"nuslerp_flatten": False}),  # per row
+    ("nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True}),  # per column
 ]
 
 
@@ -185,8 +202,11 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(("method", "params"), PROGRAMS, ids=[f"{m}{i}" for i, (m, _) in enumerate(PROGRAMS)])
 def test_program_methods_give_the_same_bits_on_both_executors(family, tmp_path, monkeypatch, method, params, dtype):
     names = ("a",) if method == "nearswap" else ("a", "b")
+    weights_of = {"nuslerp": [0.7, 0.4]}.get(method)
+    models = [{"model": str(family[m]), **({"parameters": {"weight": weights_of[i]}} if weights_of else {})}
+              for i, m in enumerate(names)]
     recipe = Recipe.load({"merge_method": method, "base_model": str(family["base"]), "dtype": dtype,
-                          "models": [{"model": str(family[m])} for m in names], "parameters": params})
+                          "models": models, "parameters": params})
     out = {}
     for executor in ("fused", "torch"):
         monkeypatch.setenv("SOUPLM_EXECUTOR", executor)

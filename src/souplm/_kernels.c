@@ -1877,8 +1877,9 @@ typedef struct {
     Py_ssize_t row_len;
     Py_ssize_t start, stop;
     int compute_code;
-    int rowwise;      /* sums per row: sums[slot][row - start / row_len] */
-    Py_ssize_t n_rows; /* rows in [start, stop) when rowwise */
+    int axis;         /* 0: whole sums; 1: per row, sums[slot][row - start / row_len]; 2: per column (row_len of
+                         them), sums[slot][column]. Per-vector constants follow the same axis */
+    Py_ssize_t n_vec; /* sums per slot: 1, the rows in [start, stop), or row_len */
     double *sums;
     int block;
     float *scratch;   /* n_regs * block */
@@ -1898,9 +1899,20 @@ typedef struct {
     } while (0)
 
 /* A register of one row constant per row, for the elements of block [j0, j0 + n). */
-SOUP_INLINE void program_fill_rows(const program_args *a, const int32_t *ins, float *SOUP_RESTRICT d, Py_ssize_t j0,
-                                   int n)
+SOUP_INLINE void program_fill_vectors(const program_args *a, const int32_t *ins, float *SOUP_RESTRICT d,
+                                      Py_ssize_t j0, int n)
 {
+    if (a->axis == 2) { /* per column: runs of consecutive columns */
+        Py_ssize_t col = j0 % a->row_len;
+        int k = 0;
+        while (k < n) {
+            const int len = (int)(a->row_len - col < n - k ? a->row_len - col : n - k);
+            memcpy(d + k, a->table + ins[2] + col, sizeof(float) * (size_t)len);
+            k += len;
+            col = 0;
+        }
+        return;
+    }
     Py_ssize_t row = j0 / a->row_len, left = a->row_len - j0 % a->row_len;
     int k = 0;
     while (k < n) {
@@ -1952,7 +1964,7 @@ SOUP_INLINE void program_impl(const program_args *a, int f16c, const int cc)
     /* the numbers are the same in every block: filled once */
     for (int pc = 0; pc < a->n_code; pc++) {
         const int32_t *ins = a->code + (size_t)pc * PROGRAM_WORDS;
-        if (ins[0] == OP_FILL && !ins[3]) {
+        if (ins[0] == OP_FILL && (!ins[3] || a->axis == 0)) { /* (a whole tensor is one vector) */
             float *SOUP_RESTRICT d = a->scratch + (size_t)ins[1] * B;
             const float v = a->table[ins[2]];
             for (int k = 0; k < B; k++)
@@ -1978,8 +1990,8 @@ SOUP_INLINE void program_impl(const program_args *a, int f16c, const int cc)
                 break;
             }
             case OP_FILL:
-                if (ins[3])
-                    program_fill_rows(a, ins, d, j0, n);
+                if (ins[3] && a->axis != 0)
+                    program_fill_vectors(a, ins, d, j0, n);
                 break;
             case OP_ADD:
                 PROGRAM_EW(x[k] + y[k]);
@@ -2018,14 +2030,25 @@ SOUP_INLINE void program_impl(const program_args *a, int f16c, const int cc)
                 PROGRAM_EW(x[k] != 0.0f ? y[k] : z[k]);
                 break;
             case OP_SUM:
-                if (!a->rowwise) {
+                if (a->axis == 0) {
                     a->sums[ins[3]] += program_sum(x, n);
+                } else if (a->axis == 2) { /* per column: each column's sum in its own float64 */
+                    double *SOUP_RESTRICT col_sums = a->sums + (size_t)ins[3] * a->n_vec;
+                    Py_ssize_t col = j0 % a->row_len;
+                    int k = 0;
+                    while (k < n) {
+                        const int len = (int)(a->row_len - col < n - k ? a->row_len - col : n - k);
+                        for (int q = 0; q < len; q++)
+                            col_sums[col + q] += (double)x[k + q];
+                        k += len;
+                        col = 0;
+                    }
                 } else {
                     Py_ssize_t row = j0 / a->row_len, left = a->row_len - j0 % a->row_len;
                     int k = 0;
                     while (k < n) {
                         const int len = (int)(left < n - k ? left : n - k);
-                        a->sums[(size_t)ins[3] * a->n_rows + (row - row0)] += program_sum(x + k, len);
+                        a->sums[(size_t)ins[3] * a->n_vec + (row - row0)] += program_sum(x + k, len);
                         k += len;
                         row++;
                         left = a->row_len;
@@ -2049,13 +2072,16 @@ SOUP_BY_COMPUTE(program, const program_args, program_impl)
 
 PyDoc_STRVAR(program_doc,
 "program(out, out_dtype, inputs, in_dtypes, code, table, n_regs, row_len, start, stop, compute_dtype=0,\n"
-"        sums=None, rowwise=False) -> int\n"
+"        sums=None, axis=0) -> int\n"
 "\n"
 "Run a program (methods/program.py) over elements [start, stop) of the inputs: `code` holds int32\n"
 "instructions of six words (op, dst, a, b, c, round), `table` the float32 constants FILL reads (per row:\n"
 "element j reads table[a + j // row_len]). Each operation computes in float32; with `round` set its result\n"
 "is rounded to compute_dtype (1 float16, 2 bfloat16; 0 float32: no rounding). SUM adds a register's values\n"
-"into sums[b] (float64, a writable buffer), or with rowwise into sums[b][row - start // row_len] (start and\n"
+"into sums[b] (float64, a writable buffer); axis 1: into sums[b][row - start // row_len] (start and stop\n"
+"then on row boundaries); axis 2: into sums[b][j % row_len] (per column). FILL with b == 1 reads one constant\n"
+"per row (axis 1: table[a + j // row_len]) or per column (axis 2: table[a + j % row_len]); stop then on\n"
+"row boundaries\n"
 "stop then on row boundaries); STORE converts a register to out_dtype into `out` (None when no STORE).\n"
 "Returns -1 when every value read was finite, else the lowest index of an input holding a NaN/Inf in the\n"
 "range, or len(inputs) when a stored value is not finite (overflow); `out` is then unspecified.");
@@ -2063,15 +2089,15 @@ PyDoc_STRVAR(program_doc,
 static PyObject *py_program(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"out", "out_dtype", "inputs", "in_dtypes", "code", "table", "n_regs", "row_len",
-                             "start", "stop", "compute_dtype", "sums", "rowwise", NULL};
+                             "start", "stop", "compute_dtype", "sums", "axis", NULL};
     static const char *fn = "program";
     PyObject *out_obj, *inputs_obj, *codes_obj, *code_obj, *table_obj, *sums_obj = Py_None;
-    int out_code, n_regs, compute_code = 0, rowwise = 0;
+    int out_code, n_regs, compute_code = 0, axis = 0;
     Py_ssize_t row_len, start, stop;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOOOOinnn|iOp:program", kwlist, &out_obj, &out_code,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOOOOinnn|iOi:program", kwlist, &out_obj, &out_code,
                                      &inputs_obj, &codes_obj, &code_obj, &table_obj, &n_regs, &row_len, &start,
-                                     &stop, &compute_code, &sums_obj, &rowwise))
+                                     &stop, &compute_code, &sums_obj, &axis))
         return NULL;
     if (check_range(start, stop, fn) < 0 || check_dtype(compute_code, fn, "compute_dtype") < 0)
         return NULL;
@@ -2079,8 +2105,12 @@ static PyObject *py_program(PyObject *self, PyObject *args, PyObject *kwargs)
         PyErr_Format(PyExc_ValueError, "%s: need 1 <= n_regs <= %d and row_len >= 1", fn, PROGRAM_MAX_REGS);
         return NULL;
     }
-    if (rowwise && (start % row_len || stop % row_len)) {
-        PyErr_Format(PyExc_ValueError, "%s: rowwise sums need start and stop on row boundaries", fn);
+    if (axis < 0 || axis > 2) {
+        PyErr_Format(PyExc_ValueError, "%s: axis must be 0 (whole), 1 (rows) or 2 (columns), got %d", fn, axis);
+        return NULL;
+    }
+    if (axis && (start % row_len || stop % row_len)) {
+        PyErr_Format(PyExc_ValueError, "%s: sums per row or column need start and stop on row boundaries", fn);
         return NULL;
     }
     PyObject *result = NULL, *inputs_fast = NULL, *codes_fast = NULL;
@@ -2124,13 +2154,13 @@ static PyObject *py_program(PyObject *self, PyObject *args, PyObject *kwargs)
         PyErr_Format(PyExc_ValueError, "%s: code must hold whole instructions of %d int32 words", fn, PROGRAM_WORDS);
         goto done;
     }
-    const Py_ssize_t n_rows = rowwise ? (stop - start) / row_len : 1;
+    const Py_ssize_t n_vec = axis == 1 ? (stop - start) / row_len : (axis == 2 ? row_len : 1);
     Py_ssize_t n_sums = 0;
     if (sums_obj != Py_None) {
         if (get_buffer(sums_obj, &sums_view, fn, "sums", 1) < 0)
             goto done;
         have_sums = 1;
-        n_sums = n_rows > 0 ? sums_view.len / (Py_ssize_t)sizeof(double) / n_rows : 0;
+        n_sums = n_vec > 0 ? sums_view.len / (Py_ssize_t)sizeof(double) / n_vec : 0;
     }
     const int32_t *code = code_view.buf;
     for (Py_ssize_t pc = 0; pc < n_code; pc++) { /* every index checked before the loop runs unchecked */
@@ -2141,7 +2171,9 @@ static PyObject *py_program(PyObject *self, PyObject *args, PyObject *kwargs)
         if (ok && op == OP_LOAD)
             ok = ins[2] < N;
         else if (ok && op == OP_FILL)
-            ok = ins[3] ? (stop == start || ins[2] + (stop - 1) / row_len < n_table) : ins[2] < n_table;
+            ok = (!ins[3] || axis == 0) ? ins[2] < n_table /* a whole tensor is one vector */
+                 : axis == 2 ? ins[2] + row_len <= n_table
+                             : (stop == start || ins[2] + (stop - 1) / row_len < n_table);
         else if (ok && op == OP_SUM)
             ok = ins[2] < n_regs && ins[3] < n_sums;
         else if (ok)
@@ -2184,8 +2216,8 @@ static PyObject *py_program(PyObject *self, PyObject *args, PyObject *kwargs)
     a.start = start;
     a.stop = stop;
     a.compute_code = compute_code;
-    a.rowwise = rowwise;
-    a.n_rows = n_rows;
+    a.axis = axis;
+    a.n_vec = n_vec;
     a.sums = have_sums ? sums_view.buf : NULL;
     a.block = block;
     a.scratch = scratch;

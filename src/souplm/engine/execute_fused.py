@@ -76,9 +76,6 @@ def fused_blocker(plan: Plan) -> str | None:
     for item in plan.items:
         if item.copy_from is not None:
             continue
-        if plan.method.torch is not None and plan.method.form_for(
-                len(item.inputs), {**item.model_params, **item.global_params}, has_base=item.base is not None) is None:
-            return f"method {plan.method.name} is stated in torch for {item.out_name}'s parameters"
         names = list(zip(item.sources, item.inputs))
         if item.base is not None:
             names.append((item.base_from, item.base))
@@ -291,8 +288,10 @@ class Executor:
     def _program(self, item: Item, program: Program, inputs: list[np.ndarray], codes: list[int], out: np.ndarray,
                  out_code: int, row_len: int, n: int) -> None:
         """A Program's passes (methods/program.py) over the inputs' stored bytes, split across the threads by
-        whole rows of the last dimension (so that row sums and row constants need no seams)."""
-        cols = (item.shape[-1] if program.rowwise and item.shape else row_len) or 1
+        whole rows (so that sums and constants per row or column need no seams); partial sums are added in
+        range order."""
+        shape = (n // row_len, *item.shape[1:]) if item.shape else (n,)  # the merged rows
+        axis, cols = program.vectors(shape)
         rows = n // cols
         cc = KERNEL_DTYPES[compute_dtype(self.plan, item)]
 
@@ -302,9 +301,10 @@ class Executor:
             store = out if ops.stored is not None else None
 
             def part(r0: int, r1: int) -> tuple[int, np.ndarray | None]:
-                sums = np.zeros((ops.n_sums, (r1 - r0) if program.rowwise else 1)) if ops.n_sums else None
+                width = (r1 - r0) if axis == 1 else (cols if axis == 2 else 1)
+                sums = np.zeros((ops.n_sums, width)) if ops.n_sums else None
                 bad = _kernels.program(store, out_code, inputs, codes, code, table, ops.n_regs, cols, r0 * cols,
-                                       r1 * cols, cc, sums=sums, rowwise=program.rowwise)
+                                       r1 * cols, cc, sums=sums, axis=axis)
                 return bad, sums
 
             results = self._parallel(part, rows, cols) if rows else []
@@ -319,7 +319,7 @@ class Executor:
             if not ops.n_sums:
                 return np.zeros((0, 1))
             parts = [s for _, s in results]
-            return np.concatenate(parts, axis=1) if program.rowwise else np.sum(parts, axis=0)
+            return np.concatenate(parts, axis=1) if axis == 1 else np.sum(parts, axis=0)
 
         program.body(sweep, compute_dtype(self.plan, item))
 

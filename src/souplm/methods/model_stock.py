@@ -83,7 +83,7 @@ def model_stock(n_models, filter_wise=False) -> Program:
             tau = ops.sub(ops.input(0), ops.input(n))
             for i in range(1, n):
                 tau = ops.add(tau, ops.sub(ops.input(i), ops.input(n)))
-            step = ops.mul(ops.div(tau, ops.const(n)), ops.row_const(t) if filter_wise else ops.const(t[0]))
+            step = ops.mul(ops.div(tau, ops.const(n)), ops.vector_const(t) if filter_wise else ops.const(t[0]))
             ops.store(ops.add(ops.input(n), step))
             sweep(ops)
             return
@@ -91,9 +91,9 @@ def model_stock(n_models, filter_wise=False) -> Program:
         avg = ops.input(0)
         for i in range(1, n):  # the models' running sum, each step rounded (Python's sum over tensors)
             avg = ops.add(avg, ops.input(i))
-        avg = ops.mul(ops.div(avg, ops.const(n)), ops.row_const(t) if filter_wise else ops.const(t[0]))
-        ops.store(ops.add(avg, ops.mul(ops.input(n), ops.row_const(one_minus) if filter_wise
+        avg = ops.mul(ops.div(avg, ops.const(n)), ops.vector_const(t) if filter_wise else ops.const(t[0]))
+        ops.store(ops.add(avg, ops.mul(ops.input(n), ops.vector_const(one_minus) if filter_wise
                                        else ops.const(one_minus[0]))))
         sweep(ops)
 
-    return Program(body, rowwise=bool(filter_wise))
+    return Program(body, axis=-1 if filter_wise else None)

@@ -13,9 +13,10 @@ of a matrix; a 1-D tensor is one vector either way). `nuslerp_row_wise` only act
 `nuslerp_flatten` is false, as in mergekit.
 
 The result is a linear combination of v_1 and v_2 whose two coefficients depend only on the Gram matrix
-of each vector pair: `coefficients_from_gram`. Whole tensors are a Form (weights from the Gram matrix of the models or, with a
-base, of their task vectors: both executors, two reads of the inputs); rows and columns are `nuslerp_torch`
-(one Gram matrix per vector, then the weighted sum).
+of each vector pair: `coefficients_from_gram`. Whole tensors are a Form (weights from the Gram matrix of the
+models or, with a base, of their task vectors); rows and columns are a Program (methods/program.py: one pass
+sums each vector's three dot products in float64, a second forms c_1 v_1 + c_2 v_2 with one pair of
+coefficients per vector). Both run on either executor, two reads of the inputs.
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ import numpy as np
 
 from ..errors import SoupError
 from .form import Form
-from .gram import coefficient_weights, gram, gram_along
-from .linear import weighted_sum
+from .program import Ops, Program
 from .registry import ParamSpec, register
-from .task_arithmetic import add_to_base, task_vectors
 
 NORM_FLOOR = 1e-7  # a vector's norm is clamped to this before normalizing
 PARALLEL_EPS = 1e-8  # parallel when 1 - cos^2 <= PARALLEL_EPS^2: plain interpolation
@@ -53,22 +52,28 @@ def coefficients_from_gram(gram: np.ndarray, t: float) -> np.ndarray:
     return np.stack([c1, c2], axis=-1)
 
 
-def nuslerp_torch(tensors, base, weight, nuslerp_flatten=True, nuslerp_row_wise=False):
-    """The torch statement, for what the Form cannot state: per-row/column SLERPs (and, called directly, any case)."""
-    import torch
+def vectors_program(t: float, has_base: bool, along_first: bool) -> Program:
+    """NuSLERP per vector: along the last axis (each row), or along axis 0 (each column)."""
+    n_in = 3 if has_base else 2
 
-    if weight.dim() != 1:
-        raise SoupError("nuslerp takes one weight per model, not per row")
-    t = interpolation_t(weight.double().cpu().numpy())
-    vs = task_vectors(tensors, base) if base is not None else tensors
-    if nuslerp_flatten or vs[0].dim() <= 1:
-        coef = torch.from_numpy(coefficients_from_gram(gram(vs), t))
-    else:
-        dim = 0 if nuslerp_row_wise else -1
-        coef = coefficient_weights(coefficients_from_gram(gram_along(vs, dim), t), dim, vs[0].dim())
-        coef = coef.to(device=vs[0].device, dtype=torch.float32)
-    out = weighted_sum(vs, coef)
-    return add_to_base(out, base, 1.0) if base is not None else out
+    def terms(ops: Ops) -> list[int]:
+        return [ops.sub(ops.input(i), ops.input(2)) if has_base else ops.input(i) for i in range(2)]
+
+    def body(sweep, compute):
+        ops = Ops(n_in)
+        v = terms(ops)
+        for i, j in ((0, 0), (1, 1), (0, 1)):
+            ops.sum(ops.mul(v[i], v[j], exact=True))
+        g11, g22, g12 = sweep(ops)  # one value per vector
+        gram = np.stack([np.stack([g11, g12], -1), np.stack([g12, g22], -1)], -2)  # [vectors, 2, 2]
+        coef = coefficients_from_gram(gram, t).astype(np.float32)
+        ops = Ops(n_in)
+        v = terms(ops)
+        out = ops.add(ops.mul(v[0], ops.vector_const(coef[:, 0])), ops.mul(v[1], ops.vector_const(coef[:, 1])))
+        ops.store(ops.add(out, ops.input(2)) if has_base else out)
+        sweep(ops)
+
+    return Program(body, axis=0 if along_first else -1)
 
 
 @register(
@@ -86,16 +91,15 @@ def nuslerp_torch(tensors, base, weight, nuslerp_flatten=True, nuslerp_row_wise=
     global_params={"nuslerp_flatten": True, "nuslerp_row_wise": False},
     required=("weight",),
     row_weights=False,
-    torch=nuslerp_torch,
     reference="mergekit 0.1.5 merge_methods/nuslerp.py; Shoemake 1985 (SLERP)",
 )
-def nuslerp(weight, nuslerp_flatten=True, nuslerp_row_wise=False, has_base=False) -> Form | None:
+def nuslerp(weight, nuslerp_flatten=True, nuslerp_row_wise=False, has_base=False) -> Form | Program:
     """SLERP of two models (or task vectors) by t = w_2 / (w_1 + w_2), whole-tensor or per row/column."""
     w = np.asarray(weight, dtype=np.float64)
     if w.ndim != 1:
         raise SoupError("nuslerp takes one weight per model, not per row")
-    if not nuslerp_flatten:
-        return None  # one Gram matrix per row or column: nuslerp_torch
     t = interpolation_t(w)
+    if not nuslerp_flatten:  # one Gram matrix per row or column
+        return vectors_program(t, has_base, bool(nuslerp_row_wise))
     return Form(np.array([1 - t, t], np.float32), use_base=has_base,
                 reweigh=lambda g: coefficients_from_gram(g, t).astype(np.float32))

@@ -9,8 +9,8 @@ written with an `Ops` builder:
 
     ops = Ops(n_inputs)                 # registers 0 .. n_inputs - 1 are the inputs (the models, then the base)
     w = ops.abs(ops.sub(ops.input(1), ops.input(0)))
-    w = ops.max(w, ops.const(1e-6))     # a number, or one per row (`ops.row_const`)
-    ops.sum(w)                          # sum slot 0: returned by sweep, float64, per row with rowwise sums
+    w = ops.max(w, ops.const(1e-6))     # a number, or one per row or column (`ops.vector_const`)
+    ops.sum(w)                          # sum slot 0: returned by sweep, float64, per vector with an axis
     ops.store(w)                        # the result (the last pass only)
     sums = sweep(ops)
 
@@ -21,7 +21,7 @@ The inputs arrive rounded to the compute dtype.
 
 The operations (each op is one opcode of the C kernels, `_kernels.program`):
 
-    input k            the k-th input               const v / row_const [v per row]
+    input k            the k-th input               const v / vector_const [v per row or column]
     add sub mul div    a + b, a - b, a * b, a / b   abs neg recip      |a|, -a, 1 / a
     max min            a > b ? a : b, a < b ? a : b gt eq              1.0 where a > b (a == b), else 0.0
     where c a b        a where c != 0, else b       sum a              sum of a (float64), slot in call order
@@ -53,11 +53,23 @@ MAX_REGISTERS = 64  # the kernels' limit (PROGRAM_MAX_REGS)
 
 @dataclass
 class Program:
-    """body(sweep, compute): the method's passes (see the module docstring). `rowwise`: the sums are per
-    row of the tensor's last dimension (a 1-D tensor is one row), as Model Stock's `filter_wise`."""
+    """body(sweep, compute): the method's passes (see the module docstring). `axis`: the sums (and the
+    `vector_const`s) are over the whole tensor (None), per vector along the last dimension (-1: each row,
+    as Model Stock's `filter_wise`), or per vector along the first (0: each column of a matrix, as
+    NuSLERP's `nuslerp_row_wise`); a 1-D tensor is one vector either way."""
 
     body: Callable[[Callable, str], None]
-    rowwise: bool = False
+    axis: int | None = None
+
+    def vectors(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(kernel axis code, row length) for a tensor of this shape, seen as [numel / row length, row
+        length]: its vectors are its rows (code 1) or its columns (code 2), or it is one (code 0)."""
+        numel = int(np.prod(shape)) if len(shape) else 1
+        if self.axis is None or len(shape) <= 1:
+            return 0, max(numel, 1)
+        if self.axis == 0:
+            return 2, max(numel // shape[0] if shape[0] else 1, 1)
+        return 1, max(shape[-1], 1)
 
 
 @dataclass
@@ -67,7 +79,7 @@ class Ops:
     n_inputs: int
     code: list[tuple[int, int, int, int, int, int]] = field(default_factory=list)
     table: list[float] = field(default_factory=list)
-    rows: list[np.ndarray] = field(default_factory=list)  # the row constants, in table order after the numbers
+    rows: list[np.ndarray] = field(default_factory=list)  # the vector constants, in table order after the numbers
     n_sums: int = 0
     stored: int | None = None
     wide: bool = False
@@ -96,8 +108,8 @@ class Ops:
         self.table.append(float(np.float32(value)))
         return self._new("fill", len(self.table) - 1, 0, exact=True)
 
-    def row_const(self, values) -> int:
-        """One float32 number per row."""
+    def vector_const(self, values) -> int:
+        """One float32 number per vector (per row or column: the program's `axis`)."""
         self.rows.append(np.asarray(values, dtype=np.float32).reshape(-1))
         return self._new("fill", -len(self.rows), 1, exact=True)  # offset fixed in `tables`
 
@@ -155,7 +167,7 @@ class Ops:
         self.wide = wide
 
     def tables(self) -> tuple[np.ndarray, np.ndarray]:
-        """(code int32 [n, 6], table float32): the row constants' offsets resolved."""
+        """(code int32 [n, 6], table float32): the vector constants' offsets resolved."""
         offsets, at = [], len(self.table)
         for r in self.rows:
             offsets.append(at)
@@ -191,41 +203,41 @@ def run(program: Program, tensors: list[torch.Tensor], base: torch.Tensor | None
 
     inputs = [*tensors, *([base] if base is not None else [])]
     shape = inputs[0].shape
-    cols = shape[-1] if program.rowwise and len(shape) >= 1 else inputs[0].numel()
+    code_axis, row_len = program.vectors(tuple(shape))
     rnd = rounder(compute) or (lambda t: t)
-    flat = [rnd(t.reshape(-1, cols).to(torch.float32)) for t in inputs]
+    flat = [rnd(t.reshape(-1, row_len).to(torch.float32)) for t in inputs]  # [rows, row_len]
+    reduce = {0: (0, 1), 1: 1, 2: 0}[code_axis]  # the dims a sum runs over
     result: list[torch.Tensor] = []
 
     def sweep(ops: Ops) -> np.ndarray:
         regs: list[torch.Tensor | None] = [*flat, *([None] * (ops.n_regs - len(flat)))]
         sums: list[torch.Tensor] = []
         code, table = ops.tables()
+        like = flat[0]
         for op, d, a, b, c, r in code.tolist():
             name = OPCODES[op]
             if name == "input":
                 continue
             if name == "sum":
-                sums.append(regs[a].to(torch.float64).sum(dim=-1))
+                sums.append(regs[a].to(torch.float64).sum(dim=reduce).reshape(-1))
                 continue
             if name == "store":
                 low = {"BF16": torch.bfloat16, "F16": torch.float16}.get(compute)
                 result.append(regs[a] if ops.wide or low is None else regs[a].to(low))
                 continue
             if name == "fill":
-                like = flat[0]
-                if b:
-                    vals = torch.as_tensor(table[a: a + like.shape[0]], device=like.device)
-                    v = vals.reshape(-1, 1).expand_as(like)
+                if b:  # one number per vector: a column of per-row values, or a row of per-column ones
+                    count = like.shape[1] if code_axis == 2 else like.shape[0]
+                    vals = torch.as_tensor(table[a: a + count], device=like.device)
+                    regs[d] = (vals.reshape(1, -1) if code_axis == 2 else vals.reshape(-1, 1)).expand_as(like)
                 else:
-                    v = torch.full_like(like, float(table[a]))
-                regs[d] = v
+                    regs[d] = torch.full_like(like, float(table[a]))
                 continue
-            x, y, z = regs[a], regs[b], regs[c]
-            v = _TORCH_OPS[name](x, y, z)
+            v = _TORCH_OPS[name](regs[a], regs[b], regs[c])
             regs[d] = rnd(v) if r else v
         if not sums:
-            return np.zeros((0, flat[0].shape[0] if program.rowwise else 1))
-        return torch.stack(sums).cpu().numpy().reshape(len(sums), -1)
+            return np.zeros((0, 1))
+        return torch.stack(sums).cpu().numpy()
 
     program.body(sweep, compute)
     return result[-1].reshape(shape)

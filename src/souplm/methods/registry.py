@@ -127,14 +127,11 @@ class Method:
     native_dtype: bool = False  # mergekit computes it in the tensors' dtype (engine/precision.py), not float32
     reference: str = ""
     summary: str = ""
-    form: Callable | None = None  # the form builder, when the method is stated as a Form (fn derives from it)
-    # the torch statement where the form builder gives None (parameters its Form cannot state, e.g. NuSLERP's
-    # task vectors or rows): fn(tensors, base, **params), run by the torch executor only
-    torch: Callable | None = None
+    form: Callable | None = None  # the form builder (a Form or a Program), when it is the statement (fn derives from it)
 
     def form_for(self, n_models: int, params: dict, has_base: bool = False) -> object:
-        """The method's Form for one tensor: `params` holds its per-model (NumPy [N]) and global values.
-        None: no Form states these parameters, `torch` runs instead."""
+        """The method's Form (or Program) for one tensor: `params` holds its per-model (NumPy [N]) and global
+        values."""
         accepted = inspect.signature(self.form).parameters
         kwargs = {("lam" if k == "lambda" else k): v for k, v in params.items() if v is not None}
         kwargs = {k: v for k, v in kwargs.items() if k in accepted}
@@ -188,8 +185,6 @@ def _torch_statement(name: str) -> Callable:
 
         method = METHODS[name]
         form = method.form_for(len(tensors), {k: as_numpy(v) for k, v in params.items()}, has_base=base is not None)
-        if form is None:
-            return method.torch(tensors, base, **params, **({} if keys is None else {"keys": keys}))
         if isinstance(form, Program):  # in the tensors' dtype where mergekit computes in it (engine/precision.py)
             codes = {str(t.dtype) for t in tensors} | ({str(base.dtype)} if base is not None else set())
             low = {"torch.bfloat16": "BF16", "torch.float16": "F16"}.get(codes.pop()) if len(codes) == 1 else None
