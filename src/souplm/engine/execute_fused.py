@@ -4,8 +4,8 @@ The engine has two executors for the same plan, and both run each method's one s
 (methods/form.py) or its `Program` (methods/program.py: passes of entrywise operations, interpreted by one
 C kernel over blocks that stay in L1). This one runs every method stated as either: a weighted combination of (optionally
 trimmed or randomly dropped) task vectors, with TIES's sign election or without, and weights that may come
-from the tensors' Gram matrix (SLERP). It reads the stored bytes (bf16, fp16 or fp32) and computes each
-output element in a single pass that converts, subtracts the base, masks, weighs, elects the sign,
+from the tensors' Gram matrix (SLERP). It sees the stored bytes (bf16, fp16 or fp32) in place in the mapped
+input files (`MAP_INPUTS`) and computes each output element in a single pass that converts, subtracts the base, masks, weighs, elects the sign,
 divides, adds the base, rounds to the output dtype and checks the inputs for NaN/Inf, split across the
 CPU's cores. What a step needs from the whole tensor comes from passes before it: the trim's cuts (a radix
 select over the float bits, two passes for one or two cuts: TIES, breadcrumbs), DARE's L1 norms, DELLA's
@@ -26,7 +26,7 @@ import itertools
 import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -90,11 +90,20 @@ def fused_blocker(plan: Plan) -> str | None:
 # -- byte buffers -----------------------------------------------------------------------------------
 class Buffers:
     """Reusable byte buffers, best fit; the same few sizes come back layer after layer, and a fresh
-    buffer costs a round of page faults (the same reasoning as `io.pool` for the torch executor)."""
+    buffer costs a round of page faults (the same reasoning as `io.pool` for the torch executor). Inputs
+    are seen in place in the mapped files where they can be (`MAP_INPUTS`): given back, their pages leave
+    the resident set."""
 
     def __init__(self) -> None:
         self._free: list[np.ndarray] = []
+        self._mapped: dict[int, tuple[np.ndarray, Callable[[], None]]] = {}
         self._lock = threading.Lock()
+
+    def mapped(self, view: np.ndarray, release: Callable[[], None]) -> np.ndarray:
+        """Hold a mapped view until it is given back, then `release()` it."""
+        with self._lock:
+            self._mapped[id(view)] = (view, release)
+        return view
 
     def take(self, nbytes: int) -> np.ndarray:
         with self._lock:
@@ -106,7 +115,11 @@ class Buffers:
 
     def give(self, buf: np.ndarray) -> None:
         with self._lock:
-            self._free.append(buf.base if buf.base is not None else buf)
+            held = self._mapped.pop(id(buf), None)
+            if held is None:
+                self._free.append(buf.base if buf.base is not None else buf)
+        if held is not None:
+            held[1]()
 
 
 @dataclass
@@ -122,7 +135,16 @@ class Tensor:
         return KERNEL_DTYPES[self.dtype.code]
 
 
+# Inputs are seen in place in the mapped files (no copy, no fresh pages: on some VMs first-touching fresh
+# memory costs more CPU than the merge itself); SOUPLM_MAP_INPUTS=0 reads them into buffers instead.
+MAP_INPUTS = os.environ.get("SOUPLM_MAP_INPUTS", "1") != "0"
+
+
 def _read_bytes(buffers: Buffers, ck: Checkpoint, name: str) -> np.ndarray:
+    if MAP_INPUTS:
+        view = ck.mapped_bytes(name, prefetch=True)
+        if view is not None:
+            return buffers.mapped(view, lambda: ck.unmap_bytes(name))
     buf = buffers.take(ck.nbytes(name))
     ck.read_bytes_into(name, memoryview(buf))
     return buf

@@ -207,6 +207,17 @@ class Checkpoint:
             raise SoupError(f"{self.path}: tensor {name} is not stored in safetensors")
         src.read_bytes_into(name, view)
 
+    def mapped_bytes(self, name: str, prefetch: bool = False):
+        """The stored bytes of tensor `name` (safetensors only) as a read-only view of the mapped file, or
+        None where it cannot be mapped (SafetensorsFile.mapped_bytes); `unmap_bytes` when done with them."""
+        src = self._files[self._where[name]] if name in self._where else None
+        if not isinstance(src, SafetensorsFile):
+            raise SoupError(f"{self.path}: tensor {name} is not stored in safetensors")
+        return src.mapped_bytes(name, prefetch)
+
+    def unmap_bytes(self, name: str) -> None:
+        self._files[self._where[name]].unmap_bytes(name)
+
     @property
     def is_safetensors(self) -> bool:
         return all(isinstance(src, SafetensorsFile) for src in self._files.values())

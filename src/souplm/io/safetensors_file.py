@@ -18,6 +18,7 @@ transferred: Linux moves at most 0x7ffff000 bytes per `preadv`/`write` call, les
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import threading
@@ -75,8 +76,10 @@ class TensorInfo:
 
 
 class SafetensorsFile:
-    """One .safetensors file. Tensors are read with `readinto` into fresh buffers rather than mapped:
-    mapped pages count as resident memory, which would make peak RSS grow with the model."""
+    """One .safetensors file. Tensors are read with `readinto` into buffers (`get`, `read_bytes_into`), or
+    seen in place through a read-only mapping of the file (`mapped_bytes`, the fused executor's inputs: no
+    copy and no fresh pages to fault in), whose pages leave the resident set again with `unmap_bytes` (so
+    peak RSS stays bounded by the tensors in use, not the model)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -86,6 +89,43 @@ class SafetensorsFile:
             raise SoupError(f"cannot open {self.path}: {e.strerror}") from None
         size = os.fstat(self._fh.fileno()).st_size
         self.tensors, self.metadata = _parse_header(self._fh, size, self.path)
+        self._map: mmap.mmap | None | bool = None  # False: the file cannot be mapped (read it instead)
+        self._map_lock = threading.Lock()
+
+    def mapped_bytes(self, name: str, prefetch: bool = False):
+        """The stored bytes of tensor `name` as a read-only NumPy uint8 view of the mapped file, or None
+        where the file cannot be mapped (then read it). `prefetch`: ask the kernel to read its pages ahead.
+        The file must not be truncated while mapped (a concurrent in-place writer would fault the reader;
+        souplm's own writer replaces files rather than rewriting them)."""
+        import numpy as np
+
+        info = self.tensors[name]
+        with self._map_lock:
+            if self._map is None:
+                try:
+                    self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+                except (OSError, ValueError):
+                    self._map = False
+        if self._map is False or not info.nbytes:
+            return None
+        if prefetch:
+            self._advise(info, getattr(mmap, "MADV_WILLNEED", None))
+        return np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.start)
+
+    def unmap_bytes(self, name: str) -> None:
+        """Drop tensor `name`'s mapped pages from this process's resident set (the page cache keeps them;
+        touching them again maps them back)."""
+        if isinstance(self._map, mmap.mmap):
+            self._advise(self.tensors[name], getattr(mmap, "MADV_DONTNEED", None))
+
+    def _advise(self, info, advice) -> None:
+        if advice is None or not info.nbytes:
+            return
+        start = info.start - info.start % mmap.PAGESIZE
+        try:
+            self._map.madvise(advice, start, info.start + info.nbytes - start)
+        except (OSError, ValueError, AttributeError):
+            pass  # advice only
 
     def get(self, name: str, dtype=None) -> torch.Tensor:
         """A fresh tensor holding the stored values, converted to `dtype` when given.
@@ -144,6 +184,11 @@ class SafetensorsFile:
         return out
 
     def close(self) -> None:
+        if isinstance(self._map, mmap.mmap):
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # views of it are still alive: the mapping goes with the last of them
         self._fh.close()
 
 
