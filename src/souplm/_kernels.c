@@ -1710,6 +1710,40 @@ typedef struct {
     double *g;      /* n * n */
 } gram_args;
 
+#if defined(__GNUC__) || defined(__clang__)
+typedef double soup_v4d __attribute__((vector_size(32)));
+#endif
+
+/* sum_k x[k] y[k] in float64, in eight interleaved partial sums added in a fixed order (so that it
+ * vectorizes instead of waiting on one chain of additions); y == NULL: sum_k x[k]. */
+SOUP_INLINE double dot_sum(const float *SOUP_RESTRICT x, const float *SOUP_RESTRICT y, int n)
+{
+    int k = 0;
+#if defined(__GNUC__) || defined(__clang__)
+    soup_v4d lo = {0.0, 0.0, 0.0, 0.0}, hi = {0.0, 0.0, 0.0, 0.0}; /* lanes 0-3 and 4-7 */
+    for (; k + 8 <= n; k += 8) {
+        soup_v4d a = {x[k], x[k + 1], x[k + 2], x[k + 3]}, b = {x[k + 4], x[k + 5], x[k + 6], x[k + 7]};
+        if (y) {
+            soup_v4d c = {y[k], y[k + 1], y[k + 2], y[k + 3]}, d = {y[k + 4], y[k + 5], y[k + 6], y[k + 7]};
+            a *= c;
+            b *= d;
+        }
+        lo += a;
+        hi += b;
+    }
+    double lane[8] = {lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]};
+#else
+    double lane[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    for (; k + 8 <= n; k += 8)
+        for (int l = 0; l < 8; l++)
+            lane[l] += y ? (double)x[k + l] * (double)y[k + l] : (double)x[k + l];
+#endif
+    double s = ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+    for (; k < n; k++)
+        s += y ? (double)x[k] * (double)y[k] : (double)x[k];
+    return s;
+}
+
 SOUP_INLINE void gram_impl(gram_args *a, int f16c)
 {
     const int N = a->n, B = 512;
@@ -1729,10 +1763,8 @@ SOUP_INLINE void gram_impl(gram_args *a, int f16c)
         for (int i = 0; i < N; i++)
             for (int j = i; j < N; j++) {
                 const float *SOUP_RESTRICT x = dd + (size_t)i * B, *SOUP_RESTRICT y = dd + (size_t)j * B;
-                double acc = 0.0; /* float64 products and sums: any split gives the same matrix to ~1e-16 */
-                for (int k = 0; k < n; k++)
-                    acc += (double)x[k] * (double)y[k];
-                a->g[i * N + j] += acc;
+                /* float64 products (exact) and sums: any split gives the same matrix to ~1e-16 */
+                a->g[i * N + j] += dot_sum(x, y, n);
             }
     }
 }
@@ -1926,35 +1958,6 @@ SOUP_INLINE void program_fill_vectors(const program_args *a, const int32_t *ins,
     }
 }
 
-/* The float64 sum of n values in eight interleaved partial sums added in a fixed order (so that it
- * vectorizes, and gives the same bits however a tensor is split into blocks of the same size). */
-#if defined(__GNUC__) || defined(__clang__)
-typedef double soup_v4d __attribute__((vector_size(32)));
-#endif
-
-SOUP_INLINE double program_sum(const float *SOUP_RESTRICT x, int n)
-{
-    int k = 0;
-#if defined(__GNUC__) || defined(__clang__)
-    soup_v4d lo = {0.0, 0.0, 0.0, 0.0}, hi = {0.0, 0.0, 0.0, 0.0}; /* lanes 0-3 and 4-7 */
-    for (; k + 8 <= n; k += 8) {
-        soup_v4d a = {x[k], x[k + 1], x[k + 2], x[k + 3]}, b = {x[k + 4], x[k + 5], x[k + 6], x[k + 7]};
-        lo += a;
-        hi += b;
-    }
-    double lane[8] = {lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]};
-#else
-    double lane[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-    for (; k + 8 <= n; k += 8)
-        for (int l = 0; l < 8; l++)
-            lane[l] += (double)x[k + l];
-#endif
-    double s = ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
-    for (; k < n; k++)
-        s += (double)x[k];
-    return s;
-}
-
 SOUP_INLINE void program_impl(const program_args *a, int f16c, const int cc)
 {
     const int B = a->block;
@@ -2031,7 +2034,7 @@ SOUP_INLINE void program_impl(const program_args *a, int f16c, const int cc)
                 break;
             case OP_SUM:
                 if (a->axis == 0) {
-                    a->sums[ins[3]] += program_sum(x, n);
+                    a->sums[ins[3]] += dot_sum(x, NULL, n);
                 } else if (a->axis == 2) { /* per column: each column's sum in its own float64 */
                     double *SOUP_RESTRICT col_sums = a->sums + (size_t)ins[3] * a->n_vec;
                     Py_ssize_t col = j0 % a->row_len;
@@ -2048,7 +2051,7 @@ SOUP_INLINE void program_impl(const program_args *a, int f16c, const int cc)
                     int k = 0;
                     while (k < n) {
                         const int len = (int)(left < n - k ? left : n - k);
-                        a->sums[(size_t)ins[3] * a->n_vec + (row - row0)] += program_sum(x + k, len);
+                        a->sums[(size_t)ins[3] * a->n_vec + (row - row0)] += dot_sum(x + k, NULL, len);
                         k += len;
                         row++;
                         left = a->row_len;
