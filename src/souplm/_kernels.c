@@ -273,11 +273,12 @@ SOUP_INLINE float keep_if(int cond, float x)
  * float16 does after each operation (mergekit computes task-vector methods in the tensors' dtype). */
 SOUP_INLINE float round_to(int code, float x)
 {
-    if (code == DT_BF16) { /* f32_bits_to_bf16, kept in the high half: fewer vector ops */
+    if (code == DT_BF16) { /* round to nearest even in the high half. Inf stays Inf; a NaN the arithmetic
+                              makes (the default NaN, mantissa 0x400000) stays a NaN. Only a NaN payload with
+                              its top 16 mantissa bits set could carry into the sign, and such a NaN can only
+                              come from an input, which the loads have flagged (the result is then refused) */
         uint32_t u = f32_to_bits(x);
-        uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-        uint32_t is_nan = mask_if((int32_t)(u & 0x7FFFFFFFu) > 0x7F800000);
-        return bits_to_f32((r & ~is_nan) | (0x7FC00000u & is_nan));
+        return bits_to_f32((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
     }
     if (code == DT_F16)
         return bits_to_f32(f16_to_f32_bits(f32_bits_to_f16(f32_to_bits(x))));
