@@ -35,6 +35,7 @@ that stay in L1 per `sweep`, no torch), and `run` below with torch, a whole-tens
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -79,7 +80,7 @@ class Ops:
     n_inputs: int
     code: list[tuple[int, int, int, int, int, int]] = field(default_factory=list)
     table: list[float] = field(default_factory=list)
-    rows: list[np.ndarray] = field(default_factory=list)  # the vector constants, in table order after the numbers
+    vectors: list[np.ndarray] = field(default_factory=list)  # the vector constants, in table order after the numbers
     n_sums: int = 0
     stored: int | None = None
     wide: bool = False
@@ -110,8 +111,8 @@ class Ops:
 
     def vector_const(self, values) -> int:
         """One float32 number per vector (per row or column: the program's `axis`)."""
-        self.rows.append(np.asarray(values, dtype=np.float32).reshape(-1))
-        return self._new("fill", -len(self.rows), 1, exact=True)  # offset fixed in `tables`
+        self.vectors.append(np.asarray(values, dtype=np.float32).reshape(-1))
+        return self._new("fill", -len(self.vectors), 1, exact=True)  # offset fixed in `tables`
 
     def add(self, a, b, exact=False):
         return self._new("add", a, b, exact=exact)
@@ -169,12 +170,12 @@ class Ops:
     def tables(self) -> tuple[np.ndarray, np.ndarray]:
         """(code int32 [n, 6], table float32): the vector constants' offsets resolved."""
         offsets, at = [], len(self.table)
-        for r in self.rows:
+        for r in self.vectors:
             offsets.append(at)
             at += r.size
         code = np.array([(op, d, offsets[-a - 1] if op == OP["fill"] and b == 1 else a, b, c, rnd)
                          for op, d, a, b, c, rnd in self.code], dtype=np.int32).reshape(-1, 6)
-        table = np.concatenate([np.asarray(self.table, np.float32), *self.rows]) if (self.table or self.rows) \
+        table = np.concatenate([np.asarray(self.table, np.float32), *self.vectors]) if (self.table or self.vectors) \
             else np.zeros(1, np.float32)
         return code, table
 
@@ -233,7 +234,7 @@ def run(program: Program, tensors: list[torch.Tensor], base: torch.Tensor | None
                 else:
                     regs[d] = torch.full_like(like, float(table[a]))
                 continue
-            v = _TORCH_OPS[name](regs[a], regs[b], regs[c])
+            v = _torch_ops()[name](regs[a], regs[b], regs[c])
             regs[d] = rnd(v) if r else v
         if not sums:
             return np.zeros((0, 1))
@@ -243,7 +244,9 @@ def run(program: Program, tensors: list[torch.Tensor], base: torch.Tensor | None
     return result[-1].reshape(shape)
 
 
+@functools.cache
 def _torch_ops() -> dict[str, Callable]:
+    """The torch statement of each operation (imported on first use)."""
     import torch
 
     return {
@@ -260,12 +263,3 @@ def _torch_ops() -> dict[str, Callable]:
         "eq": lambda x, y, z: (x == y).to(x.dtype),
         "where": lambda x, y, z: torch.where(x != 0, y, z),
     }
-
-
-class _LazyOps(dict):
-    def __missing__(self, key):
-        self.update(_torch_ops())
-        return self[key]
-
-
-_TORCH_OPS: dict[str, Callable] = _LazyOps()
