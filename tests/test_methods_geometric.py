@@ -291,6 +291,23 @@ def test_arcee_fusion_matches_formula(dtype, shape):
     assert kept.mean() < 0.5 and (kept.any() or got.size < 100)  # an outlier threshold keeps a minority
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("n", [100, 5000, 70001, 2_500_003])  # the torch fallback, then the radix select (threaded)
+def test_order_statistics_are_numpys_sorted_values(dtype, n):
+    from souplm.methods.steps import order_statistics
+
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=g, dtype=torch.float64) * 0.01).to(TORCH[dtype])
+    x[: n // 10] = 0.0  # ties, both zeros and negatives: the keys must order signed values
+    x[n // 10: n // 5] = -0.0
+    x[n // 5: n // 4] = x[n // 4]
+    ranks = [0, n // 4, n // 2, (3 * n) // 4, n - 1, n // 10 - 1, n // 5]
+    srt = np.sort(x.double().numpy())
+    got = order_statistics(x.reshape(-1, 1) if n % 2 else x, ranks)
+    assert [g.dtype for g in got] == [x.dtype] * len(ranks)
+    assert [float(v) for v in got] == [srt[r] for r in ranks]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 @pytest.mark.parametrize("eps", [1e-5, 0.0, 0.04])

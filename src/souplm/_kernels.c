@@ -624,6 +624,7 @@ typedef struct {
     int block;
     float *scratch; /* 2 * block floats */
     uint32_t *keys; /* block */
+    int sign;       /* 1: keys of the signed values x (base NULL), ordered as the values are */
 } hist_args;
 
 SOUP_INLINE void hist_impl(const hist_args *a, int f16c, const int cc)
@@ -635,9 +636,17 @@ SOUP_INLINE void hist_impl(const hist_args *a, int f16c, const int cc)
     uint32_t *SOUP_RESTRICT hist = a->hist;
     for (Py_ssize_t j0 = a->start; j0 < a->stop; j0 += B) {
         const int n = (int)(a->stop - j0 < B ? a->stop - j0 : B);
-        load_abs_delta(a->x_code, a->x, a->base_code, a->base, j0, n, xs, bs, f16c, cc);
-        for (int k = 0; k < n; k++)
-            keys[k] = f32_to_bits(xs[k]);
+        if (a->sign) { /* the float bits made monotone: negatives complemented, non-negatives above them */
+            load_block(a->x_code, a->x + (size_t)j0 * dtype_size(a->x_code), xs, n, f16c);
+            for (int k = 0; k < n; k++) {
+                const uint32_t u = f32_to_bits(cc != DT_F32 && a->x_code != cc ? round_to(cc, xs[k]) : xs[k]);
+                keys[k] = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+            }
+        } else {
+            load_abs_delta(a->x_code, a->x, a->base_code, a->base, j0, n, xs, bs, f16c, cc);
+            for (int k = 0; k < n; k++)
+                keys[k] = f32_to_bits(xs[k]);
+        }
         if (a->prefix < 0) {
             for (int k = 0; k < n; k++)
                 hist[keys[k] >> 16]++;
@@ -1154,29 +1163,36 @@ done:
 }
 
 PyDoc_STRVAR(hist_doc,
-"abs_delta_histogram(x, x_dtype, base, base_dtype, start, stop, hist, prefix, compute_dtype=0) -> None\n"
+"abs_delta_histogram(x, x_dtype, base, base_dtype, start, stop, hist, prefix, compute_dtype=0, hist2=None,\n"
+"                    prefix2=0, signed=False) -> None\n"
 "\n"
 "Count key = bits of |x[j] - base[j]| (|x[j]| when base is None) as uint32, for j in [start, stop), into\n"
 "hist (65536 uint32 counters, accumulated, not zeroed): prefix < 0 counts key >> 16; prefix >= 0 counts\n"
 "key & 0xFFFF of the keys with key >> 16 == prefix. Needs stop - start < 2**32. compute_dtype 1 or 2:\n"
 "x, base and their difference rounded to float16 / bfloat16 first (as combine does). hist2, prefix2 (with\n"
 "prefix >= 0; a buffer like hist): the same pass also counts, into hist2, key & 0xFFFF of the keys with\n"
-"key >> 16 == prefix2.");
+"key >> 16 == prefix2. signed=1 (base None): key = the bits of x[j] made monotone in its value (negative:\n"
+"all bits flipped; non-negative: the sign bit set), so the histograms order signed values.");
 
 static PyObject *py_abs_delta_histogram(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"x", "x_dtype", "base", "base_dtype", "start", "stop", "hist", "prefix", "compute_dtype",
-                             "hist2", "prefix2", NULL};
+                             "hist2", "prefix2", "signed", NULL};
     static const char *fn = "abs_delta_histogram";
     PyObject *x_obj, *base_obj, *hist_obj, *hist2_obj = Py_None;
     int x_code, base_code, compute_code = DT_F32;
     Py_ssize_t start, stop;
     long prefix, prefix2 = 0;
+    int sign = 0;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOinnOl|iOl:abs_delta_histogram", kwlist, &x_obj, &x_code,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOinnOl|iOlp:abs_delta_histogram", kwlist, &x_obj, &x_code,
                                      &base_obj, &base_code, &start, &stop, &hist_obj, &prefix, &compute_code,
-                                     &hist2_obj, &prefix2))
+                                     &hist2_obj, &prefix2, &sign))
         return NULL;
+    if (sign && base_obj != Py_None) {
+        PyErr_Format(PyExc_ValueError, "%s: signed keys are of x alone: base must be None", fn);
+        return NULL;
+    }
     if (hist2_obj != Py_None && (prefix < 0 || prefix2 < 0 || prefix2 > 0xFFFF)) {
         PyErr_Format(PyExc_ValueError, "%s: hist2 needs prefix and prefix2 in [0, 65535], got %ld and %ld", fn, prefix,
                      prefix2);
@@ -1256,6 +1272,7 @@ static PyObject *py_abs_delta_histogram(PyObject *self, PyObject *args, PyObject
     a.block = B;
     a.scratch = scratch;
     a.keys = keys;
+    a.sign = sign;
 
     if (stop > start) {
         Py_BEGIN_ALLOW_THREADS

@@ -18,8 +18,8 @@ recipe rounds where mergekit's does: both softmaxes, the + 1e-8, p / q, its log,
 row's sum, b - a, the importance and the threshold's arithmetic. mergekit then forms a + (b - a) mask in
 float32 (its mask is float32); the sum of two bf16 values in float32, once rounded to bf16, is the bf16
 sum souplm forms. Passes: per row block (in cache) two softmaxes, two additions, the quotient, its log,
-the product and the row sums; then b - a, |b - a|, the importance, three O(n) selections (a few sweeps
-each), the comparison, the masked update and the sum.
+the product and the row sums; then b - a, |b - a|, the importance, the three quartiles by one radix select (three
+sweeps, steps.order_statistics), the comparison, the masked update and the sum.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from ..io import pool
 from .registry import register
-from .ties import kth_largest
+from .steps import order_statistics
 
 if TYPE_CHECKING:
     import torch
@@ -54,19 +54,10 @@ def row_kl(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def order_statistic(s: torch.Tensor, index: int) -> torch.Tensor:
-    """sorted(s)[index] (0-based, ascending), by selection."""
-    flat = s.reshape(-1)
-    n = flat.numel()
-    if n > 65536 and bool(flat.min() >= 0):  # the fast bracketed selection needs non-negative values
-        return kth_largest(flat, n - index)
-    return flat.kthvalue(index + 1).values
-
-
 def fusion_threshold(s: torch.Tensor) -> torch.Tensor:
     """Q2 + 1.5 (Q3 - Q1) of the importance `s` (in its dtype, as mergekit), quartiles sorted(s)[floor(q (n - 1))]."""
     n = s.numel()
-    q1, q2, q3 = (order_statistic(s, int(q * (n - 1))) for q in QUARTILES)
+    q1, q2, q3 = order_statistics(s, [int(q * (n - 1)) for q in QUARTILES])
     return q2 + 1.5 * (q3 - q1)
 
 

@@ -130,6 +130,66 @@ def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
     return band.kthvalue(band.numel() - need + 1).values
 
 
+_KEY_DTYPES = {"torch.float32": (0, "int32"), "torch.float16": (1, "int16"), "torch.bfloat16": (2, "int16")}
+
+
+def order_statistics(x: torch.Tensor, ranks: list[int]) -> list[torch.Tensor]:
+    """sorted(x.flatten())[r] for each 0-based rank r, exactly, as 0-d tensors of x's dtype. On the CPU with
+    the C extension: a radix select over the values' float bits made monotone (signed values allowed), the
+    top 16 bits of every entry counted in one pass and the low 16 bits of the chosen bins in one more per
+    two bins, with no copy of x; elsewhere torch's `kthvalue`."""
+    import torch
+
+    flat = x.reshape(-1)
+    n = flat.numel()
+    codes = _KEY_DTYPES.get(str(flat.dtype))
+    try:
+        from .. import _kernels
+    except ImportError:
+        _kernels = None
+    if _kernels is None or codes is None or flat.device.type != "cpu" or n >= 1 << 32 or n <= 4096:
+        return [flat.kthvalue(r + 1).values for r in ranks]
+    code, view = codes
+    data = flat.contiguous().view(getattr(torch, view)).numpy()
+    threads = max(1, min(torch.get_num_threads(), n // (1 << 20)))
+    bounds = [n * i // threads for i in range(threads + 1)]
+
+    def histogram(prefix: int, prefix2: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        def part(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+            h1, h2 = np.zeros(65536, np.uint32), np.zeros(65536, np.uint32)
+            _kernels.abs_delta_histogram(data, code, None, 0, lo, hi, h1, prefix, signed=True,
+                                         hist2=h2 if prefix2 is not None else None, prefix2=prefix2 or 0)
+            return h1, h2
+        if threads == 1:
+            parts = [part(0, n)]
+        else:
+            with ThreadPoolExecutor(max_workers=threads) as workers:  # the kernel lets go of the GIL
+                parts = list(workers.map(part, bounds[:-1], bounds[1:]))
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+    ascending = np.cumsum(histogram(-1)[0], dtype=np.int64)  # entries in bins <= b
+    bins = [int(np.searchsorted(ascending, r, side="right")) for r in ranks]
+    lows: dict[int, np.ndarray] = {}
+    wanted = sorted(set(bins)) if code != 2 else []  # a bfloat16 value is its top 16 bits: one pass decides
+    for i in range(0, len(wanted), 2):  # the low bits of two bins per pass
+        pair = wanted[i: i + 2]
+        h1, h2 = histogram(pair[0], pair[1] if len(pair) > 1 else None)
+        lows[pair[0]] = h1
+        if len(pair) > 1:
+            lows[pair[1]] = h2
+    out = []
+    for r, b in zip(ranks, bins):
+        below = int(ascending[b - 1]) if b else 0
+        if b in lows:
+            low = int(np.searchsorted(np.cumsum(lows[b], dtype=np.int64), r - below, side="right"))
+        else:  # bfloat16: the low bits of its float32 bits are 0, so those of the key 0 or (negative) all ones
+            low = 0 if b & 0x8000 else 0xFFFF
+        key = np.uint32((b << 16) | low)
+        bits = key ^ np.uint32(0x80000000) if key & np.uint32(0x80000000) else ~key
+        out.append(torch.tensor(float(np.array([bits], np.uint32).view(np.float32)[0]), dtype=flat.dtype))
+    return out
+
+
 def recipe_decimal(value: float) -> float:
     """The decimal a recipe wrote, from the float32 copy the plan holds (0.01 stays 0.01, not 0.0099999998):
     counts such as int(density * n) must see the recipe's number, as mergekit (float64) does."""
