@@ -207,6 +207,8 @@ def test_program_methods_give_the_same_bits_on_both_executors(family, tmp_path, 
               for i, m in enumerate(names)]
     recipe = Recipe.load({"merge_method": method, "base_model": str(family["base"]), "dtype": dtype,
                           "models": models, "parameters": params})
+    monkeypatch.setattr(fused, "MIN_SPLIT", 64)  # even these small tensors split across the threads:
+    monkeypatch.setattr(fused, "SPLIT_UNIT", 64)  # by rows, or (whole-tensor sums) by elements
     out = {}
     for executor in ("fused", "torch"):
         monkeypatch.setenv("SOUPLM_EXECUTOR", executor)

@@ -61,6 +61,7 @@ except ImportError:  # the extension is optional: without a C compiler the torch
 KERNEL_DTYPES = {"F32": 0, "F16": 1, "BF16": 2}
 SUM, ELECT = 0, 1
 MIN_SPLIT = 1 << 18  # elements below which a tensor is not worth splitting across threads
+SPLIT_UNIT = 1 << 12  # a whole-tensor Program is split into ranges of multiples of this many elements
 
 
 def fused_blocker(plan: Plan) -> str | None:
@@ -310,8 +311,8 @@ class Executor:
     def _program(self, item: Item, program: Program, inputs: list[np.ndarray], codes: list[int], out: np.ndarray,
                  out_code: int, row_len: int, n: int) -> None:
         """A Program's passes (methods/program.py) over the inputs' stored bytes, split across the threads by
-        whole rows (so that sums and constants per row or column need no seams); partial sums are added in
-        range order."""
+        whole rows (so that sums and constants per row or column need no seams), or, where the tensor is one
+        vector, by elements; partial sums (float64) are added in range order."""
         shape = (n // row_len, *item.shape[1:]) if item.shape else (n,)  # the merged rows
         axis, cols = program.vectors(shape)
         rows = n // cols
@@ -329,7 +330,18 @@ class Executor:
                                        r1 * cols, cc, sums=sums, axis=axis)
                 return bad, sums
 
-            results = self._parallel(part, rows, cols) if rows else []
+            def part_elements(start: int, stop: int) -> tuple[int, np.ndarray | None]:
+                sums = np.zeros((ops.n_sums, 1)) if ops.n_sums else None
+                bad = _kernels.program(store, out_code, inputs, codes, code, table, ops.n_regs, cols, start, stop,
+                                       cc, sums=sums, axis=axis)
+                return bad, sums
+
+            if axis == 0:  # one vector (the whole tensor): split it by elements, in whole blocks of SPLIT_UNIT
+                blocks = -(-n // SPLIT_UNIT)
+                results = self._parallel(lambda a, z: part_elements(a * SPLIT_UNIT, min(n, z * SPLIT_UNIT)),
+                                         blocks, SPLIT_UNIT)
+            else:
+                results = self._parallel(part, rows, cols) if rows else []
             bad = [r for r, _ in results if r >= 0]
             if bad:
                 k = min(bad)
