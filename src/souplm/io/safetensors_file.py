@@ -114,9 +114,9 @@ class SafetensorsFile:
                     self._map = False
         if self._map is False or not info.nbytes:
             return None
-        if prefetch:  # map the pages in now, in one call (the reader thread's), not one fault per 64 KiB later
-            if not self._advise(info, MADV_POPULATE_READ):
-                self._advise(info, getattr(mmap, "MADV_WILLNEED", None))
+        # prefetch: map the pages in now, in one call (the reader thread's), not one fault per 64 KiB later
+        if prefetch and not self._advise(info, MADV_POPULATE_READ):
+            self._advise(info, getattr(mmap, "MADV_WILLNEED", None))
         return np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.start)
 
     def unmap_bytes(self, name: str) -> None:
