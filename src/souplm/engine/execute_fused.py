@@ -323,25 +323,18 @@ class Executor:
             code, table = code.tobytes(), table.tobytes()
             store = out if ops.stored is not None else None
 
-            def part(r0: int, r1: int) -> tuple[int, np.ndarray | None]:
-                width = (r1 - r0) if axis == 1 else (cols if axis == 2 else 1)
+            # the ranges' units: whole rows, or, where the tensor is one vector, blocks of SPLIT_UNIT elements
+            unit = SPLIT_UNIT if axis == 0 else cols
+
+            def part(u0: int, u1: int) -> tuple[int, np.ndarray | None]:
+                width = (u1 - u0) if axis == 1 else (cols if axis == 2 else 1)
                 sums = np.zeros((ops.n_sums, width)) if ops.n_sums else None
-                bad = _kernels.program(store, out_code, inputs, codes, code, table, ops.n_regs, cols, r0 * cols,
-                                       r1 * cols, cc, sums=sums, axis=axis)
+                bad = _kernels.program(store, out_code, inputs, codes, code, table, ops.n_regs, cols, u0 * unit,
+                                       min(n, u1 * unit), cc, sums=sums, axis=axis)
                 return bad, sums
 
-            def part_elements(start: int, stop: int) -> tuple[int, np.ndarray | None]:
-                sums = np.zeros((ops.n_sums, 1)) if ops.n_sums else None
-                bad = _kernels.program(store, out_code, inputs, codes, code, table, ops.n_regs, cols, start, stop,
-                                       cc, sums=sums, axis=axis)
-                return bad, sums
-
-            if axis == 0:  # one vector (the whole tensor): split it by elements, in whole blocks of SPLIT_UNIT
-                blocks = -(-n // SPLIT_UNIT)
-                results = self._parallel(lambda a, z: part_elements(a * SPLIT_UNIT, min(n, z * SPLIT_UNIT)),
-                                         blocks, SPLIT_UNIT)
-            else:
-                results = self._parallel(part, rows, cols) if rows else []
+            units = -(-n // unit) if axis == 0 else rows
+            results = self._parallel(part, units, unit) if units else []
             bad = [r for r, _ in results if r >= 0]
             if bad:
                 k = min(bad)

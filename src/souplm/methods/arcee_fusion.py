@@ -18,8 +18,9 @@ recipe rounds where mergekit's does: both softmaxes, the + 1e-8, p / q, its log,
 row's sum, b - a, the importance and the threshold's arithmetic. mergekit then forms a + (b - a) mask in
 float32 (its mask is float32); the sum of two bf16 values in float32, once rounded to bf16, is the bf16
 sum souplm forms. Passes: per row block (in cache) two softmaxes, two additions, the quotient, its log,
-the product and the row sums; then b - a, |b - a|, the importance, the three quartiles by one radix select (three
-sweeps, steps.order_statistics), the comparison, the masked update and the sum.
+the product and the row sums; then b - a, |b - a|, the importance, the three quartiles by one radix select
+(steps.order_statistics: one sweep in bf16, three in fp16 and fp32), the comparison, the masked update and
+the sum.
 """
 
 from __future__ import annotations

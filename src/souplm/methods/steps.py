@@ -136,8 +136,8 @@ _KEY_DTYPES = {"torch.float32": (0, "int32"), "torch.float16": (1, "int16"), "to
 def order_statistics(x: torch.Tensor, ranks: list[int]) -> list[torch.Tensor]:
     """sorted(x.flatten())[r] for each 0-based rank r, exactly, as 0-d tensors of x's dtype. On the CPU with
     the C extension: a radix select over the values' float bits made monotone (signed values allowed), the
-    top 16 bits of every entry counted in one pass and the low 16 bits of the chosen bins in one more per
-    two bins, with no copy of x; elsewhere torch's `kthvalue`."""
+    top 16 bits of every entry counted in one pass (all of a bfloat16's bits) and, for fp16 and fp32, the
+    low 16 bits of the chosen bins in one more per two bins, with no copy of x; elsewhere torch's `kthvalue`."""
     import torch
 
     flat = x.reshape(-1)
