@@ -21,7 +21,8 @@ CODES = (F32, F16, BF16)
 SUM, ELECT = 0, 1
 U64 = (1 << 64) - 1
 GAMMA, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-ISAS = ["generic"] + (["auto"] if K._set_isa("auto") != "generic" else [])
+# every copy of the kernels this CPU runs (generic, then avx2, then avx512 where it has them)
+ISAS = ["generic", "avx2", "avx512"][: ["generic", "avx2", "avx512"].index(K._set_isa("auto")) + 1]
 
 
 @pytest.fixture(autouse=True)
@@ -618,3 +619,11 @@ def test_gram_against_numpy_float64(use_base):
     expect = np.array([[a @ b for b in d] for a in d])
     got = each_isa(lambda: K.gram(xs, codes, base, BF16 if use_base else 0, 9, size - 4))
     np.testing.assert_allclose(np.asarray(got).reshape(3, 3), expect, rtol=1e-13)
+
+
+def test_each_copy_of_the_kernels_can_be_chosen_and_an_unknown_one_is_refused():
+    for isa in ISAS:
+        assert K._set_isa(isa) == isa
+    with pytest.raises(ValueError, match="_set_isa: expected 'auto' or one of this CPU's: generic"):
+        K._set_isa("sse9")
+    assert K._set_isa("auto") == ISAS[-1]
