@@ -63,13 +63,15 @@ def read_index(index: Path, root: Path, suffix: str) -> dict[str, Path]:
     if not isinstance(weight_map, dict):
         raise SoupError(f"{index}: weight_map must be an object of tensor name -> file, got {type(weight_map).__name__}")
     out: dict[str, Path] = {}
+    checked: dict[str, Path] = {}  # each shard's name checked once (an index names a few files, many times)
     for name, file in weight_map.items():
         if not isinstance(file, str):
             raise SoupError(f"{index}: weight_map entry {short_repr(name)} must name a file, got {short_repr(file)}")
-        path = contained_file(root, file, str(index))
+        if file not in checked:
+            checked[file] = contained_file(root, file, str(index))
         if not file.endswith(suffix):
             raise SoupError(f"{index}: weight_map entry {short_repr(name)} names {short_repr(file)}, not a {suffix} file")
-        out[name] = path
+        out[name] = checked[file]
     for path in set(out.values()):
         if not path.is_file():
             raise SoupError(f"{index} names shard {path.name}, which is missing")
