@@ -627,3 +627,65 @@ def test_each_copy_of_the_kernels_can_be_chosen_and_an_unknown_one_is_refused():
     with pytest.raises(ValueError, match="_set_isa: expected 'auto' or one of this CPU's: generic"):
         K._set_isa("sse9")
     assert K._set_isa("auto") == ISAS[-1]
+
+
+# -- SCE's selection: the variance across models and torch's top-k, against torch -----------------------
+TORCH_OF = {F32: "float32", F16: "float16", BF16: "bfloat16"}
+
+
+@pytest.mark.parametrize("code", CODES)
+@pytest.mark.parametrize("n_models", [1, 2, 3, 5])
+def test_variance_is_torch_var(code, n_models):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(7 + n_models)
+    size = 5003  # not a multiple of the kernel's block
+    scale = np.logspace(-6, 2, size).astype(np.float32)  # magnitudes across the dtype's range
+    xs = [encode(rng.standard_normal(size).astype(np.float32) * scale, code) for _ in range(n_models)]
+    dtype = getattr(torch, TORCH_OF[code])
+    stacked = torch.stack([torch.from_numpy(decode(x, code).copy()).to(dtype) for x in xs])
+    want = torch.var(stacked, dim=0, unbiased=False)
+
+    def run():
+        out = empty(size, code)
+        K.variance(out, code, xs, [code] * n_models, 0, size)
+        return out
+
+    got = each_isa(run)
+    np.testing.assert_array_equal(decode(got, code), want.float().numpy())
+
+
+def topk_reference(values, k):
+    torch = pytest.importorskip("torch")
+    keep = np.zeros(values.numel(), np.uint8)
+    keep[torch.topk(values.abs().reshape(-1), k).indices.numpy()] = 1
+    return keep
+
+
+@pytest.mark.parametrize("kind", ["variance", "few_values", "all_equal", "ascending", "descending", "organ_pipe"])
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 65, 1000, 40000])
+def test_topk_mask_keeps_what_torch_topk_keeps(kind, n):
+    """The entries kept, ties at the cut included (torch's choice among them, as mergekit's SCE keeps)."""
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(n)
+    values = {
+        "variance": lambda: torch.var(torch.randn(2, n, generator=g).mul(0.01).bfloat16(), dim=0, unbiased=False),
+        "few_values": lambda: torch.randint(0, 5, (n,), generator=g).float(),
+        "all_equal": lambda: torch.ones(n),
+        "ascending": lambda: torch.arange(n).float(),
+        "descending": lambda: torch.arange(n, 0, -1).float(),
+        "organ_pipe": lambda: torch.cat([torch.arange(n // 2), torch.arange(n - n // 2, 0, -1)]).float(),
+    }[kind]()
+    keys = values.float().abs().numpy().view(np.uint32)
+    ks = sorted({k for k in (1, n // 64 + 1, n // 3 + 1, n // 2, n - 1, n) if k >= 1 and k * 64 > n})
+    for k in ks:
+        mask = np.full(n, 7, np.uint8)
+        K.topk_mask(mask, keys, k)
+        np.testing.assert_array_equal(mask, topk_reference(values, k), err_msg=f"k={k}")
+        assert int(mask.sum()) == k
+
+
+def test_topk_mask_refuses_bad_sizes():
+    keys = np.zeros(10, np.uint32)
+    for mask, k in [(np.zeros(9, np.uint8), 3), (np.zeros(10, np.uint8), 0), (np.zeros(10, np.uint8), 11)]:
+        with pytest.raises(ValueError, match="topk_mask"):
+            K.topk_mask(mask, keys, k)

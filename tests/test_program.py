@@ -112,6 +112,34 @@ def numpy_every_op(x, y, z, c, compute):
 
 
 @pytest.mark.parametrize("compute", ["F32", "BF16", "F16"])
+@pytest.mark.parametrize("axis", [None, -1, 0])
+def test_run_on_cpu_tensors_takes_the_kernels_to_the_torch_bits(compute, axis):
+    """`run` over CPU tensors (the torch executor's programs, sce's passes) goes through the kernels
+    (`program.apply`), and gives the torch interpreter's bits and sums."""
+    from souplm.methods import program as prog
+
+    g = torch.Generator().manual_seed(9)
+    shape = (23, 130)
+    xs = [torch.randn(shape, generator=g).to(TORCH[compute]) for _ in range(3)]
+    per_vector = np.linspace(-1.5, 2.0, shape[1] if axis == 0 else shape[0]).astype(np.float32)
+    calls = []
+    real = prog._kernel_pass
+    try:
+        prog._kernel_pass = lambda *a: calls.append(1) or real(*a)
+        seen_k, seen_t = [], []
+        got = run(every_op(axis, per_vector, seen_k), [x.clone() for x in xs[:2]], xs[2].clone(), compute)
+    finally:
+        prog._kernel_pass = real
+    want = run(every_op(axis, per_vector, seen_t), [x.clone() for x in xs[:2]], xs[2].clone(), compute,
+               kernels=False)
+    assert calls, "the kernels did not run"
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got.float().numpy(), want.float().numpy())
+    for a, b in zip(seen_k, seen_t):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("compute", ["F32", "BF16", "F16"])
 @pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("axis", [None, -1, 0])
 def test_kernels_and_torch_run_a_program_to_the_same_bits(compute, stored, axis):
@@ -121,7 +149,8 @@ def test_kernels_and_torch_run_a_program_to_the_same_bits(compute, stored, axis)
     per_vector = np.linspace(-1.5, 2.0, shape[1] if axis == 0 else shape[0]).astype(np.float32)
     seen_k, seen_t = [], []
     got, _ = kernel_run(every_op(axis, per_vector, seen_k), xs, compute, splits=3)
-    want = run(every_op(axis, per_vector, seen_t), [x.clone() for x in xs[:2]], xs[2].clone(), compute)
+    want = run(every_op(axis, per_vector, seen_t), [x.clone() for x in xs[:2]], xs[2].clone(), compute,
+               kernels=False)
     assert torch.equal(got.view(torch.int32), want.float().view(torch.int32))
     for a, b in zip(seen_k, seen_t):
         np.testing.assert_allclose(a, b, rtol=1e-12)

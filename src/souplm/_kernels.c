@@ -1886,6 +1886,351 @@ done:
 }
 
 /* ------------------------------------------------------------------------------------------------ */
+/* The population variance across inputs (SCE's selection): torch.var(stacked, dim=0, unbiased=False)     */
+/* ------------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    int n;
+    const unsigned char **in;
+    const int *in_code;
+    unsigned char *out;
+    int out_code;
+    Py_ssize_t start, stop;
+    float *scratch; /* VAR_BLOCK floats */
+    double *acc;    /* 2 * VAR_BLOCK doubles: mean, m2 */
+} variance_args;
+
+#define VAR_BLOCK 1024
+
+/* torch's Welford update in float64 (WelfordOps: delta = x - mean, mean += delta / k, m2 += delta (x - mean)),
+ * m2 / N converted to float32 and then to the output dtype, as torch's copy from float64 converts. */
+SOUP_INLINE void variance_impl(variance_args *a, int f16c)
+{
+    float *SOUP_RESTRICT xs = a->scratch;
+    double *SOUP_RESTRICT mean = a->acc, *SOUP_RESTRICT m2 = a->acc + VAR_BLOCK;
+    const int osz = dtype_size(a->out_code);
+    for (Py_ssize_t j0 = a->start; j0 < a->stop; j0 += VAR_BLOCK) {
+        const int n = (int)(a->stop - j0 < VAR_BLOCK ? a->stop - j0 : VAR_BLOCK);
+        for (int k = 0; k < n; k++)
+            mean[k] = m2[k] = 0.0;
+        for (int i = 0; i < a->n; i++) {
+            const int code = a->in_code[i];
+            load_block(code, a->in[i] + (size_t)j0 * dtype_size(code), xs, n, f16c);
+            const double count = (double)(i + 1);
+            for (int k = 0; k < n; k++) {
+                const double x = (double)xs[k], delta = x - mean[k];
+                mean[k] += delta / count;
+                m2[k] += delta * (x - mean[k]);
+            }
+        }
+        const double total = (double)a->n;
+        for (int k = 0; k < n; k++)
+            xs[k] = (float)(m2[k] / total);
+        store_block(a->out_code, xs, a->out + (size_t)j0 * osz, n, f16c);
+    }
+}
+
+SOUP_NOINLINE static void variance_generic(variance_args *a) { variance_impl(a, 0); }
+
+#if SOUP_X86
+SOUP_TARGET_AVX2 SOUP_NOINLINE static void variance_avx2(variance_args *a) { variance_impl(a, 1); }
+SOUP_TARGET_AVX512 SOUP_NOINLINE static void variance_avx512(variance_args *a) { variance_impl(a, 1); }
+#endif
+
+PyDoc_STRVAR(variance_doc,
+"variance(out, out_dtype, inputs, in_dtypes, start, stop) -> None\n"
+"\n"
+"out[j] = the population variance of inputs[0][j] .. inputs[N-1][j] for j in [start, stop), as\n"
+"torch.var(stacked, dim=0, unbiased=False) computes it: Welford's update in float64, m2 / N converted to\n"
+"float32 and then to out_dtype (round to nearest even).");
+
+static PyObject *py_variance(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"out", "out_dtype", "inputs", "in_dtypes", "start", "stop", NULL};
+    static const char *fn = "variance";
+    PyObject *out_obj, *inputs_obj, *codes_obj;
+    int out_code;
+    Py_ssize_t start, stop;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiOOnn:variance", kwlist, &out_obj, &out_code, &inputs_obj,
+                                     &codes_obj, &start, &stop))
+        return NULL;
+    if (check_range(start, stop, fn) < 0 || check_dtype(out_code, fn, "out_dtype") < 0)
+        return NULL;
+    PyObject *result = NULL, *inputs_fast = NULL, *codes_fast = NULL;
+    Py_buffer *views = NULL, out_view;
+    int have_out = 0;
+    Py_ssize_t n_views = 0;
+    const unsigned char **ptrs = NULL;
+    int *codes = NULL;
+    float *scratch = NULL;
+    double *acc = NULL;
+    inputs_fast = PySequence_Fast(inputs_obj, "variance: inputs must be a sequence of buffers");
+    if (!inputs_fast)
+        goto done;
+    codes_fast = PySequence_Fast(codes_obj, "variance: in_dtypes must be a sequence of ints");
+    if (!codes_fast)
+        goto done;
+    const Py_ssize_t N = PySequence_Fast_GET_SIZE(inputs_fast);
+    if (N < 1 || N > 4096 || PySequence_Fast_GET_SIZE(codes_fast) != N) {
+        PyErr_SetString(PyExc_ValueError, "variance: need 1 to 4096 inputs and one dtype code each");
+        goto done;
+    }
+    views = PyMem_Calloc((size_t)N, sizeof(Py_buffer));
+    ptrs = PyMem_Calloc((size_t)N, sizeof(*ptrs));
+    codes = PyMem_Calloc((size_t)N, sizeof(int));
+    scratch = PyMem_RawMalloc(sizeof(float) * VAR_BLOCK);
+    acc = PyMem_RawMalloc(sizeof(double) * 2 * VAR_BLOCK);
+    if (!views || !ptrs || !codes || !scratch || !acc) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (get_inputs(inputs_fast, codes_fast, N, stop, fn, views, ptrs, codes, &n_views) < 0)
+        goto done;
+    if (get_buffer(out_obj, &out_view, fn, "out", 1) < 0)
+        goto done;
+    have_out = 1;
+    if (check_length(&out_view, out_code, stop, fn, "out") < 0)
+        goto done;
+    variance_args a;
+    a.n = (int)N;
+    a.in = ptrs;
+    a.in_code = codes;
+    a.out = out_view.buf;
+    a.out_code = out_code;
+    a.start = start;
+    a.stop = stop;
+    a.scratch = scratch;
+    a.acc = acc;
+    Py_BEGIN_ALLOW_THREADS
+#if SOUP_X86
+    if (isa >= ISA_AVX512)
+        variance_avx512(&a);
+    else if (isa >= ISA_AVX2)
+        variance_avx2(&a);
+    else
+#endif
+        variance_generic(&a);
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    for (Py_ssize_t i = 0; i < n_views; i++)
+        PyBuffer_Release(&views[i]);
+    if (have_out)
+        PyBuffer_Release(&out_view);
+    PyMem_Free(views);
+    PyMem_Free(ptrs);
+    PyMem_Free(codes);
+    PyMem_RawFree(scratch);
+    PyMem_RawFree(acc);
+    Py_XDECREF(inputs_fast);
+    Py_XDECREF(codes_fast);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* The k largest of n values, as torch.topk chooses them on the CPU (SCE's selection)                 */
+/* ------------------------------------------------------------------------------------------------ */
+/* For k * 64 > n, torch's CPU topk pairs each value with its index and runs libstdc++'s std::nth_element
+ * (introselect: a median-of-three quicksort partition, a heap selection past a depth of 2 log2 n, an
+ * insertion sort below four elements) with "larger first" as the order, then takes the first k pairs.
+ * Which entries tied with the k-th it keeps follows from that algorithm's exact sequence of comparisons
+ * and swaps, so this is the same algorithm, step for step, on (value key << 32 | index) words: the same
+ * comparisons (of the keys alone) give the same swaps and the same kept set. mergekit's SCE keeps torch's
+ * choice, and so must souplm to give its results on ties (there are thousands of them at a bfloat16 cut). */
+
+typedef uint64_t sel_t;
+#define SEL_BEFORE(x, y) (((x) >> 32) > ((y) >> 32)) /* torch's comparator for `largest`: x.value > y.value */
+
+static void sel_swap(sel_t *a, sel_t *b)
+{
+    sel_t t = *a;
+    *a = *b;
+    *b = t;
+}
+
+static void sel_push_heap(sel_t *first, Py_ssize_t hole, Py_ssize_t top, sel_t value)
+{
+    Py_ssize_t parent = (hole - 1) / 2;
+    while (hole > top && SEL_BEFORE(first[parent], value)) {
+        first[hole] = first[parent];
+        hole = parent;
+        parent = (hole - 1) / 2;
+    }
+    first[hole] = value;
+}
+
+static void sel_adjust_heap(sel_t *first, Py_ssize_t hole, Py_ssize_t len, sel_t value)
+{
+    const Py_ssize_t top = hole;
+    Py_ssize_t child = hole;
+    while (child < (len - 1) / 2) {
+        child = 2 * (child + 1);
+        if (SEL_BEFORE(first[child], first[child - 1]))
+            child--;
+        first[hole] = first[child];
+        hole = child;
+    }
+    if ((len & 1) == 0 && child == (len - 2) / 2) {
+        child = 2 * (child + 1);
+        first[hole] = first[child - 1];
+        hole = child - 1;
+    }
+    sel_push_heap(first, hole, top, value);
+}
+
+static void sel_heap_select(sel_t *first, sel_t *middle, sel_t *last)
+{
+    const Py_ssize_t len = middle - first;
+    if (len >= 2)
+        for (Py_ssize_t parent = (len - 2) / 2;; parent--) {
+            sel_adjust_heap(first, parent, len, first[parent]);
+            if (parent == 0)
+                break;
+        }
+    for (sel_t *i = middle; i < last; i++)
+        if (SEL_BEFORE(*i, *first)) {
+            sel_t value = *i;
+            *i = *first;
+            sel_adjust_heap(first, 0, len, value);
+        }
+}
+
+static void sel_insertion_sort(sel_t *first, sel_t *last)
+{
+    if (first == last)
+        return;
+    for (sel_t *i = first + 1; i != last; i++) {
+        sel_t value = *i;
+        if (SEL_BEFORE(value, *first)) {
+            memmove(first + 1, first, sizeof(sel_t) * (size_t)(i - first));
+            *first = value;
+        } else {
+            sel_t *hole = i, *next = i - 1;
+            while (SEL_BEFORE(value, *next)) {
+                *hole = *next;
+                hole = next;
+                next--;
+            }
+            *hole = value;
+        }
+    }
+}
+
+static void sel_median_to_first(sel_t *result, sel_t *a, sel_t *b, sel_t *c)
+{
+    if (SEL_BEFORE(*a, *b)) {
+        if (SEL_BEFORE(*b, *c))
+            sel_swap(result, b);
+        else if (SEL_BEFORE(*a, *c))
+            sel_swap(result, c);
+        else
+            sel_swap(result, a);
+    } else if (SEL_BEFORE(*a, *c))
+        sel_swap(result, a);
+    else if (SEL_BEFORE(*b, *c))
+        sel_swap(result, c);
+    else
+        sel_swap(result, b);
+}
+
+static sel_t *sel_partition(sel_t *first, sel_t *last, const sel_t *pivot)
+{
+    for (;;) {
+        while (SEL_BEFORE(*first, *pivot))
+            first++;
+        last--;
+        while (SEL_BEFORE(*pivot, *last))
+            last--;
+        if (!(first < last))
+            return first;
+        sel_swap(first, last);
+        first++;
+    }
+}
+
+static void sel_nth(sel_t *first, sel_t *nth, sel_t *last)
+{
+    if (first == last || nth == last)
+        return;
+    int depth = 0;
+    for (Py_ssize_t len = last - first; len > 1; len >>= 1)
+        depth++;
+    depth *= 2;
+    while (last - first > 3) {
+        if (depth == 0) {
+            sel_heap_select(first, nth + 1, last);
+            sel_swap(first, nth);
+            return;
+        }
+        depth--;
+        sel_t *mid = first + (last - first) / 2;
+        sel_median_to_first(first, first + 1, mid, last - 1);
+        sel_t *cut = sel_partition(first + 1, last, first);
+        if (cut <= nth)
+            first = cut;
+        else
+            last = cut;
+    }
+    sel_insertion_sort(first, last);
+}
+
+PyDoc_STRVAR(topk_mask_doc,
+"topk_mask(mask, keys, k) -> None\n"
+"\n"
+"mask[j] = 1 (uint8) for the k entries torch.topk(values, k) returns on the CPU when k * 64 > n, else 0:\n"
+"keys holds n uint32 keys ordered as the values (for non-negative floats, their bits), n < 2**32. The\n"
+"same introselect as libstdc++'s std::nth_element, so ties at the k-th are kept as torch keeps them.");
+
+static PyObject *py_topk_mask(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"mask", "keys", "k", NULL};
+    static const char *fn = "topk_mask";
+    PyObject *mask_obj, *keys_obj;
+    Py_ssize_t k;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOn:topk_mask", kwlist, &mask_obj, &keys_obj, &k))
+        return NULL;
+    Py_buffer mask_view, keys_view;
+    if (get_buffer(keys_obj, &keys_view, fn, "keys", 0) < 0)
+        return NULL;
+    if (get_buffer(mask_obj, &mask_view, fn, "mask", 1) < 0) {
+        PyBuffer_Release(&keys_view);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    const Py_ssize_t n = keys_view.len / 4;
+    sel_t *work = NULL;
+    if (keys_view.len != n * 4 || mask_view.len != n || n >= ((Py_ssize_t)1 << 32) || k < 1 || k > n) {
+        PyErr_Format(PyExc_ValueError, "%s: need n uint32 keys and n mask bytes (n < 2**32), 1 <= k <= n", fn);
+        goto done;
+    }
+    work = PyMem_RawMalloc(sizeof(sel_t) * (size_t)n);
+    if (!work) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const uint32_t *keys = keys_view.buf;
+    unsigned char *mask = mask_view.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t j = 0; j < n; j++)
+        work[j] = ((sel_t)keys[j] << 32) | (sel_t)j;
+    sel_nth(work, work + k - 1, work + n);
+    memset(mask, 0, (size_t)n);
+    for (Py_ssize_t j = 0; j < k; j++)
+        mask[work[j] & 0xFFFFFFFFu] = 1;
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyMem_RawFree(work);
+    PyBuffer_Release(&keys_view);
+    PyBuffer_Release(&mask_view);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Programs: a method stated as a short list of entrywise operations (methods/program.py)          */
 /* ------------------------------------------------------------------------------------------------ */
 
@@ -2327,6 +2672,8 @@ static PyMethodDef kernel_methods[] = {
     {"magprune_mask", (PyCFunction)(void (*)(void))py_magprune_mask, METH_VARARGS | METH_KEYWORDS, prune_doc},
     {"gram", (PyCFunction)(void (*)(void))py_gram, METH_VARARGS | METH_KEYWORDS, gram_doc},
     {"program", (PyCFunction)(void (*)(void))py_program, METH_VARARGS | METH_KEYWORDS, program_doc},
+    {"variance", (PyCFunction)(void (*)(void))py_variance, METH_VARARGS | METH_KEYWORDS, variance_doc},
+    {"topk_mask", (PyCFunction)(void (*)(void))py_topk_mask, METH_VARARGS | METH_KEYWORDS, topk_mask_doc},
     {"isa", py_isa, METH_NOARGS, "isa() -> str: which copy of the kernels runs, 'avx2' or 'generic'."},
     {"_set_isa", py_set_isa, METH_O, "_set_isa(name): 'generic' forces the portable kernels, 'auto' re-detects."},
     {NULL, NULL, 0, NULL},

@@ -28,9 +28,12 @@ The operations (each op is one opcode of the C kernels, `_kernels.program`):
     round a            a rounded (a * 1.0)
     store a            the output, converted to the output dtype (overflow is an error)
 
-Two executors run programs: the fused one with the C kernels (`engine/execute_fused.py`, one pass of blocks
-that stay in L1 per `sweep`, no torch), and `run` below with torch, a whole-tensor float32 op per operation
-(pickled or mapped inputs, in-memory sweeps, the GPU). tests/test_program.py holds the two to the same bits.
+Two interpreters run a pass: the C kernels (`_kernels.program`, blocks that stay in L1) and torch (a
+whole-tensor float32 op per operation, for the GPU and where the kernels are not built); tests/test_program.py
+holds the two to the same bits. The fused executor (`engine/execute_fused.py`) runs the kernels over the
+files' mapped bytes without torch; `run` below runs a program over torch tensors (pickled or mapped inputs,
+in-memory sweeps, the GPU), by the kernels where the tensors are on the CPU; `apply` runs one pass, for
+methods that compute some steps with torch between their passes (arcee_fusion's softmaxes).
 """
 
 from __future__ import annotations
@@ -193,55 +196,119 @@ def scalar(compute: str):
     return rnd
 
 
-def run(program: Program, tensors: list[torch.Tensor], base: torch.Tensor | None, compute: str = "F32"
-        ) -> torch.Tensor:
-    """The torch executor of a program: each operation a float32 op over the whole tensor, rounded to the
-    compute dtype as the kernels round it. Returns the stored register, in the compute dtype (float32 where
-    the program stores it `wide`)."""
+def run(program: Program, tensors: list[torch.Tensor], base: torch.Tensor | None, compute: str = "F32",
+        kernels: bool = True) -> torch.Tensor:
+    """A program over torch tensors: each pass by `apply` (the C kernels where the tensors are on the CPU,
+    else torch; `kernels=False`: torch always, the statement the kernels are tested against). Returns the
+    stored register, in the compute dtype (float32 where the program stores it `wide`)."""
+    inputs = [*tensors, *([base] if base is not None else [])]
+    result: list[torch.Tensor] = []
+
+    def sweep(ops: Ops) -> np.ndarray:
+        sums, stored = apply(ops, inputs, program.axis, compute, kernels)
+        if stored is not None:
+            result.append(stored)
+        return sums
+
+    program.body(sweep, compute)
+    return result[-1]
+
+
+KERNEL_CODES = {"torch.float32": 0, "torch.float16": 1, "torch.bfloat16": 2}
+COMPUTE_CODES = {"F32": 0, "F16": 1, "BF16": 2}
+
+
+def apply(ops: Ops, inputs: list[torch.Tensor], axis: int | None, compute: str, kernels: bool = True
+          ) -> tuple[np.ndarray, torch.Tensor | None]:
+    """One pass over tensors of one shape: (the sums it asks for, float64 [n_sums, vectors], and the stored
+    register, shaped as the inputs, in the compute dtype or float32 where stored `wide`; None if it stores
+    nothing). `axis` as a Program's. On the CPU the C kernels run it (`_kernels.program`, in L1-sized blocks);
+    elsewhere, or with `kernels=False`, torch: a whole-tensor float32 op per operation, rounded to the compute
+    dtype as the kernels round it (tests/test_program.py holds the two to the same bits)."""
+    shape = tuple(inputs[0].shape)
+    code_axis, row_len = Program(lambda *_: None, axis).vectors(shape)
+    if kernels and _kernel_ready(inputs):
+        out = _kernel_pass(ops, inputs, code_axis, row_len, compute)
+        if out is not None:
+            sums, stored = out
+            return sums, (stored.view(shape) if stored is not None else None)
+    return _torch_pass(ops, inputs, code_axis, row_len, compute)
+
+
+def _kernel_ready(inputs: list[torch.Tensor]) -> bool:
+    try:
+        from .. import _kernels  # noqa: F401
+    except ImportError:
+        return False
+    n = inputs[0].numel()
+    return 0 < n < 1 << 62 and all(t.device.type == "cpu" and str(t.dtype) in KERNEL_CODES for t in inputs)
+
+
+def _kernel_pass(ops: Ops, inputs: list[torch.Tensor], code_axis: int, row_len: int, compute: str):
+    """The pass by the C kernels, or None where a value was not finite (torch then runs it, with its
+    NaN and Inf)."""
+    import torch
+
+    from .. import _kernels
+
+    n = inputs[0].numel()
+    flat = [t.contiguous().reshape(-1) for t in inputs]
+    bufs = [t.view(torch.int16).numpy() if t.dtype != torch.float32 else t.numpy() for t in flat]
+    codes = [KERNEL_CODES[str(t.dtype)] for t in flat]
+    stored = None
+    if ops.stored is not None:
+        low = {"BF16": torch.bfloat16, "F16": torch.float16}.get(compute)
+        stored = torch.empty(n, dtype=torch.float32 if ops.wide or low is None else low)
+    width = {0: 1, 1: n // row_len, 2: row_len}[code_axis]
+    sums = np.zeros((ops.n_sums, width)) if ops.n_sums else None
+    code, table = ops.tables()
+    out = None if stored is None else (stored.numpy() if stored.dtype == torch.float32 else
+                                       stored.view(torch.int16).numpy())
+    bad = _kernels.program(out, KERNEL_CODES[str(stored.dtype)] if stored is not None else 0, bufs, codes,
+                           code.tobytes(), table.tobytes(), ops.n_regs, row_len, 0, n, COMPUTE_CODES[compute],
+                           sums=sums, axis=code_axis)
+    if bad >= 0:
+        return None
+    return (sums if sums is not None else np.zeros((0, 1))), stored
+
+
+def _torch_pass(ops: Ops, inputs: list[torch.Tensor], code_axis: int, row_len: int, compute: str):
+    """The pass by torch (module docstring)."""
     import torch
 
     from .steps import rounder
 
-    inputs = [*tensors, *([base] if base is not None else [])]
-    shape = inputs[0].shape
-    code_axis, row_len = program.vectors(tuple(shape))
+    shape = tuple(inputs[0].shape)
     rnd = rounder(compute) or (lambda t: t)
     flat = [rnd(t.reshape(-1, row_len).to(torch.float32)) for t in inputs]  # [rows, row_len]
     reduce = {0: (0, 1), 1: 1, 2: 0}[code_axis]  # the dims a sum runs over
-    result: list[torch.Tensor] = []
-
-    def sweep(ops: Ops) -> np.ndarray:
-        regs: list[torch.Tensor | None] = [*flat, *([None] * (ops.n_regs - len(flat)))]
-        sums: list[torch.Tensor] = []
-        code, table = ops.tables()
-        like = flat[0]
-        for op, d, a, b, c, r in code.tolist():
-            name = OPCODES[op]
-            if name == "input":
-                continue
-            if name == "sum":
-                sums.append(regs[a].to(torch.float64).sum(dim=reduce).reshape(-1))
-                continue
-            if name == "store":
-                low = {"BF16": torch.bfloat16, "F16": torch.float16}.get(compute)
-                result.append(regs[a] if ops.wide or low is None else regs[a].to(low))
-                continue
-            if name == "fill":
-                if b:  # one number per vector: a column of per-row values, or a row of per-column ones
-                    count = like.shape[1] if code_axis == 2 else like.shape[0]
-                    vals = torch.as_tensor(table[a: a + count], device=like.device)
-                    regs[d] = (vals.reshape(1, -1) if code_axis == 2 else vals.reshape(-1, 1)).expand_as(like)
-                else:
-                    regs[d] = torch.full_like(like, float(table[a]))
-                continue
-            v = _torch_ops()[name](regs[a], regs[b], regs[c])
-            regs[d] = rnd(v) if r else v
-        if not sums:
-            return np.zeros((0, 1))
-        return torch.stack(sums).cpu().numpy()
-
-    program.body(sweep, compute)
-    return result[-1].reshape(shape)
+    regs: list[torch.Tensor | None] = [*flat, *([None] * (ops.n_regs - len(flat)))]
+    sums: list[torch.Tensor] = []
+    stored = None
+    code, table = ops.tables()
+    like = flat[0]
+    for op, d, a, b, c, r in code.tolist():
+        name = OPCODES[op]
+        if name == "input":
+            continue
+        if name == "sum":
+            sums.append(regs[a].to(torch.float64).sum(dim=reduce).reshape(-1))
+            continue
+        if name == "store":
+            low = {"BF16": torch.bfloat16, "F16": torch.float16}.get(compute)
+            stored = (regs[a] if ops.wide or low is None else regs[a].to(low)).reshape(shape)
+            continue
+        if name == "fill":
+            if b:  # one number per vector: a column of per-row values, or a row of per-column ones
+                count = like.shape[1] if code_axis == 2 else like.shape[0]
+                vals = torch.as_tensor(table[a: a + count], device=like.device)
+                regs[d] = (vals.reshape(1, -1) if code_axis == 2 else vals.reshape(-1, 1)).expand_as(like)
+            else:
+                regs[d] = torch.full_like(like, float(table[a]))
+            continue
+        v = _torch_ops()[name](regs[a], regs[b], regs[c])
+        regs[d] = rnd(v) if r else v
+    return (torch.stack(sums).cpu().numpy() if sums else np.zeros((0, 1))), stored
 
 
 @functools.cache

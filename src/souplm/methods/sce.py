@@ -13,15 +13,18 @@ Computed in the tensors' dtype (the recipe's, engine/precision.py) with mergekit
 recipe rounds where mergekit's does: the task vectors, the variance, each square before the mean, the
 weights, each product w_i tau_i before the sum over models, the quotient and the final sum. The selection
 is torch's top-k of the variance (which of several entries tied at the cut it keeps is torch's choice, the
-same as mergekit's). The task vectors are stacked [N, ...] (one buffer), as the reductions over models
-are mergekit's. Passes over the stacked task vectors: the subtraction, the variance and the top-k with
-its mask (select_topk < 1), the sum for the sign, the squares and their means, the agreement, the
-weighting, and two sums over models; then the quotient and the sum with the base.
+same as mergekit's). The task vectors are stacked [N, ...] (one buffer). Passes: the subtractions; with
+select_topk < 1 the variance (by the C kernel on the CPU: torch's float64 Welford update), the top-k and
+its mask; then two passes of entrywise operations (methods/program.py, by the C kernels on the CPU): the
+sums of the squares, then the elected sign, the agreement, the weighting, the two sums over models, the
+quotient and the sum with the base. The means of the squares are float64 sums (torch's float32 sums have
+their own order: a step apart at most).
 """
 
 from __future__ import annotations
 
 from ..io import pool
+from .program import KERNEL_CODES, Ops, apply, scalar
 from .registry import ParamSpec, register
 
 SPECS = {"select_topk": ParamSpec(float, 0.0, 1.0)}
@@ -34,14 +37,21 @@ VAR_BLOCK = 1 << 18  # entries per block of the variance's float64 arithmetic (b
 def model_variance(tv):
     """torch.var(tv, dim=0, unbiased=False) of stacked task vectors [N, ...], in their dtype, bit for bit:
     torch accumulates it by Welford's update in float64 (mean += delta / k, m2 += delta (x - mean)) and
-    rounds m2 / N to the dtype once; the same arithmetic here, block by block (it is elementwise), runs
-    in a fraction of the time of torch's reduction over the leading axis."""
+    rounds m2 / N to the dtype once (through float32). On the CPU the C kernel (`_kernels.variance`) runs
+    that update; elsewhere the same arithmetic with torch, block by block (it is elementwise), in a fraction
+    of the time of torch's reduction over the leading axis."""
     import torch
 
     n = tv.shape[0]
     flat = tv.reshape(n, -1)
     size = flat.shape[1]
     out = torch.empty(tv.shape[1:], dtype=tv.dtype, device=tv.device).view(-1)
+    kernels = _kernels()
+    if kernels is not None and tv.device.type == "cpu" and str(tv.dtype) in KERNEL_CODES and size:
+        code = KERNEL_CODES[str(tv.dtype)]
+        raw = (lambda t: t.numpy()) if code == 0 else (lambda t: t.view(torch.int16).numpy())
+        kernels.variance(raw(out), code, [raw(flat[i]) for i in range(n)], [code] * n, 0, size)
+        return out.view(tv.shape[1:])
     block = min(VAR_BLOCK, max(size, 1)) if tv.device.type == "cpu" else max(size, 1)
     mean, m2, x, delta = (torch.empty(block, dtype=torch.float64, device=tv.device) for _ in range(4))
     for lo in range(0, size, block):
@@ -56,15 +66,33 @@ def model_variance(tv):
     return out.view(tv.shape[1:])
 
 
+def _kernels():
+    try:
+        from .. import _kernels as kernels
+    except ImportError:
+        return None
+    return kernels
+
+
 def select_mask(tv, select_topk: float):
     """Boolean mask (the shape of one task vector) of the int(select_topk * nnz) entries of largest
-    variance across models (tv stacked [N, ...]); None: keep nothing."""
+    variance across models (tv stacked [N, ...]); None: keep nothing. The entries torch.topk keeps (and
+    mergekit): on the CPU with k * 64 > n by the C kernel, which runs torch's algorithm for that case
+    (`_kernels.topk_mask`: the same choice among entries tied at the cut, in a fraction of the time)."""
+    import numpy as np
     import torch
 
     var = model_variance(tv)
     k = int(int(torch.count_nonzero(var)) * select_topk)
     if k == 0:
         return None
+    n = var.numel()
+    kernels = _kernels()
+    if kernels is not None and var.device.type == "cpu" and k * 64 > n and n < 1 << 32:
+        keys = var.reshape(-1).to(torch.float32).abs_().numpy().view(np.uint32)  # ordered as the values
+        mask = np.empty(n, np.uint8)
+        kernels.topk_mask(mask, keys, k)
+        return torch.from_numpy(mask).view(torch.bool).view(var.shape)
     keep = torch.zeros(var.shape, dtype=torch.bool, device=var.device)
     # The set of the k largest does not depend on `sorted` (only the order of the indices does)
     keep.view(-1)[torch.topk(var.abs().view(-1), k, sorted=False).indices] = True
@@ -99,17 +127,31 @@ def sce(tensors, base, weight=None, select_topk=1.0):
         if keep is None:
             return base
         tv.mul_(keep)
-    flat = tv.view(n, -1)
-    scratch = pool.empty_like(tv)
-    ms = torch.square(flat, out=scratch.view(n, -1)).mean(dim=1)  # mean(tau_i^2), each square rounded
+    compute = {"torch.bfloat16": "BF16", "torch.float16": "F16"}.get(str(base.dtype), "F32")
+    taus = [tv[i] for i in range(n)]
+    ops = Ops(n)
+    for i in range(n):
+        ops.sum(ops.mul(i, i))  # mean(tau_i^2): each square rounded
+    sums, _ = apply(ops, taus, None, compute)
+    ms = torch.from_numpy(sums[:, 0] / max(base.numel(), 1)).to(base.dtype)
     total = torch.sum(ms).item()
-    w = torch.ones_like(ms) / n if abs(total) < WEIGHT_FLOOR else ms / total
+    w = (torch.ones_like(ms) / n if abs(total) < WEIGHT_FLOOR else ms / total).float().cpu().numpy()
+    ops = Ops(n + 1)  # the task vectors, then the base
+    total_tau = 0
+    for i in range(1, n):  # the sum over models for the sign: its sign is the rounded sum's
+        total_tau = ops.add(total_tau, i, exact=True)
     # the elected sign: + where the sum over models is >= 0; model i agrees where tau_i * sign > 0
-    sign = torch.where(tv.sum(dim=0) >= 0, 1.0, -1.0).to(tv.dtype)
-    erased = torch.mul(tv, sign, out=scratch).gt_(0)  # 1 where it agrees, 0 elsewhere (tau = 0 included)
-    erased.mul_(w.view(n, *([1] * base.dim())))  # w_i where model i agrees
-    merged = tv.mul_(erased).sum(dim=0)
-    mass = erased.sum(dim=0).clamp_(min=WEIGHT_FLOOR)
-    pool.release(scratch)
+    sign = ops.where(ops.gt(ops.const(0.0), total_tau), ops.const(-1.0), ops.const(1.0))
+    merged = mass = None
+    for i in range(n):
+        agree = ops.gt(ops.mul(i, sign, exact=True), ops.const(0.0))  # tau = 0 does not agree
+        erased = ops.mul(agree, ops.const(w[i]), exact=True)  # w_i where model i agrees
+        term = ops.mul(i, erased)
+        merged = term if merged is None else ops.add(merged, term, exact=True)  # one rounding per sum
+        mass = erased if mass is None else ops.add(mass, erased, exact=True)
+    floor = ops.const(scalar(compute)(WEIGHT_FLOOR) if compute != "F32" else WEIGHT_FLOOR)
+    mass = ops.max(ops.round(mass), floor)  # clamp(min=1e-6), the bound in the dtype (as torch's clamp)
+    ops.store(ops.add(ops.div(ops.round(merged), mass), n))
+    _, out = apply(ops, [*taus, base], None, compute)
     pool.release(tv)
-    return merged.div_(mass).add_(base)
+    return out
