@@ -196,22 +196,23 @@ def _write_shards(plan: Plan, sources: Sources, tmp: Path, progress: bool,
     }
     bar = tqdm(total=plan.read_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress, leave=False)
     executor, _ = executor_for(plan, device)
+    if executor == "fused":
+        stream = execute_fused.merged_buffers(plan, progress=bar)
+    else:
+        stream = ((item, _stored_bytes(tensor)) for item, tensor in merged_tensors(
+            plan.recipe, plan=plan, sources=sources, progress=bar, device=None if device is None else str(device)))
     try:
-        if executor == "fused":
-            # Each tensor is written in a thread while the next one is computed (the fused stream keeps a
-            # buffer valid for one more item); one write at a time keeps the shards in order.
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="souplm-write") as writer:
-                written: Future | None = None
-                for item, data in execute_fused.merged_buffers(plan, progress=bar):
-                    if written is not None:
-                        written.result()
-                    written = writer.submit(writers[item.shard].write_bytes, item.out_name, data)
+        # Each tensor is written in a thread while the next one is computed (the fused stream keeps a buffer
+        # valid for one more item; the torch stream's outputs are not pooled); one write at a time keeps the
+        # shards in order.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="souplm-write") as writer:
+            written: Future | None = None
+            for item, data in stream:
                 if written is not None:
                     written.result()
-        else:
-            for item, tensor in merged_tensors(plan.recipe, plan=plan, sources=sources, progress=bar,
-                                               device=None if device is None else str(device)):
-                writers[item.shard].write(item.out_name, tensor)
+                written = writer.submit(writers[item.shard].write_bytes, item.out_name, data)
+            if written is not None:
+                written.result()
     finally:
         bar.close()
         for w in writers.values():
@@ -223,6 +224,14 @@ def _write_shards(plan: Plan, sources: Sources, tmp: Path, progress: bool,
         }
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return sum(w.total_bytes for w in writers.values()), executor
+
+
+def _stored_bytes(tensor: torch.Tensor):
+    """A tensor's bytes as a buffer that keeps it alive (the write runs in a thread)."""
+    import torch
+
+    t = tensor.contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
 
 
 def executor_for(plan: Plan, device=None) -> tuple[str, str]:
