@@ -844,6 +844,72 @@ static int get_inputs(PyObject *inputs_fast, PyObject *codes_fast, Py_ssize_t N,
     return 0;
 }
 
+/* The `inputs` and `in_dtypes` sequences of a kernel over 1 to 4096 same-length inputs: each input's buffer
+ * (read-only, at least `stop` values of its dtype), its pointer and its dtype code. */
+typedef struct {
+    PyObject *fast, *codes_fast;
+    Py_buffer *views;
+    const unsigned char **ptrs;
+    int *codes;
+    Py_ssize_t n, n_views;
+} input_set;
+
+static int open_inputs(input_set *s, PyObject *inputs_obj, PyObject *codes_obj, Py_ssize_t stop, const char *fn)
+{
+    memset(s, 0, sizeof *s);
+    s->fast = PySequence_Fast(inputs_obj, "inputs must be a sequence of buffers");
+    if (!s->fast)
+        return -1;
+    s->codes_fast = PySequence_Fast(codes_obj, "in_dtypes must be a sequence of ints");
+    if (!s->codes_fast)
+        return -1;
+    s->n = PySequence_Fast_GET_SIZE(s->fast);
+    if (s->n < 1 || s->n > 4096 || PySequence_Fast_GET_SIZE(s->codes_fast) != s->n) {
+        PyErr_Format(PyExc_ValueError, "%s: need 1 to 4096 inputs and one dtype code each", fn);
+        return -1;
+    }
+    s->views = PyMem_Calloc((size_t)s->n, sizeof(Py_buffer));
+    s->ptrs = PyMem_Calloc((size_t)s->n, sizeof(*s->ptrs));
+    s->codes = PyMem_Calloc((size_t)s->n, sizeof(int));
+    if (!s->views || !s->ptrs || !s->codes) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return get_inputs(s->fast, s->codes_fast, s->n, stop, fn, s->views, s->ptrs, s->codes, &s->n_views);
+}
+
+static void close_inputs(input_set *s)
+{
+    for (Py_ssize_t i = 0; i < s->n_views; i++)
+        PyBuffer_Release(&s->views[i]);
+    PyMem_Free(s->views);
+    PyMem_Free(s->ptrs);
+    PyMem_Free(s->codes);
+    Py_XDECREF(s->fast);
+    Py_XDECREF(s->codes_fast);
+}
+
+/* A kernel without compute-dtype copies, in a generic, an AVX2 and an AVX-512 copy; name##_run picks one. */
+#if SOUP_X86
+#define SOUP_BY_ISA(name, args_t, impl)                                                                \
+    SOUP_NOINLINE static void name##_generic(args_t *a) { impl(a, 0); }                               \
+    SOUP_TARGET_AVX2 SOUP_NOINLINE static void name##_avx2(args_t *a) { impl(a, 1); }                 \
+    SOUP_TARGET_AVX512 SOUP_NOINLINE static void name##_avx512(args_t *a) { impl(a, 1); }             \
+    static void name##_run(args_t *a)                                                                 \
+    {                                                                                                 \
+        if (isa >= ISA_AVX512)                                                                        \
+            name##_avx512(a);                                                                         \
+        else if (isa >= ISA_AVX2)                                                                     \
+            name##_avx2(a);                                                                           \
+        else                                                                                          \
+            name##_generic(a);                                                                        \
+    }
+#else
+#define SOUP_BY_ISA(name, args_t, impl)                                                                \
+    SOUP_NOINLINE static void name##_generic(args_t *a) { impl(a, 0); }                               \
+    static void name##_run(args_t *a) { name##_generic(a); }
+#endif
+
 static int block_for(int n_models)
 {
     /* the scratch of one block (2N + 4 float rows) around 12 KiB: it stays in L1 beside the streams
@@ -1806,12 +1872,7 @@ SOUP_INLINE void gram_impl(gram_args *a, int f16c)
     }
 }
 
-SOUP_NOINLINE static void gram_generic(gram_args *a) { gram_impl(a, 0); }
-
-#if SOUP_X86
-SOUP_TARGET_AVX2 SOUP_NOINLINE static void gram_avx2(gram_args *a) { gram_impl(a, 1); }
-SOUP_TARGET_AVX512 SOUP_NOINLINE static void gram_avx512(gram_args *a) { gram_impl(a, 1); }
-#endif
+SOUP_BY_ISA(gram, gram_args, gram_impl)
 
 PyDoc_STRVAR(gram_doc,
 "gram(inputs, in_dtypes, base, base_dtype, start, stop) -> tuple\n"
@@ -1832,42 +1893,27 @@ static PyObject *py_gram(PyObject *self, PyObject *args, PyObject *kwargs)
         return NULL;
     if (check_range(start, stop, fn) < 0)
         return NULL;
-    PyObject *result = NULL, *inputs_fast = NULL, *codes_fast = NULL;
-    Py_buffer *views = NULL, base_view;
+    PyObject *result = NULL;
+    input_set in;
+    Py_buffer base_view;
     int have_base = 0;
-    Py_ssize_t n_views = 0;
-    const unsigned char **ptrs = NULL;
-    int *codes = NULL;
     float *scratch = NULL;
     double *g = NULL;
-    inputs_fast = PySequence_Fast(inputs_obj, "gram: inputs must be a sequence of buffers");
-    if (!inputs_fast)
+    if (open_inputs(&in, inputs_obj, codes_obj, stop, fn) < 0)
         goto done;
-    codes_fast = PySequence_Fast(codes_obj, "gram: in_dtypes must be a sequence of ints");
-    if (!codes_fast)
-        goto done;
-    const Py_ssize_t N = PySequence_Fast_GET_SIZE(inputs_fast);
-    if (N < 1 || N > 4096 || PySequence_Fast_GET_SIZE(codes_fast) != N) {
-        PyErr_SetString(PyExc_ValueError, "gram: need 1 to 4096 inputs and one dtype code each");
-        goto done;
-    }
-    views = PyMem_Calloc((size_t)N, sizeof(Py_buffer));
-    ptrs = PyMem_Calloc((size_t)N, sizeof(*ptrs));
-    codes = PyMem_Calloc((size_t)N, sizeof(int));
+    const Py_ssize_t N = in.n;
     g = PyMem_Calloc((size_t)N * (size_t)N, sizeof(double));
     scratch = PyMem_RawMalloc(sizeof(float) * 512 * ((size_t)N + 1));
-    if (!views || !ptrs || !codes || !g || !scratch) {
+    if (!g || !scratch) {
         PyErr_NoMemory();
         goto done;
     }
-    if (get_inputs(inputs_fast, codes_fast, N, stop, fn, views, ptrs, codes, &n_views) < 0)
-        goto done;
     if (get_base(base_obj, &base_code, &base_view, &have_base, stop, fn) < 0)
         goto done;
     gram_args a;
     a.n = (int)N;
-    a.in = ptrs;
-    a.in_code = codes;
+    a.in = in.ptrs;
+    a.in_code = in.codes;
     a.base = have_base ? base_view.buf : NULL;
     a.base_code = base_code;
     a.start = start;
@@ -1875,14 +1921,7 @@ static PyObject *py_gram(PyObject *self, PyObject *args, PyObject *kwargs)
     a.scratch = scratch;
     a.g = g;
     Py_BEGIN_ALLOW_THREADS
-#if SOUP_X86
-    if (isa >= ISA_AVX512)
-        gram_avx512(&a);
-    else if (isa >= ISA_AVX2)
-        gram_avx2(&a);
-    else
-#endif
-        gram_generic(&a);
+    gram_run(&a);
     Py_END_ALLOW_THREADS
     result = PyTuple_New(N * N);
     if (!result)
@@ -1893,17 +1932,11 @@ static PyObject *py_gram(PyObject *self, PyObject *args, PyObject *kwargs)
             PyTuple_SET_ITEM(result, i * N + j, PyFloat_FromDouble(v));
         }
 done:
-    for (Py_ssize_t i = 0; i < n_views; i++)
-        PyBuffer_Release(&views[i]);
+    close_inputs(&in);
     if (have_base)
         PyBuffer_Release(&base_view);
-    PyMem_Free(views);
-    PyMem_Free(ptrs);
-    PyMem_Free(codes);
     PyMem_Free(g);
     PyMem_RawFree(scratch);
-    Py_XDECREF(inputs_fast);
-    Py_XDECREF(codes_fast);
     return result;
 }
 
@@ -1952,12 +1985,7 @@ SOUP_INLINE void variance_impl(variance_args *a, int f16c)
     }
 }
 
-SOUP_NOINLINE static void variance_generic(variance_args *a) { variance_impl(a, 0); }
-
-#if SOUP_X86
-SOUP_TARGET_AVX2 SOUP_NOINLINE static void variance_avx2(variance_args *a) { variance_impl(a, 1); }
-SOUP_TARGET_AVX512 SOUP_NOINLINE static void variance_avx512(variance_args *a) { variance_impl(a, 1); }
-#endif
+SOUP_BY_ISA(variance, variance_args, variance_impl)
 
 PyDoc_STRVAR(variance_doc,
 "variance(out, out_dtype, inputs, in_dtypes, start, stop) -> None\n"
@@ -1979,75 +2007,34 @@ static PyObject *py_variance(PyObject *self, PyObject *args, PyObject *kwargs)
         return NULL;
     if (check_range(start, stop, fn) < 0 || check_dtype(out_code, fn, "out_dtype") < 0)
         return NULL;
-    PyObject *result = NULL, *inputs_fast = NULL, *codes_fast = NULL;
-    Py_buffer *views = NULL, out_view;
+    PyObject *result = NULL;
+    input_set in;
+    Py_buffer out_view;
     int have_out = 0;
-    Py_ssize_t n_views = 0;
-    const unsigned char **ptrs = NULL;
-    int *codes = NULL;
-    float *scratch = NULL;
-    double *acc = NULL;
-    inputs_fast = PySequence_Fast(inputs_obj, "variance: inputs must be a sequence of buffers");
-    if (!inputs_fast)
+    float *scratch = PyMem_RawMalloc(sizeof(float) * VAR_BLOCK);
+    double *acc = PyMem_RawMalloc(sizeof(double) * 2 * VAR_BLOCK);
+    if (open_inputs(&in, inputs_obj, codes_obj, stop, fn) < 0)
         goto done;
-    codes_fast = PySequence_Fast(codes_obj, "variance: in_dtypes must be a sequence of ints");
-    if (!codes_fast)
-        goto done;
-    const Py_ssize_t N = PySequence_Fast_GET_SIZE(inputs_fast);
-    if (N < 1 || N > 4096 || PySequence_Fast_GET_SIZE(codes_fast) != N) {
-        PyErr_SetString(PyExc_ValueError, "variance: need 1 to 4096 inputs and one dtype code each");
-        goto done;
-    }
-    views = PyMem_Calloc((size_t)N, sizeof(Py_buffer));
-    ptrs = PyMem_Calloc((size_t)N, sizeof(*ptrs));
-    codes = PyMem_Calloc((size_t)N, sizeof(int));
-    scratch = PyMem_RawMalloc(sizeof(float) * VAR_BLOCK);
-    acc = PyMem_RawMalloc(sizeof(double) * 2 * VAR_BLOCK);
-    if (!views || !ptrs || !codes || !scratch || !acc) {
+    if (!scratch || !acc) {
         PyErr_NoMemory();
         goto done;
     }
-    if (get_inputs(inputs_fast, codes_fast, N, stop, fn, views, ptrs, codes, &n_views) < 0)
-        goto done;
     if (get_buffer(out_obj, &out_view, fn, "out", 1) < 0)
         goto done;
     have_out = 1;
     if (check_length(&out_view, out_code, stop, fn, "out") < 0)
         goto done;
-    variance_args a;
-    a.n = (int)N;
-    a.in = ptrs;
-    a.in_code = codes;
-    a.out = out_view.buf;
-    a.out_code = out_code;
-    a.start = start;
-    a.stop = stop;
-    a.scratch = scratch;
-    a.acc = acc;
+    variance_args a = {(int)in.n, in.ptrs, in.codes, out_view.buf, out_code, start, stop, scratch, acc};
     Py_BEGIN_ALLOW_THREADS
-#if SOUP_X86
-    if (isa >= ISA_AVX512)
-        variance_avx512(&a);
-    else if (isa >= ISA_AVX2)
-        variance_avx2(&a);
-    else
-#endif
-        variance_generic(&a);
+    variance_run(&a);
     Py_END_ALLOW_THREADS
-    Py_INCREF(Py_None);
-    result = Py_None;
+    result = Py_NewRef(Py_None);
 done:
-    for (Py_ssize_t i = 0; i < n_views; i++)
-        PyBuffer_Release(&views[i]);
+    close_inputs(&in);
     if (have_out)
         PyBuffer_Release(&out_view);
-    PyMem_Free(views);
-    PyMem_Free(ptrs);
-    PyMem_Free(codes);
     PyMem_RawFree(scratch);
     PyMem_RawFree(acc);
-    Py_XDECREF(inputs_fast);
-    Py_XDECREF(codes_fast);
     return result;
 }
 
