@@ -2041,9 +2041,10 @@ done:
 /* ------------------------------------------------------------------------------------------------ */
 /* The k largest of n values, as torch.topk chooses them on the CPU (SCE's selection)                 */
 /* ------------------------------------------------------------------------------------------------ */
-/* For k * 64 > n, torch's CPU topk pairs each value with its index and runs libstdc++'s std::nth_element
- * (introselect: a median-of-three quicksort partition, a heap selection past a depth of 2 log2 n, an
- * insertion sort below four elements) with "larger first" as the order, then takes the first k pairs.
+/* torch's CPU topk pairs each value with its index and, with "larger first" as the order, runs libstdc++'s
+ * std::nth_element for k * 64 > n (introselect: a median-of-three quicksort partition, a heap selection past
+ * a depth of 2 log2 n, an insertion sort below four elements) or std::partial_sort otherwise (a heap
+ * selection, then a sort of the k kept, which does not change which they are); it takes the first k pairs.
  * Which entries tied with the k-th it keeps follows from that algorithm's exact sequence of comparisons
  * and swaps, so this is the same algorithm, step for step, on (value key << 32 | index) words: the same
  * comparisons (of the keys alone) give the same swaps and the same kept set. mergekit's SCE keeps torch's
@@ -2188,9 +2189,10 @@ static void sel_nth(sel_t *first, sel_t *nth, sel_t *last)
 PyDoc_STRVAR(topk_mask_doc,
 "topk_mask(mask, keys, k) -> None\n"
 "\n"
-"mask[j] = 1 (uint8) for the k entries torch.topk(values, k) returns on the CPU when k * 64 > n, else 0:\n"
-"keys holds n uint32 keys ordered as the values (for non-negative floats, their bits), n < 2**32. The\n"
-"same introselect as libstdc++'s std::nth_element, so ties at the k-th are kept as torch keeps them.");
+"mask[j] = 1 (uint8) for the k entries torch.topk(values, k) returns on the CPU, else 0: keys holds n\n"
+"uint32 keys ordered as the values (for non-negative floats, their bits), n < 2**32. The same selection as\n"
+"libstdc++'s std::nth_element (k * 64 > n) or std::partial_sort (k * 64 <= n), which torch's CPU topk calls,\n"
+"so ties at the k-th are kept as torch keeps them.");
 
 static PyObject *py_topk_mask(PyObject *self, PyObject *args, PyObject *kwargs)
 {
@@ -2225,7 +2227,10 @@ static PyObject *py_topk_mask(PyObject *self, PyObject *args, PyObject *kwargs)
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t j = 0; j < n; j++)
         work[j] = ((sel_t)keys[j] << 32) | (sel_t)j;
-    sel_nth(work, work + k - 1, work + n);
+    if (k * 64 <= n) /* torch's std::partial_sort: a heap selection, then a sort of the k kept */
+        sel_heap_select(work, work + k, work + n);
+    else
+        sel_nth(work, work + k - 1, work + n);
     memset(mask, 0, (size_t)n);
     for (Py_ssize_t j = 0; j < k; j++)
         mask[work[j] & 0xFFFFFFFFu] = 1;

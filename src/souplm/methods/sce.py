@@ -77,8 +77,8 @@ def _kernels():
 def select_mask(tv, select_topk: float):
     """Boolean mask (the shape of one task vector) of the int(select_topk * nnz) entries of largest
     variance across models (tv stacked [N, ...]); None: keep nothing. The entries torch.topk keeps (and
-    mergekit): on the CPU with k * 64 > n by the C kernel, which runs torch's algorithm for that case
-    (`_kernels.topk_mask`: the same choice among entries tied at the cut, in a fraction of the time)."""
+    mergekit): on the CPU by the C kernel, which runs torch's algorithm (`_kernels.topk_mask`: the same
+    choice among entries tied at the cut, in a fraction of the time)."""
     import numpy as np
     import torch
 
@@ -88,7 +88,7 @@ def select_mask(tv, select_topk: float):
         return None
     n = var.numel()
     kernels = _kernels()
-    if kernels is not None and var.device.type == "cpu" and k * 64 > n and n < 1 << 32:
+    if kernels is not None and var.device.type == "cpu" and n < 1 << 32:
         keys = var.reshape(-1).to(torch.float32).abs_().numpy().view(np.uint32)  # ordered as the values
         mask = np.empty(n, np.uint8)
         kernels.topk_mask(mask, keys, k)
