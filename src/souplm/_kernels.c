@@ -1333,9 +1333,10 @@ static PyObject *py_abs_delta_histogram(PyObject *self, PyObject *args, PyObject
         local2 = PyMem_RawCalloc(65536, sizeof(uint32_t));
     }
     /* the interleaved counts pay for their zeroing and summing (3 x 65536 bins) from about 2^18 entries */
-    if (prefix < 0 && stop - start >= ((Py_ssize_t)1 << 18))
+    const int interleave = prefix < 0 && stop - start >= ((Py_ssize_t)1 << 18);
+    if (interleave)
         spare = PyMem_RawCalloc(3 * 65536, sizeof(uint32_t));
-    if (!scratch || !keys || (!aligned && (!local || !local2)) || (prefix < 0 && stop - start >= ((Py_ssize_t)1 << 18) && !spare)) {
+    if (!scratch || !keys || (!aligned && (!local || !local2)) || (interleave && !spare)) {
         PyErr_NoMemory();
         goto done;
     }

@@ -37,7 +37,7 @@ from ..errors import output_not_finite as _output_not_finite
 from ..io.checkpoint import Checkpoint
 from ..io.dtypes import DType
 from ..methods.form import Form
-from ..methods.program import Program
+from ..methods.program import COMPUTE_CODES, Program
 from ..methods.steps import (
     draw_keys,
     gram_kernel,
@@ -58,7 +58,7 @@ try:
 except ImportError:  # the extension is optional: without a C compiler the torch executor does everything
     _kernels = None
 
-KERNEL_DTYPES = {"F32": 0, "F16": 1, "BF16": 2}
+KERNEL_DTYPES = COMPUTE_CODES  # the kernels' dtype codes, by the plan's dtype code
 SUM, ELECT = 0, 1
 MIN_SPLIT = 1 << 18  # elements below which a tensor is not worth splitting across threads
 SPLIT_UNIT = 1 << 12  # a whole-tensor Program is split into ranges of multiples of this many elements

@@ -26,7 +26,7 @@ from ..arch.layouts import GENERIC, detect_layout
 from ..errors import SoupError
 from ..io.checkpoint import WEIGHT_SUFFIXES, file_sha256
 from ..io.output import AtomicDir, check_output, fault, os_error
-from ..io.safetensors_file import SafetensorsWriter
+from ..io.safetensors_file import SafetensorsWriter, tensor_bytes
 from . import execute_fused
 from .coefficients import CoefficientTable
 from .execute_torch import merged_tensors, resolve_device
@@ -199,7 +199,7 @@ def _write_shards(plan: Plan, sources: Sources, tmp: Path, progress: bool,
     if executor == "fused":
         stream = execute_fused.merged_buffers(plan, progress=bar)
     else:
-        stream = ((item, _stored_bytes(tensor)) for item, tensor in merged_tensors(
+        stream = ((item, tensor_bytes(tensor)) for item, tensor in merged_tensors(
             plan.recipe, plan=plan, sources=sources, progress=bar, device=None if device is None else str(device)))
     try:
         # Each tensor is written in a thread while the next one is computed (the fused stream keeps a buffer
@@ -224,14 +224,6 @@ def _write_shards(plan: Plan, sources: Sources, tmp: Path, progress: bool,
         }
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return sum(w.total_bytes for w in writers.values()), executor
-
-
-def _stored_bytes(tensor: torch.Tensor):
-    """A tensor's bytes as a buffer that keeps it alive (the write runs in a thread)."""
-    import torch
-
-    t = tensor.contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
 
 
 def executor_for(plan: Plan, device=None) -> tuple[str, str]:

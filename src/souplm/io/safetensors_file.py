@@ -290,6 +290,14 @@ def _check_disjoint(tensors: dict[str, TensorInfo], path: Path) -> None:
             prev_name, prev_end = name, info.end
 
 
+def tensor_bytes(tensor: torch.Tensor):
+    """A tensor's stored bytes as a buffer that keeps the tensor alive (a write may run in a thread)."""
+    import torch
+
+    t = tensor.contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+
+
 class SafetensorsWriter:
     """Writes one shard: the header (all names, dtypes and shapes known up front), then each
     tensor's bytes in header order, one at a time."""
@@ -316,10 +324,7 @@ class SafetensorsWriter:
         self.total_bytes = offset
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        import torch
-
-        t = tensor.contiguous()
-        self.write_bytes(name, t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+        self.write_bytes(name, tensor_bytes(tensor))
 
     def write_bytes(self, name: str, data) -> None:
         """The next tensor's stored bytes (any buffer of exactly its size), in header order."""

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 PROB_EPS = 1e-8  # added to both distributions before the logarithm
 QUARTILES = (0.25, 0.5, 0.75)
-BLOCK = 1 << 19  # entries per row block: bounds the softmax temporaries (2^19: 10-15% faster than 2^20 or 2^17)
+BLOCK = 1 << 19  # entries per row block: bounds the softmax temporaries (row_kl of a 2816 x 1024 bf16 pair: 8.9 ms, against 9.8 at 2^20 and 9.5 at 2^17)
 
 
 def row_kl(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

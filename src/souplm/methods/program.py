@@ -33,7 +33,7 @@ whole-tensor float32 op per operation, for the GPU and where the kernels are not
 holds the two to the same bits. The fused executor (`engine/execute_fused.py`) runs the kernels over the
 files' mapped bytes without torch; `run` below runs a program over torch tensors (pickled or mapped inputs,
 in-memory sweeps, the GPU), by the kernels where the tensors are on the CPU; `apply` runs one pass, for
-methods that compute some steps with torch between their passes (arcee_fusion's softmaxes).
+methods that compute some steps with torch between their passes (sce's selection).
 """
 
 from __future__ import annotations
@@ -214,8 +214,22 @@ def run(program: Program, tensors: list[torch.Tensor], base: torch.Tensor | None
     return result[-1]
 
 
-KERNEL_CODES = {"torch.float32": 0, "torch.float16": 1, "torch.bfloat16": 2}
+KERNEL_CODES = {"torch.float32": 0, "torch.float16": 1, "torch.bfloat16": 2}  # the kernels' dtype codes
 COMPUTE_CODES = {"F32": 0, "F16": 1, "BF16": 2}
+
+
+def compute_of(dtype) -> str:
+    """The compute code a torch op on tensors of this dtype (or its name) computes in: "BF16", "F16", else "F32"."""
+    return {"torch.bfloat16": "BF16", "torch.float16": "F16"}.get(str(dtype), "F32")
+
+
+def c_kernels():
+    """The C extension `souplm._kernels`, or None where it is not built."""
+    try:
+        from .. import _kernels
+    except ImportError:
+        return None
+    return _kernels
 
 
 def apply(ops: Ops, inputs: list[torch.Tensor], axis: int | None, compute: str, kernels: bool = True
@@ -236,20 +250,14 @@ def apply(ops: Ops, inputs: list[torch.Tensor], axis: int | None, compute: str, 
 
 
 def _kernel_ready(inputs: list[torch.Tensor]) -> bool:
-    try:
-        from .. import _kernels  # noqa: F401
-    except ImportError:
-        return False
-    n = inputs[0].numel()
-    return 0 < n < 1 << 62 and all(t.device.type == "cpu" and str(t.dtype) in KERNEL_CODES for t in inputs)
+    return c_kernels() is not None and inputs[0].numel() > 0 and all(
+        t.device.type == "cpu" and str(t.dtype) in KERNEL_CODES for t in inputs)
 
 
 def _kernel_pass(ops: Ops, inputs: list[torch.Tensor], code_axis: int, row_len: int, compute: str):
     """The pass by the C kernels, or None where a value was not finite (torch then runs it, with its
     NaN and Inf)."""
     import torch
-
-    from .. import _kernels
 
     n = inputs[0].numel()
     flat = [t.contiguous().reshape(-1) for t in inputs]
@@ -264,7 +272,7 @@ def _kernel_pass(ops: Ops, inputs: list[torch.Tensor], code_axis: int, row_len: 
     code, table = ops.tables()
     out = None if stored is None else (stored.numpy() if stored.dtype == torch.float32 else
                                        stored.view(torch.int16).numpy())
-    bad = _kernels.program(out, KERNEL_CODES[str(stored.dtype)] if stored is not None else 0, bufs, codes,
+    bad = c_kernels().program(out, KERNEL_CODES[str(stored.dtype)] if stored is not None else 0, bufs, codes,
                            code.tobytes(), table.tobytes(), ops.n_regs, row_len, 0, n, COMPUTE_CODES[compute],
                            sums=sums, axis=code_axis)
     if bad >= 0:

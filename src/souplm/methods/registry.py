@@ -181,14 +181,14 @@ def _torch_statement(name: str) -> Callable:
     """A form method as a tensor function: its Form, run by torch (`form.run`)."""
     def fn(tensors, base, keys=None, **params):
         from .form import as_numpy, run
-        from .program import Program
+        from .program import Program, compute_of
 
         method = METHODS[name]
         form = method.form_for(len(tensors), {k: as_numpy(v) for k, v in params.items()}, has_base=base is not None)
         if isinstance(form, Program):  # in the tensors' dtype where mergekit computes in it (engine/precision.py)
             codes = {str(t.dtype) for t in tensors} | ({str(base.dtype)} if base is not None else set())
-            low = {"torch.bfloat16": "BF16", "torch.float16": "F16"}.get(codes.pop()) if len(codes) == 1 else None
-            return run(form, tensors, base, compute=low if method.native_dtype and low else "F32")
+            one = compute_of(codes.pop()) if len(codes) == 1 else "F32"
+            return run(form, tensors, base, compute=one if method.native_dtype else "F32")
         return run(form, tensors, base, keys)
 
     fn.__name__ = f"{name}_in_torch"

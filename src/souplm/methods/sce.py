@@ -24,7 +24,7 @@ their own order: a step apart at most).
 from __future__ import annotations
 
 from ..io import pool
-from .program import KERNEL_CODES, Ops, apply, scalar
+from .program import KERNEL_CODES, Ops, apply, c_kernels, compute_of, scalar
 from .registry import ParamSpec, register
 
 SPECS = {"select_topk": ParamSpec(float, 0.0, 1.0)}
@@ -46,7 +46,7 @@ def model_variance(tv):
     flat = tv.reshape(n, -1)
     size = flat.shape[1]
     out = torch.empty(tv.shape[1:], dtype=tv.dtype, device=tv.device).view(-1)
-    kernels = _kernels()
+    kernels = c_kernels()
     if kernels is not None and tv.device.type == "cpu" and str(tv.dtype) in KERNEL_CODES and size:
         code = KERNEL_CODES[str(tv.dtype)]
         raw = (lambda t: t.numpy()) if code == 0 else (lambda t: t.view(torch.int16).numpy())
@@ -66,14 +66,6 @@ def model_variance(tv):
     return out.view(tv.shape[1:])
 
 
-def _kernels():
-    try:
-        from .. import _kernels as kernels
-    except ImportError:
-        return None
-    return kernels
-
-
 def select_mask(tv, select_topk: float):
     """Boolean mask (the shape of one task vector) of the int(select_topk * nnz) entries of largest
     variance across models (tv stacked [N, ...]); None: keep nothing. The entries torch.topk keeps (and
@@ -87,7 +79,7 @@ def select_mask(tv, select_topk: float):
     if k == 0:
         return None
     n = var.numel()
-    kernels = _kernels()
+    kernels = c_kernels()
     if kernels is not None and var.device.type == "cpu" and n < 1 << 32:
         keys = var.reshape(-1).to(torch.float32).abs_().numpy().view(np.uint32)  # ordered as the values
         mask = np.empty(n, np.uint8)
@@ -127,7 +119,7 @@ def sce(tensors, base, weight=None, select_topk=1.0):
         if keep is None:
             return base
         tv.mul_(keep)
-    compute = {"torch.bfloat16": "BF16", "torch.float16": "F16"}.get(str(base.dtype), "F32")
+    compute = compute_of(base.dtype)
     taus = [tv[i] for i in range(n)]
     ops = Ops(n)
     for i in range(n):
