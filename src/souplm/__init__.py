@@ -14,10 +14,19 @@ they load on first use.
 
 __version__ = "0.1.0"
 
-from .engine import merge, open_sources, soup_into
-from .engine.coefficients import CoefficientTable
-from .engine.recipe import Recipe
 from .errors import SoupError
+
+# Imported on first touch (PEP 562): the `souplm` command reads its arguments, and sets its process-wide
+# defaults (cli.main), before numpy and the engine load; subpackages that import torch load on first use.
+_LAZY = {
+    "merge": ("engine", "merge"),
+    "open_sources": ("engine", "open_sources"),
+    "soup_into": ("engine", "soup_into"),
+    "CoefficientTable": ("engine.coefficients", "CoefficientTable"),
+    "Recipe": ("engine.recipe", "Recipe"),
+    "learn": ("learn", None),
+    "evaluate": ("evaluate", None),
+}
 
 __all__ = [
     "CoefficientTable",
@@ -33,9 +42,14 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # Lazy: `import souplm` stays light for `souplm merge`; the first touch imports the subpackage.
-    if name in ("learn", "evaluate"):
-        import importlib
+    if name not in _LAZY:
+        raise AttributeError(f"module 'souplm' has no attribute {name!r}")
+    import importlib
 
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module 'souplm' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = importlib.import_module(f".{module}", __name__)
+    return value if attr is None else getattr(value, attr)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

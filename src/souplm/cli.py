@@ -59,7 +59,17 @@ def _one_progress_display() -> None:
     enable_progress_bars()  # ... which stay on
 
 
+def _process_defaults() -> None:
+    """Defaults for the command's own process, set before numpy loads: souplm does no linear algebra in
+    numpy (torch has its own threads), and OpenBLAS's idle worker threads would otherwise spin for a while
+    after start-up on the cores the merge kernels use (about 0.13 s of CPU per command, measured). A value
+    the user set is kept."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _process_defaults()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 import os
 import threading
@@ -37,7 +36,7 @@ from ..errors import output_not_finite as _output_not_finite
 from ..io.checkpoint import Checkpoint
 from ..io.dtypes import DType
 from ..methods.form import Form
-from ..methods.program import COMPUTE_CODES, Program
+from ..methods.program import COMPUTE_CODES, Program, kernel_sweep, split_ranges
 from ..methods.steps import (
     draw_keys,
     gram_kernel,
@@ -170,13 +169,8 @@ def _load(plan: Plan, buffers: Buffers, item: Item) -> list[Tensor] | None:
 
 # -- one item -------------------------------------------------------------------------------------------
 def _ranges(n: int, parts: int, unit: int = 1) -> list[tuple[int, int]]:
-    """[0, n) in up to `parts` ranges of n's units (elements, or rows of `unit` elements), none below
-    MIN_SPLIT elements unless there is only one."""
-    if n <= 0:
-        return []
-    parts = max(1, min(parts, n, n * unit // MIN_SPLIT))
-    edges = [n * i // parts for i in range(parts + 1)]
-    return [(a, b) for a, b in itertools.pairwise(edges) if b > a]
+    """[0, n) in up to `parts` ranges (program.split_ranges), none below MIN_SPLIT elements unless there is one."""
+    return split_ranges(n, parts, unit, MIN_SPLIT)
 
 
 def _head(t: Tensor, numel: int) -> np.ndarray:
@@ -315,38 +309,18 @@ class Executor:
         vector, by elements; partial sums (float64) are added in range order."""
         shape = (n // row_len, *item.shape[1:]) if item.shape else (n,)  # the merged rows
         axis, cols = program.vectors(shape)
-        rows = n // cols
         cc = KERNEL_DTYPES[compute_dtype(self.plan, item)]
 
         def sweep(ops) -> np.ndarray:
-            code, table = ops.tables()
-            code, table = code.tobytes(), table.tobytes()
             store = out if ops.stored is not None else None
-
-            # the ranges' units: whole rows, or, where the tensor is one vector, blocks of SPLIT_UNIT elements
-            unit = SPLIT_UNIT if axis == 0 else cols
-
-            def part(u0: int, u1: int) -> tuple[int, np.ndarray | None]:
-                width = (u1 - u0) if axis == 1 else (cols if axis == 2 else 1)
-                sums = np.zeros((ops.n_sums, width)) if ops.n_sums else None
-                bad = _kernels.program(store, out_code, inputs, codes, code, table, ops.n_regs, cols, u0 * unit,
-                                       min(n, u1 * unit), cc, sums=sums, axis=axis)
-                return bad, sums
-
-            units = -(-n // unit) if axis == 0 else rows
-            results = self._parallel(part, units, unit) if units else []
-            bad = [r for r, _ in results if r >= 0]
-            if bad:
-                k = min(bad)
-                if k == len(inputs):
+            bad, sums = kernel_sweep(ops, inputs, codes, store, out_code, n, cols, axis, cc, self._parallel, SPLIT_UNIT)
+            if bad >= 0:
+                if bad == len(inputs):
                     raise output_not_finite(item)
                 n_models = len(item.inputs)
-                where = self.plan.checkpoints[item.sources[k] if k < n_models else item.base_from]
-                raise input_not_finite(item.inputs[k] if k < n_models else item.base, where.path)
-            if not ops.n_sums:
-                return np.zeros((0, 1))
-            parts = [s for _, s in results]
-            return np.concatenate(parts, axis=1) if axis == 1 else np.sum(parts, axis=0)
+                where = self.plan.checkpoints[item.sources[bad] if bad < n_models else item.base_from]
+                raise input_not_finite(item.inputs[bad] if bad < n_models else item.base, where.path)
+            return sums
 
         program.body(sweep, compute_dtype(self.plan, item))
 

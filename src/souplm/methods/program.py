@@ -39,6 +39,7 @@ methods that compute some steps with torch between their passes (sce's selection
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -244,8 +245,7 @@ def apply(ops: Ops, inputs: list[torch.Tensor], axis: int | None, compute: str, 
     if kernels and _kernel_ready(inputs):
         out = _kernel_pass(ops, inputs, code_axis, row_len, compute)
         if out is not None:
-            sums, stored = out
-            return sums, (stored.view(shape) if stored is not None else None)
+            return out
     return _torch_pass(ops, inputs, code_axis, row_len, compute)
 
 
@@ -255,8 +255,8 @@ def _kernel_ready(inputs: list[torch.Tensor]) -> bool:
 
 
 def _kernel_pass(ops: Ops, inputs: list[torch.Tensor], code_axis: int, row_len: int, compute: str):
-    """The pass by the C kernels, or None where a value was not finite (torch then runs it, with its
-    NaN and Inf)."""
+    """The pass by the C kernels, split across torch's intra-op threads, or None where a value was not
+    finite (torch then runs it, with its NaN and Inf)."""
     import torch
 
     n = inputs[0].numel()
@@ -264,20 +264,78 @@ def _kernel_pass(ops: Ops, inputs: list[torch.Tensor], code_axis: int, row_len: 
     bufs = [t.view(torch.int16).numpy() if t.dtype != torch.float32 else t.numpy() for t in flat]
     codes = [KERNEL_CODES[str(t.dtype)] for t in flat]
     stored = None
-    if ops.stored is not None:
+    if ops.stored is not None:  # on a pooled buffer while the engine computes an item (fresh pages cost more)
+        from ..io import pool
+
         low = {"BF16": torch.bfloat16, "F16": torch.float16}.get(compute)
-        stored = torch.empty(n, dtype=torch.float32 if ops.wide or low is None else low)
-    width = {0: 1, 1: n // row_len, 2: row_len}[code_axis]
-    sums = np.zeros((ops.n_sums, width)) if ops.n_sums else None
-    code, table = ops.tables()
-    out = None if stored is None else (stored.numpy() if stored.dtype == torch.float32 else
-                                       stored.view(torch.int16).numpy())
-    bad = c_kernels().program(out, KERNEL_CODES[str(stored.dtype)] if stored is not None else 0, bufs, codes,
-                           code.tobytes(), table.tobytes(), ops.n_regs, row_len, 0, n, COMPUTE_CODES[compute],
-                           sums=sums, axis=code_axis)
+        stored = pool.empty(inputs[0].shape, torch.float32 if ops.wide or low is None else low)
+    out = None if stored is None else (stored.reshape(-1).numpy() if stored.dtype == torch.float32 else
+                                       stored.reshape(-1).view(torch.int16).numpy())
+    bad, sums = kernel_sweep(ops, bufs, codes, out, KERNEL_CODES[str(stored.dtype)] if stored is not None else 0, n,
+                             row_len, code_axis, COMPUTE_CODES[compute], _torch_threads)
     if bad >= 0:
         return None
-    return (sums if sums is not None else np.zeros((0, 1))), stored
+    return sums, stored
+
+
+MIN_SPLIT = 1 << 18  # elements below which a pass is not worth splitting across threads
+SPLIT_UNIT = 1 << 12  # a whole-tensor pass is split into ranges of multiples of this many elements
+
+
+def split_ranges(n: int, parts: int, unit: int = 1, min_split: int = MIN_SPLIT) -> list[tuple[int, int]]:
+    """[0, n) in up to `parts` ranges of n's units (elements, or rows of `unit` elements), none below
+    `min_split` elements unless there is only one."""
+    if n <= 0:
+        return []
+    parts = max(1, min(parts, n, n * unit // min_split))
+    edges = [n * i // parts for i in range(parts + 1)]
+    return [(a, b) for a, b in itertools.pairwise(edges) if b > a]
+
+
+def kernel_sweep(ops: Ops, bufs: list, codes: list[int], out, out_code: int, n: int, row_len: int, code_axis: int,
+                 compute_code: int, parallel: Callable, split_unit: int = SPLIT_UNIT) -> tuple[int, np.ndarray]:
+    """One pass by the C kernels (`_kernels.program`) over elements [0, n) of the inputs' bytes: split by
+    `parallel(fn, units, unit)` (which runs fn(u0, u1) over ranges of [0, units) and returns the results in
+    order) into whole rows, so that sums and constants per row or column need no seams, or, where the
+    tensor is one vector (code_axis 0), into units of `split_unit` elements; the ranges' float64 sums are
+    added in range order. Returns (the lowest index the kernels flagged, or -1; the sums [n_sums, vectors])."""
+    code, table = ops.tables()
+    code, table = code.tobytes(), table.tobytes()
+    unit = split_unit if code_axis == 0 else row_len
+    kernels = c_kernels()
+
+    def part(u0: int, u1: int) -> tuple[int, np.ndarray | None]:
+        width = (u1 - u0) if code_axis == 1 else (row_len if code_axis == 2 else 1)
+        sums = np.zeros((ops.n_sums, width)) if ops.n_sums else None
+        bad = kernels.program(out, out_code, bufs, codes, code, table, ops.n_regs, row_len, u0 * unit,
+                              min(n, u1 * unit), compute_code, sums=sums, axis=code_axis)
+        return bad, sums
+
+    units = -(-n // unit) if code_axis == 0 else n // row_len
+    results = parallel(part, units, unit) if units else []
+    bad = min((r for r, _ in results if r >= 0), default=-1)
+    if not ops.n_sums:
+        return bad, np.zeros((0, 1))
+    parts = [s for _, s in results]
+    return bad, (np.concatenate(parts, axis=1) if code_axis == 1 else np.sum(parts, axis=0))
+
+
+def _torch_threads(fn: Callable, units: int, unit: int) -> list:
+    """fn(u0, u1) over [0, units) split across torch's intra-op threads (the kernels let go of the GIL)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    ranges = split_ranges(units, threads, unit)
+    if len(ranges) <= 1:
+        return [fn(*r) for r in ranges]
+    return list(_pool(threads).map(lambda r: fn(*r), ranges))
+
+
+@functools.cache
+def _pool(threads: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="souplm-program")
 
 
 def _torch_pass(ops: Ops, inputs: list[torch.Tensor], code_axis: int, row_len: int, compute: str):
