@@ -1818,13 +1818,27 @@ typedef struct {
 typedef double soup_v4d __attribute__((vector_size(32)));
 #endif
 
-/* sum_k x[k] y[k] in float64, in eight interleaved partial sums added in a fixed order (so that it
- * vectorizes instead of waiting on one chain of additions); y == NULL: sum_k x[k]. */
+/* sum_k x[k] y[k] in float64 (y == NULL: sum_k x[k]): 32 interleaved partial sums (lane l takes k = l mod 32),
+ * so that it vectorizes and four chains of additions are in flight instead of waiting on one (1.2x on a
+ * Program's three sums), folded to 8 lanes, which then take the last multiples of 8, and added in a fixed
+ * order; the last n mod 8 terms one by one. Every copy (vector or portable) adds in this order. */
+#define DOT_TERM(k) (y ? (double)x[k] * (double)y[k] : (double)x[k])
 SOUP_INLINE double dot_sum(const float *SOUP_RESTRICT x, const float *SOUP_RESTRICT y, int n)
 {
     int k = 0;
 #if defined(__GNUC__) || defined(__clang__)
-    soup_v4d lo = {0.0, 0.0, 0.0, 0.0}, hi = {0.0, 0.0, 0.0, 0.0}; /* lanes 0-3 and 4-7 */
+    soup_v4d acc[8] = {{0.0}}; /* acc[q]: lanes 4q .. 4q + 3 */
+    for (; k + 32 <= n; k += 32)
+        for (int q = 0; q < 8; q++) {
+            const int j = k + 4 * q;
+            soup_v4d a = {x[j], x[j + 1], x[j + 2], x[j + 3]};
+            if (y) {
+                soup_v4d c = {y[j], y[j + 1], y[j + 2], y[j + 3]};
+                a *= c;
+            }
+            acc[q] += a;
+        }
+    soup_v4d lo = (acc[0] + acc[2]) + (acc[4] + acc[6]), hi = (acc[1] + acc[3]) + (acc[5] + acc[7]);
     for (; k + 8 <= n; k += 8) {
         soup_v4d a = {x[k], x[k + 1], x[k + 2], x[k + 3]}, b = {x[k + 4], x[k + 5], x[k + 6], x[k + 7]};
         if (y) {
@@ -1837,16 +1851,23 @@ SOUP_INLINE double dot_sum(const float *SOUP_RESTRICT x, const float *SOUP_RESTR
     }
     double lane[8] = {lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]};
 #else
-    double lane[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    double wide[32] = {0.0};
+    for (; k + 32 <= n; k += 32)
+        for (int l = 0; l < 32; l++)
+            wide[l] += DOT_TERM(k + l);
+    double lane[8];
+    for (int l = 0; l < 8; l++)
+        lane[l] = (wide[l] + wide[l + 8]) + (wide[l + 16] + wide[l + 24]);
     for (; k + 8 <= n; k += 8)
         for (int l = 0; l < 8; l++)
-            lane[l] += y ? (double)x[k + l] * (double)y[k + l] : (double)x[k + l];
+            lane[l] += DOT_TERM(k + l);
 #endif
     double s = ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
     for (; k < n; k++)
-        s += y ? (double)x[k] * (double)y[k] : (double)x[k];
+        s += DOT_TERM(k);
     return s;
 }
+#undef DOT_TERM
 
 SOUP_INLINE void gram_impl(gram_args *a, int f16c)
 {
