@@ -304,11 +304,15 @@ def build_plan(recipe: Recipe, checkpoints: list[Checkpoint], coefficients: Coef
 
     items: list[Item] = [ctx.item(c, first, None, 0.0) for c in pre]
     layers: list[LayerSource] = []
+    layer_suffixes: dict[tuple[int, int], set[str]] = {}  # (model, layer) -> its tensors' names after the layer
+    for k in {s.k for sl in slices for s in _feeding(sl)}:
+        for c in canon[k]:
+            if m := _LAYER_NAME.match(c):
+                layer_suffixes.setdefault((k, int(m.group(1))), set()).add(m.group(2))
     for j, sl in enumerate(slices):
         for i in range(sl.length):
             o = sl.first_out + i
-            suffixes = sorted({m.group(2) for s in _feeding(sl) for c in canon[s.k]
-                               if (m := _LAYER_NAME.match(c)) and int(m.group(1)) == s.start + i})
+            suffixes = sorted(set().union(*(layer_suffixes.get((s.k, s.start + i), ()) for s in _feeding(sl))))
             if not suffixes:
                 raise SoupError(f"{sl.label}: layer {sl.inputs[0].start + i} of model "
                                 f"{checkpoints[sl.inputs[0].k].path} has no tensors")
