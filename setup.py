@@ -1,4 +1,4 @@
-"""Builds the optional C extension souplm._kernels (the fused merge executor, src/souplm/fused.py).
+"""Builds the optional C extension souplm._kernels (the fused merge executor, src/souplm/engine/execute_fused.py).
 
 All package metadata lives in pyproject.toml. The extension is optional: where it cannot be compiled,
 the package installs without it and every merge runs on the torch executor.
