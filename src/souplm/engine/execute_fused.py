@@ -37,7 +37,14 @@ from ..errors import output_not_finite as _output_not_finite
 from ..io.checkpoint import Checkpoint
 from ..io.dtypes import DType
 from ..methods.form import Form
-from ..methods.program import COMPUTE_CODES, Program, kernel_sweep, split_ranges
+from ..methods.program import (  # MIN_SPLIT, SPLIT_UNIT: module attributes here too (the tests shrink them)
+    COMPUTE_CODES,
+    MIN_SPLIT,
+    SPLIT_UNIT,
+    Program,
+    kernel_sweep,
+    split_ranges,
+)
 from ..methods.steps import (
     draw_keys,
     gram_kernel,
@@ -60,8 +67,6 @@ except ImportError:  # the extension is optional: without a C compiler the torch
 
 KERNEL_DTYPES = COMPUTE_CODES  # the kernels' dtype codes, by the plan's dtype code
 SUM, ELECT = 0, 1
-MIN_SPLIT = 1 << 18  # elements below which a tensor is not worth splitting across threads
-SPLIT_UNIT = 1 << 12  # a whole-tensor Program is split into ranges of multiples of this many elements
 
 
 def fused_blocker(plan: Plan) -> str | None:

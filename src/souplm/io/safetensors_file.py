@@ -114,7 +114,7 @@ class SafetensorsFile:
                     self._map = False
         if self._map is False or not info.nbytes:
             return None
-        # prefetch: map the pages in now, in one call (the reader thread's), not one fault per 64 KiB later
+        # prefetch: map the pages in now, in one call (on the thread that reads the item), not one fault per 64 KiB later
         if prefetch and not self._advise(info, MADV_POPULATE_READ):
             self._advise(info, getattr(mmap, "MADV_WILLNEED", None))
         return np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.start)
