@@ -20,14 +20,14 @@ from the same counter-based stream in both. `engine.merge` picks this executor w
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import math
 import os
+import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +57,7 @@ from ..methods.steps import (
     survivor_scale,
     trim_window,
 )
+from .in_flight import IN_FLIGHT, in_order
 from .plan import Item, Plan
 from .precision import compute_dtype
 
@@ -512,19 +513,17 @@ def check_copied_bytes(data: np.ndarray, item: Item, stored_dtype: str, where) -
                         "contains NaN or Inf (copied unchanged into the output); nothing was written")
 
 
-IN_FLIGHT = 2  # items computed at once, each by its own Executor (merged_buffers)
-
-
 def merged_buffers(plan: Plan, progress=None) -> Iterator[tuple[Item, np.ndarray]]:
-    """Yield (item, stored bytes of the output tensor) in plan order. IN_FLIGHT items are read and computed
-    at once, each on its own thread and Executor (its own worker threads and scratch), so that one item's
-    Python steps (a Program's arithmetic between passes, each call's set-up) and its reads run while the
-    other's kernels do: with one item at a time the cores were idle for about a quarter of a two-pass merge.
-    A yielded buffer stays valid until the one after the next is asked for, so a sink may write it in a
-    thread while the next tensors are computed."""
+    """Yield (item, stored bytes of the output tensor) in plan order, IN_FLIGHT items read and computed at
+    once (engine/in_flight.py), each by an Executor of its own (its own worker threads and scratch). A
+    yielded buffer stays valid until the one after the next is asked for, so a sink may write it in a thread
+    while the next tensors are computed."""
     buffers = Buffers()
     items = plan.items
     executors = [Executor(plan) for _ in range(min(IN_FLIGHT, max(len(items), 1)))]
+    idle = queue.SimpleQueue()  # the executors no item is using (one per item computing)
+    for e in executors:
+        idle.put(e)
 
     def produce(idx: int) -> np.ndarray:
         item = items[idx]
@@ -535,22 +534,19 @@ def merged_buffers(plan: Plan, progress=None) -> Iterator[tuple[Item, np.ndarray
             check_copied_bytes(out, item, plan.checkpoints[k].dtype(name).torch_name, plan.checkpoints[k].path)
             return out
         out = buffers.take(item.nbytes)
+        executor = idle.get()
         try:
-            executors[idx % len(executors)].compute(item, inputs, out)
+            executor.compute(item, inputs, out)
         finally:
+            idle.put(executor)
             for t in inputs:
                 buffers.give(t.data)
         return out
 
-    computing = ThreadPoolExecutor(max_workers=len(executors), thread_name_prefix="souplm-compute")
-    pending: collections.deque[Future] = collections.deque()
+    results = in_order(len(items), produce, "souplm-compute", len(executors))
     try:
         previous: np.ndarray | None = None
-        for idx, item in enumerate(items):
-            # item idx + k goes to executor (idx + k) % len: the one item idx - 1 used, which is done
-            while len(pending) < len(executors) and idx + len(pending) < len(items):
-                pending.append(computing.submit(produce, idx + len(pending)))
-            out = pending.popleft().result()
+        for item, out in zip(items, results):
             if progress is not None:
                 progress.update(item.read_bytes)
             yield item, out
@@ -558,6 +554,6 @@ def merged_buffers(plan: Plan, progress=None) -> Iterator[tuple[Item, np.ndarray
                 buffers.give(previous)
             previous = out
     finally:
-        computing.shutdown(wait=True, cancel_futures=True)  # an error or an interrupt: the other item ends first
+        results.close()  # the item still computing finishes before its executor closes
         for e in executors:
             e.close()

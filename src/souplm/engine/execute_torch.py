@@ -4,16 +4,20 @@ A Form gets float32 copies (its steps round to the compute dtype themselves); a 
 `native_dtype` gets them in the compute dtype (engine/precision.py), so that its torch ops round as
 mergekit's do; other tensor functions get float32.
 
-The plan's items are computed one at a time, the next item's inputs read in a thread meanwhile. Memory is
-bounded by the largest tensor times the number of inputs (plus one prefetched tensor), independent of
-model size. `execute_fused` runs the same plans without torch where it can (`fused_blocker`).
+The plan's items are read and computed IN_FLIGHT at a time (engine/in_flight.py, as the fused executor
+does): on the host each with torch's threads divided among them, so that one item's Python between its
+ops, its reads and its input checks run while the other's ops do; on a device one item at a time holds it,
+the next one's reads overlapping. Memory is bounded by the largest tensor times the number of inputs,
+times the items in flight, independent of model size. `execute_fused` runs the same plans without torch
+where it can (`fused_blocker`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +26,7 @@ from ..io.dtypes import BY_CODE
 from ..io.pool import BufferPool
 from ..methods.form import run as run_form
 from ..methods.steps import draw_keys
+from .in_flight import IN_FLIGHT, in_order
 from .plan import Item, Plan
 from .precision import compute_dtype, input_dtype
 from .recipe import Recipe
@@ -121,7 +126,7 @@ def merged_tensors(
     """
     import gc
 
-    import torch  # noqa: F401  (imported here, once, so that the freeze below covers its objects)
+    import torch  # (imported before the freeze below, so that it covers its objects)
 
     # torch's import leaves ~10^6 long-lived Python objects; every full collection the merge's allocations
     # trigger would walk them all (8% of a bf16 nearswap's CPU time). They live as long as the process.
@@ -132,22 +137,36 @@ def merged_tensors(
     # Input copies and the methods' temporaries live on reused buffers (io/pool.py): fresh pages for
     # every tensor cost about as much CPU time as the merge arithmetic itself.
     buffers = BufferPool()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="souplm-read") as pool:
-        pending: Future | None = None
-        items = plan.items
-        for idx, item in enumerate(items):
-            loaded = pending.result() if pending is not None else _load_inputs(plan, sources, item, buffers)
-            pending = (pool.submit(_load_inputs, plan, sources, items[idx + 1], buffers)
-                       if idx + 1 < len(items) else None)
-            with buffers.scope() as temporaries:
+    items = plan.items
+    on_host = dev is None or dev.type == "cpu"
+    # On the host the items in flight share the cores (torch's threads divided among them); on a device one
+    # item at a time holds it (its memory bounds the merge), the next one's reads overlapping it.
+    device_turn = contextlib.nullcontext() if on_host else threading.Lock()
+    threads = torch.get_num_threads()
+
+    def produce(idx: int) -> torch.Tensor:
+        item = items[idx]
+        with buffers.scope() as temporaries:
+            loaded = _load_inputs(plan, sources, item, buffers)
+            with device_turn:
                 out = _compute(plan, sources, item, loaded, dev)
-            if loaded is not None:
-                for t in [*loaded[0], loaded[1], *temporaries]:
-                    if t is not None:
-                        buffers.give(t, keep_alive=out)
+        if loaded is not None:
+            for t in [*loaded[0], loaded[1], *temporaries]:
+                if t is not None:
+                    buffers.give(t, keep_alive=out)
+        return out
+
+    results = in_order(len(items), produce, "souplm-compute")
+    if on_host:
+        torch.set_num_threads(max(1, threads // IN_FLIGHT))
+    try:
+        for item, out in zip(items, results):
             if progress is not None:
                 progress.update(item.read_bytes)
             yield item, out
+    finally:
+        results.close()
+        torch.set_num_threads(threads)
 
 
 def resolve_device(device: str | None) -> torch.device | None:

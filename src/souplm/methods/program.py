@@ -272,7 +272,7 @@ def _kernel_pass(ops: Ops, inputs: list[torch.Tensor], code_axis: int, row_len: 
     out = None if stored is None else (stored.reshape(-1).numpy() if stored.dtype == torch.float32 else
                                        stored.reshape(-1).view(torch.int16).numpy())
     bad, sums = kernel_sweep(ops, bufs, codes, out, KERNEL_CODES[str(stored.dtype)] if stored is not None else 0, n,
-                             row_len, code_axis, COMPUTE_CODES[compute], _torch_threads)
+                             row_len, code_axis, COMPUTE_CODES[compute], across_torch_threads)
     if bad >= 0:
         return None
     return sums, stored
@@ -320,7 +320,7 @@ def kernel_sweep(ops: Ops, bufs: list, codes: list[int], out, out_code: int, n: 
     return bad, (np.concatenate(parts, axis=1) if code_axis == 1 else np.sum(parts, axis=0))
 
 
-def _torch_threads(fn: Callable, units: int, unit: int) -> list:
+def across_torch_threads(fn: Callable, units: int, unit: int) -> list:
     """fn(u0, u1) over [0, units) split across torch's intra-op threads (the kernels let go of the GIL)."""
     import torch
 

@@ -149,10 +149,10 @@ def order_statistics(x: torch.Tensor, ranks: list[int]) -> list[torch.Tensor]:
         _kernels = None
     if _kernels is None or codes is None or flat.device.type != "cpu" or n >= 1 << 32 or n <= 4096:
         return [flat.kthvalue(r + 1).values for r in ranks]
+    from .program import across_torch_threads
+
     code, view = codes
     data = flat.contiguous().view(getattr(torch, view)).numpy()
-    threads = max(1, min(torch.get_num_threads(), n // (1 << 20)))
-    bounds = [n * i // threads for i in range(threads + 1)]
 
     def histogram(prefix: int, prefix2: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         def part(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
@@ -160,11 +160,7 @@ def order_statistics(x: torch.Tensor, ranks: list[int]) -> list[torch.Tensor]:
             _kernels.abs_delta_histogram(data, code, None, 0, lo, hi, h1, prefix, signed=True,
                                          hist2=h2 if prefix2 is not None else None, prefix2=prefix2 or 0)
             return h1, h2
-        if threads == 1:
-            parts = [part(0, n)]
-        else:
-            with ThreadPoolExecutor(max_workers=threads) as workers:  # the kernel lets go of the GIL
-                parts = list(workers.map(part, bounds[:-1], bounds[1:]))
+        parts = across_torch_threads(part, n, 1)  # (the kernel lets go of the GIL)
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
     ascending = np.cumsum(histogram(-1)[0], dtype=np.int64)  # entries in bins <= b
