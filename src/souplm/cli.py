@@ -89,5 +89,26 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(0)
 
 
+# Commands whose every output is closed and in place (the atomic writer) when they return, so that the
+# process may end without the interpreter's teardown: with torch loaded, that teardown (module dicts,
+# torch's library finalizers) took 0.15-0.6 s after an arcee_fusion merge had finished, measured from the
+# "merged" line to the process's end.
+_QUICK_EXIT = frozenset({"merge"})
+
+
+def console() -> None:
+    """The `souplm` command: main(), then the end of the process."""
+    argv = sys.argv[1:]
+    rc = main(argv)
+    if argv and argv[0] in _QUICK_EXIT and "torch" in sys.modules:
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
