@@ -148,3 +148,32 @@ def test_a_bad_input_is_still_one_clear_error_with_two_items_in_flight(family, t
     with pytest.raises(SoupError, match=name.replace(".", r"\.")):
         souplm.merge(Recipe.vanilla(family["a"], bad, 0.5), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_on_a_device_one_item_computes_at_a_time(family, tmp_path, monkeypatch, device):
+    # `--device cpu` takes the device's path (as CI runs the GPU one): the second item is read meanwhile,
+    # but only one holds the device; on the host two compute at once
+    from souplm.engine import execute_torch
+
+    real, lock = execute_torch._compute, threading.Lock()
+    running, peak = [0], [0]
+
+    def compute(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(execute_torch, "_compute", compute)
+    before = torch.get_num_threads()
+    threads = []
+    for _ in merged_tensors(Recipe.vanilla(family["a"], family["b"], 0.5), device=device):
+        threads.append(torch.get_num_threads())
+    assert peak[0] == (1 if device else 2)
+    assert set(threads) == {before if device else max(1, before // 2)} and torch.get_num_threads() == before
