@@ -631,15 +631,17 @@ def compare_outputs(a_dir: Path, b_dir: Path, sample: int = 6) -> dict[str, obje
     }
 
 
-def compare_outputs_elsewhere(a_dir: Path, b_dir: Path) -> dict[str, object]:
-    """`compare_outputs` in a spawned process. Loading tensors here would grow this process, and every
-    later child would report it as its own peak RSS: a child started by vfork + exec inherits its
-    parent's high-water mark (Linux records the old address space's peak at exec)."""
+def elsewhere(fn, *args):
+    """``fn(*args)`` in a spawned process. Work that grows this process (building the models, loading
+    tensors to compare) would be reported by every later child as its own peak RSS: a child started by
+    vfork + exec inherits its parent's high-water mark (Linux records the old address space's peak at
+    exec). A first run at 48 layers, which built the trio in this process, put every souplm merge at
+    3.00 GiB."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
-        return child.submit(compare_outputs, a_dir, b_dir).result()
+        return child.submit(fn, *args).result()
 
 
 def _median(values: list[float]) -> float:
@@ -879,7 +881,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = make_spec(args)
     started = _dt.datetime.now().astimezone()
     print(f"model: {spec.tag}, {spec.num_params() / 1e6:.1f}M params per model, bf16", flush=True)
-    dirs = build_trio(spec, workdir)
+    dirs = elsewhere(build_trio, spec, workdir)
     mk_exe = (
         ensure_mergekit(args.mergekit_venv.expanduser())
         if ("mergekit" in args.tools or args.profile_mergekit)
@@ -926,12 +928,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if last and m == "linear" and set(TOOLS) <= set(args.tools):
                 s_out, m_out = bench.out_dir("souplm", m), bench.out_dir("mergekit", m)
                 if s_out.is_dir() and m_out.is_dir():
-                    verification = compare_outputs_elsewhere(s_out, m_out)
+                    verification = elsewhere(compare_outputs, s_out, m_out)
                     print(f"  linear outputs: {verification}", flush=True)
             if last and m in GEOMETRIC_INPUTS and set(TOOLS) <= set(args.tools):  # the same merge, bf16 rounding
                 s_out, m_out = bench.out_dir("souplm", m), bench.out_dir("mergekit", m)
                 if s_out.is_dir() and m_out.is_dir():
-                    print(f"  {m} outputs: {compare_outputs_elsewhere(s_out, m_out)}", flush=True)
+                    print(f"  {m} outputs: {elsewhere(compare_outputs, s_out, m_out)}", flush=True)
             if not args.keep_outputs:
                 for t in args.tools:
                     shutil.rmtree(bench.out_dir(t, m), ignore_errors=True)
