@@ -152,6 +152,9 @@ def _recipe(fam, tmp_path, method="ties", params=None, per_model=None, **top) ->
     ("linear", {}, {"weight": True}, "weight"),
     ("wise_ft", {}, {"weight": 1.2}, "weight"),
     ("task_arithmetic", {}, {"weight": [{"filter": "mlp", "value": float("-inf")}, {"value": 1.0}]}, "weight"),
+    # a zero tolerance or epsilon divides by zero where the method's step or tangent vanishes (NaN in mergekit)
+    ("karcher", {"tol": 0.0}, {}, "tol"),
+    ("multislerp", {"weight": 0.5, "eps": 0.0}, {}, "eps"),
 ])
 def test_bad_parameter_refused_with_name_model_value(fam, tmp_path, capsys, method, params, per_model, named):
     out = tmp_path / "out"

@@ -78,7 +78,7 @@ def coefficients_from_gram(gram: np.ndarray, max_iter: int = 10, tol: float = 1e
 
 @register(
     "karcher",
-    specs={"max_iter": ParamSpec(int, 0.0, None), "tol": ParamSpec(float, 0.0, None)},
+    specs={"max_iter": ParamSpec(int, 0.0, None), "tol": ParamSpec(float, 0.0, None, lo_open=True)},
     needs_base=False,
     forbids_base=True,  # a recipe's base_model is one more input (engine/recipe.py lists it among the models)
     min_models=1,

@@ -53,7 +53,7 @@ def coefficients_from_gram(gram: np.ndarray, weight: np.ndarray, eps: float = 1e
     specs={
         "weight": ParamSpec(float),
         "normalize_weights": ParamSpec(bool),
-        "eps": ParamSpec(float, 0.0, None),
+        "eps": ParamSpec(float, 0.0, None, lo_open=True),
     },
     needs_base=False,
     optional_base=True,
