@@ -311,7 +311,7 @@ def test_per_layer_config_lists_follow_the_stacked_layers(zoo, tmp_path):
     ([{"sources": [{"model": "A", "layer_range": [0, 2]}, {"model": "A", "layer_range": [2, 4]}]}], "linear",
      "is a source twice"),
     ([{"sources": [{"model": "A", "layer_range": [0, 2]}, {"model": "B", "layer_range": [0, 2]}]}], "passthrough",
-     "slices[0]: method passthrough takes 1 models"),
+     "slices[0]: method passthrough takes 1 model "),
     ([{"sources": [{"model": "A", "layer_range": [0, 2]}], "base_model": "B"}], "task_arithmetic",
      "is not one of the slice's sources"),
     ([{"sources": [{"model": "A", "layer_range": [0, 2]}, {"model": "B", "layer_range": [0, 2]}]}], "slerp",

@@ -150,7 +150,8 @@ class Method:
             want = str(self.min_models) if self.max_models == self.min_models else (
                 f"at least {self.min_models}" if self.max_models is None else f"{self.min_models}-{self.max_models}"
             )
-            raise SoupError(f"method {self.name} takes {want} models (besides the base), got {n_models}")
+            noun = "model" if want == "1" else "models"
+            raise SoupError(f"method {self.name} takes {want} {noun} (besides the base), got {n_models}")
 
     def spec(self, name: str) -> ParamSpec:
         return param_spec(self.name, name)
