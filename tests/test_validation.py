@@ -471,6 +471,29 @@ def test_nan_in_a_copied_tensor_is_refused(tmp_path, capsys, executor, dtype):
             "--quiet", *executor, contains=("vision_tower.proj.weight", "NaN"))
 
 
+@pytest.mark.filterwarnings("error")  # a NumPy warning on the way would be a second line (and a traceback here)
+@pytest.mark.parametrize("executor", [[], ["--device", "cpu"]])
+@pytest.mark.parametrize("method,params,with_base,culprit", [
+    ("slerp", {"t": 0.5}, False, "A"), ("nuslerp", {"weight": 0.5}, False, "A"), ("nuslerp", {"weight": 0.5}, True, "A"),
+    ("nuslerp", {"weight": 0.5}, True, "base"), ("multislerp", {"weight": 0.5}, False, "A"),
+    ("multislerp", {"weight": 0.5}, True, "base"), ("karcher", {}, False, "A")])
+def test_inf_input_to_an_angle_method_is_one_line(fam, tmp_path, capsys, executor, method, params, with_base, culprit):
+    """The angle-based methods weigh by the Gram matrix of their inputs; an Inf there must not reach their
+    scalar arithmetic: the one message names the tensor and the model holding it."""
+    bad = np.ones(H, np.float32)
+    bad[2] = np.inf
+    tiny(fam[culprit], 0 if culprit == "base" else 1, extra={"model.norm.weight": bad})
+    models = [{"model": str(fam["A"])}, {"model": str(fam["B"])}]
+    data = {"merge_method": method, "models": models, "parameters": params, "dtype": "float32"}
+    if with_base or method == "slerp":  # slerp's base is one of its two models
+        data["base_model"] = str(fam["A"] if method == "slerp" else fam["base"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    err = refused(capsys, out, "merge", recipe, "-o", out, "--quiet", *executor, contains=("model.norm.weight", "Inf"))
+    assert str(fam[culprit]) in err
+
+
 # -- the other commands' flags: refused when they would change nothing ------------------------------------------------
 @pytest.mark.parametrize("argv,named", [
     (["eval", "M", "--task", "t.yaml", "--no-cache", "--cache-dir", "C"], "--cache-dir"),

@@ -237,7 +237,10 @@ class Executor:
         weight = form.weight
         if form.reweigh is not None:  # the Form's terms' Gram matrix: x_i, or x_i - base
             gb, gc = (b, base.code) if form.use_base else (None, 0)
-            weight = form.reweigh(gram_kernel(xs, [t.code for t in models], gb, gc, merged, self.workers.map))
+            gram = gram_kernel(xs, [t.code for t in models], gb, gc, merged, self.workers.map)
+            # float64 sums of finite stored values cannot overflow: a non-finite entry means an input holds
+            # NaN or Inf, which the combining pass below names (any weights do for that)
+            weight = form.reweigh(gram) if np.isfinite(gram).all() else np.ones(n_models)
         weight = weight[:, :rows] if weight.ndim == 2 else weight
         cc = compute_dtype(plan, item)  # what each step rounds to (engine/precision.py)
         ccode = KERNEL_DTYPES[cc]
