@@ -499,16 +499,16 @@ def test_a_weight_is_accepted_and_ignored_as_in_mergekit(tmp_path, method):
     ("nearswap", {}, {}, 1, True, "parameter t"),  # t is required
     ("nearswap", {}, {"t": -0.1}, 1, True, "t"),
     ("nearswap", {}, {"t": 0.1}, 1, False, "base_model"),
-    ("nearswap", {}, {"t": 0.1}, 2, True, "models"),
+    ("nearswap", {}, {"t": 0.1}, 2, True, "takes 1 model "),
     ("arcee_fusion", {}, {}, 1, False, "base_model"),
-    ("arcee_fusion", {}, {}, 2, True, "models"),
+    ("arcee_fusion", {}, {}, 2, True, "takes 1 model "),
     ("ram", {}, {"epsilon": -1.0}, 2, True, "epsilon"),
     ("ram", {}, {}, 2, False, "base_model"),
     ("ramplus_tl", {}, {"epsilon": 0.0}, 2, True, "epsilon"),
     ("ramplus_tl", {}, {"r": -0.1}, 2, True, "r"),
     ("ramplus_tl", {}, {"alpha": "big"}, 2, True, "alpha"),
     ("passthrough", {"scale": "half"}, {}, 1, False, "scale"),
-    ("passthrough", {}, {}, 2, False, "models"),
+    ("passthrough", {}, {}, 2, False, "takes 1 model "),
     ("passthrough", {}, {}, 1, True, "base_model"),
 ])
 def test_bad_parameters_are_one_line_errors(tmp_path, capsys, method, per_model, glob, n, base, needle):
