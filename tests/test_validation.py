@@ -472,19 +472,27 @@ def test_nan_in_a_copied_tensor_is_refused(tmp_path, capsys, executor, dtype):
 
 
 @pytest.mark.filterwarnings("error")  # a NumPy warning on the way would be a second line (and a traceback here)
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])  # stored so, read by that dtype's kernels
 @pytest.mark.parametrize("executor", [[], ["--device", "cpu"]])
 @pytest.mark.parametrize("method,params,with_base,culprit", [
     ("slerp", {"t": 0.5}, False, "A"), ("nuslerp", {"weight": 0.5}, False, "A"), ("nuslerp", {"weight": 0.5}, True, "A"),
     ("nuslerp", {"weight": 0.5}, True, "base"), ("multislerp", {"weight": 0.5}, False, "A"),
     ("multislerp", {"weight": 0.5}, True, "base"), ("karcher", {}, False, "A")])
-def test_inf_input_to_an_angle_method_is_one_line(fam, tmp_path, capsys, executor, method, params, with_base, culprit):
+def test_inf_input_to_an_angle_method_is_one_line(fam, tmp_path, capsys, dtype, executor, method, params, with_base,
+                                                  culprit):
     """The angle-based methods weigh by the Gram matrix of their inputs; an Inf there must not reach their
     scalar arithmetic: the one message names the tensor and the model holding it."""
+    import torch
+    from safetensors.torch import load_file as load_torch, save_file as save_torch
+
     bad = np.ones(H, np.float32)
     bad[2] = np.inf
     tiny(fam[culprit], 0 if culprit == "base" else 1, extra={"model.norm.weight": bad})
+    for name in ("A", "B", "base"):  # every input stored in the recipe's dtype
+        f = str(fam[name] / "model.safetensors")
+        save_torch({k: v.to(getattr(torch, dtype)) for k, v in load_torch(f).items()}, f)
     models = [{"model": str(fam["A"])}, {"model": str(fam["B"])}]
-    data = {"merge_method": method, "models": models, "parameters": params, "dtype": "float32"}
+    data = {"merge_method": method, "models": models, "parameters": params, "dtype": dtype}
     if with_base or method == "slerp":  # slerp's base is one of its two models
         data["base_model"] = str(fam["A"] if method == "slerp" else fam["base"])
     recipe = tmp_path / "r.yaml"
